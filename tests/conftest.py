@@ -1,0 +1,15 @@
+"""Test set-up: 8 fake CPU devices so every sharding path runs on a laptop.
+
+XLA reads the flag when the backend starts, so it must be set before jax is imported.
+"""
+
+import os
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+flags = os.environ.get("XLA_FLAGS", "")
+if "xla_force_host_platform_device_count" not in flags:
+    os.environ["XLA_FLAGS"] = (flags + " --xla_force_host_platform_device_count=8").strip()
+
+import jax  # noqa: E402
+
+jax.config.update("jax_default_matmul_precision", "highest")
