@@ -1,0 +1,190 @@
+"""Votes -> count matrices -> Zermelo / Bradley-Terry strengths -> empirical preferences.
+
+iREPO step 2-4 (ALGORITHMS.md): ``H`` annotators judge every pair of ``D`` responses of a prompt;
+their votes (0/1) or probabilities sum into ``counts[i, j]`` (how many annotators prefer ``i``
+over ``j``; ``counts[i, j] + counts[j, i] = H``); the MM iteration fits strengths ``w``; the
+empirical preference of a pair is ``p_hat_ij = w_i / (w_i + w_j)``.
+
+Also the list-to-pair builders of the LPO paper's DPO baselines (best-vs-random, best-vs-each-
+other, all pairs). Everything is jnp, batched over a leading prompt axis ``P`` and jittable.
+
+Dimension letters: P prompts, D responses per prompt (K for scored lists), H annotators.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+from jax import Array
+from jax.typing import ArrayLike
+
+
+def counts_from_probs(probs: ArrayLike) -> Array:
+    """Sums per-annotator pairwise judgements into counts.
+
+    ``probs[h, p, i, j]`` (``[H, P, D, D]``, or ``[H, D, D]``) is annotator ``h``'s probability (or
+    0/1 vote) that response ``i`` beats ``j``. The diagonal is ignored. Returns ``counts[p, i, j]``.
+    """
+    probs = jnp.asarray(probs, jnp.float32)
+    d = probs.shape[-1]
+    off_diag = 1.0 - jnp.eye(d, dtype=jnp.float32)
+    return probs.sum(axis=0) * off_diag
+
+
+_NEVER_WINS_GAP = 40.0
+
+
+def _mm_step(log_w_PxD: Array, wins_PxD: Array, n_PxDxD: Array) -> Array:
+    """One MM update ``w_i <- W_i / sum_j N_ij / (w_i + w_j)`` in log space, renormalised to
+    geometric mean 1. Items with no comparisons keep their strength."""
+    # 1 / (w_i + w_j) = exp(-log w_i) * sigmoid(log w_i - log w_j) ... computed stably:
+    diff_PxDxD = log_w_PxD[:, :, None] - log_w_PxD[:, None, :]
+    # w_i / (w_i + w_j) = sigmoid(diff); so sum_j N_ij / (w_i + w_j) = sum_j N_ij sigmoid(diff) / w_i
+    denom_scaled_PxD = jnp.einsum("PIJ,PIJ->PI", n_PxDxD, jax.nn.sigmoid(diff_PxDxD))  # = w_i * denom
+    compared_PxD = n_PxDxD.sum(-1) > 0
+    wins_any_PxD = compared_PxD & (wins_PxD > 0)
+    # new log w_i = log W_i - log(denom) = log W_i - log(denom_scaled) + log w_i
+    upd_PxD = (
+        jnp.log(jnp.where(wins_any_PxD, wins_PxD, 1.0))
+        - jnp.log(jnp.where(wins_any_PxD, denom_scaled_PxD, 1.0))
+        + log_w_PxD
+    )
+    # An item that is compared but never wins has MLE strength 0: pin it far below the weakest
+    # winner (p_hat ~ e^-40) so the iteration still converges.
+    floor_P = jnp.min(jnp.where(wins_any_PxD, upd_PxD, jnp.inf), axis=-1, keepdims=True) - _NEVER_WINS_GAP
+    new_PxD = jnp.where(wins_any_PxD, upd_PxD, jnp.where(compared_PxD, floor_P, log_w_PxD))
+    return new_PxD - new_PxD.mean(axis=-1, keepdims=True)
+
+
+def zermelo(
+    counts: ArrayLike, *, pseudo_count: float = 0.0, iters: int = 10_000, tol: float = 1e-6, return_log: bool = False
+) -> Array:
+    """Bradley-Terry strengths from a count matrix by Zermelo's MM iteration.
+
+    Args:
+      counts: ``[D, D]`` or batched ``[P, D, D]``; ``counts[i, j]`` = (soft) number of annotators
+        preferring ``i`` over ``j``.
+      pseudo_count: ``alpha`` added to every off-diagonal count before fitting (ALGORITHMS.md's
+        default for the loop is 0.5); with 0 an item that never wins gets a strength that tends to
+        0 (the maximum-likelihood estimate is on the boundary) and unanimous pairs give ``p_hat``
+        of 0 or 1, which the iREPO loss clips.
+      iters: maximum MM iterations; tol: stop when ``max |delta log w| < tol`` over the batch.
+      return_log: return ``log w`` instead of ``w``.
+
+    Returns strengths ``w`` with the shape of ``counts[..., 0]``, normalised to geometric mean 1
+    (``mean(log w) = 0``) per prompt.
+    """
+    counts = jnp.asarray(counts, jnp.float32)
+    batched = counts.ndim == 3
+    c_PxDxD = counts if batched else counts[None]
+    d = c_PxDxD.shape[-1]
+    off_diag = 1.0 - jnp.eye(d, dtype=jnp.float32)
+    c_PxDxD = (c_PxDxD + pseudo_count) * off_diag
+    wins_PxD = c_PxDxD.sum(-1)
+    n_PxDxD = c_PxDxD + jnp.swapaxes(c_PxDxD, -1, -2)
+
+    def cond(state):
+        i, _, delta = state
+        return (i < iters) & (delta >= tol)
+
+    def body(state):
+        i, log_w, _ = state
+        new = _mm_step(log_w, wins_PxD, n_PxDxD)
+        return i + 1, new, jnp.max(jnp.abs(new - log_w))
+
+    log_w0 = jnp.zeros(c_PxDxD.shape[:2], jnp.float32)
+    _, log_w, _ = jax.lax.while_loop(cond, body, (jnp.int32(0), log_w0, jnp.float32(jnp.inf)))
+    out = log_w if return_log else jnp.exp(log_w)
+    return out if batched else out[0]
+
+
+def p_hat(strengths: ArrayLike, i: ArrayLike, j: ArrayLike) -> Array:
+    """``w_i / (w_i + w_j)`` for index arrays ``i``, ``j`` over the last axis of ``strengths``
+    (``[D]`` with scalar/vector indices, or ``[P, D]`` with ``[P]`` / ``[P, M]`` indices)."""
+    log_w = jnp.log(jnp.asarray(strengths, jnp.float32))
+    return jax.nn.sigmoid(_take(log_w, i) - _take(log_w, j))
+
+
+def p_hat_matrix(strengths: ArrayLike) -> Array:
+    """``p[..., i, j] = w_i / (w_i + w_j)`` for every pair."""
+    log_w = jnp.log(jnp.asarray(strengths, jnp.float32))
+    return jax.nn.sigmoid(log_w[..., :, None] - log_w[..., None, :])
+
+
+def _take(x_PxD: Array, idx: ArrayLike) -> Array:
+    idx = jnp.asarray(idx)
+    if x_PxD.ndim == 1:
+        return x_PxD[idx]
+    if idx.ndim == 1:
+        return jnp.take_along_axis(x_PxD, idx[:, None], axis=-1)[:, 0]
+    return jnp.take_along_axis(x_PxD, idx, axis=-1)
+
+
+def select_pairs(strengths_PxD: ArrayLike, mode: Literal["best_vs_worst", "all_pairs"] = "best_vs_worst"):
+    """Pairs to train on and their targets, from fitted strengths.
+
+    ``best_vs_worst`` (the paper's default): per prompt the strongest vs the weakest response,
+    ``a_P``, ``b_P``, ``p_hat_P`` (``a != b`` even when all strengths tie). ``all_pairs``: every
+    ``i < j``, as ``[P, D(D-1)/2]`` arrays. Returns ``(a, b, p_hat_ab)``.
+    """
+    w_PxD = jnp.asarray(strengths_PxD, jnp.float32)
+    d = w_PxD.shape[-1]
+    if d < 2:
+        raise ValueError(f"need at least 2 responses per prompt to form pairs, got {d}")
+    if mode == "best_vs_worst":
+        a_P = jnp.argmax(w_PxD, axis=-1)
+        b_P = jnp.argmin(w_PxD, axis=-1)
+        b_P = jnp.where(a_P == b_P, (a_P + 1) % d, b_P)
+        return a_P, b_P, p_hat(w_PxD, a_P, b_P)
+    if mode == "all_pairs":
+        i_M, j_M = jnp.triu_indices(d, k=1)
+        p = w_PxD.shape[0]
+        a_PxM, b_PxM = jnp.broadcast_to(i_M, (p, i_M.size)), jnp.broadcast_to(j_M, (p, j_M.size))
+        return a_PxM, b_PxM, p_hat(w_PxD, a_PxM, b_PxM)
+    raise ValueError(f"pair selection mode must be 'best_vs_worst' or 'all_pairs'; got {mode!r}")
+
+
+# ----------------------------------------------------------------------------- lists -> pairs
+
+
+def _best(scores_PxK: Array, mask_PxK: Array) -> Array:
+    return jnp.argmax(jnp.where(mask_PxK, scores_PxK, -jnp.inf), axis=-1)
+
+
+def pairs_best_vs_random(scores: ArrayLike, mask: ArrayLike, key: Array):
+    """DPO best-vs-random: the top-scored response vs one drawn uniformly from those scored
+    strictly lower. Returns ``(chosen_P, rejected_P, valid_P)``; ``valid`` is False when no
+    response scores lower than the best (all tied, or fewer than 2 present)."""
+    s_PxK, m_PxK = jnp.asarray(scores, jnp.float32), jnp.asarray(mask, bool)
+    best_P = _best(s_PxK, m_PxK)
+    best_score_P = jnp.take_along_axis(s_PxK, best_P[:, None], -1)
+    lower_PxK = m_PxK & (s_PxK < best_score_P)
+    u_PxK = jax.random.uniform(key, s_PxK.shape)
+    rej_P = jnp.argmax(jnp.where(lower_PxK, u_PxK, -1.0), axis=-1)
+    return best_P, rej_P, lower_PxK.any(-1)
+
+
+def pairs_best_vs_others(scores: ArrayLike, mask: ArrayLike):
+    """DPO 1-vs-others: the top-scored response vs each response scored strictly lower.
+    Returns ``(chosen_PxK, rejected_PxK, valid_PxK)`` (slot ``k`` pairs best with ``k``)."""
+    s_PxK, m_PxK = jnp.asarray(scores, jnp.float32), jnp.asarray(mask, bool)
+    best_P = _best(s_PxK, m_PxK)
+    best_score_P = jnp.take_along_axis(s_PxK, best_P[:, None], -1)
+    k = s_PxK.shape[-1]
+    rej_PxK = jnp.broadcast_to(jnp.arange(k), s_PxK.shape)
+    return jnp.broadcast_to(best_P[:, None], s_PxK.shape), rej_PxK, m_PxK & (s_PxK < best_score_P)
+
+
+def pairs_all(scores: ArrayLike, mask: ArrayLike):
+    """DPO pairwise: every pair with different scores, oriented higher-over-lower; ties dropped.
+    Returns ``(chosen_PxM, rejected_PxM, valid_PxM)`` over the ``M = K(K-1)/2`` slots ``i < j``."""
+    s_PxK, m_PxK = jnp.asarray(scores, jnp.float32), jnp.asarray(mask, bool)
+    i_M, j_M = jnp.triu_indices(s_PxK.shape[-1], k=1)
+    s_i, s_j = s_PxK[:, i_M], s_PxK[:, j_M]
+    i_wins = s_i > s_j
+    chosen = jnp.where(i_wins, i_M, j_M)
+    rejected = jnp.where(i_wins, j_M, i_M)
+    valid = m_PxK[:, i_M] & m_PxK[:, j_M] & (s_i != s_j)
+    return chosen, rejected, valid
