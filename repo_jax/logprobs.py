@@ -1,0 +1,130 @@
+"""Sequence log-probabilities from final hidden states and the unembedding, without ever
+holding the full ``[B, T, V]`` float32 logits.
+
+``logp(y|x) = sum_t mask_t * log softmax(h_t W + b)[y_t]``. The chunked kernel walks the
+sequence in chunks of ``chunk_size`` positions: the forward pass keeps only the per-token
+log-sum-exp (``[B, T]``); the backward pass (a ``custom_vjp``) recomputes each chunk's logits once
+and produces ``dh``, ``dW`` and ``db`` from ``softmax - onehot``. Peak temporary memory is
+``O(B * chunk_size * V)`` instead of ``O(B * T * V)``; matmuls accumulate in float32 whatever the
+input dtype (``preferred_element_type``), and log-probs come out in float32.
+
+Alignment convention: ``hidden[:, t]`` predicts ``targets[:, t]`` (callers pass
+``hidden[:, :-1]`` and ``input_ids[:, 1:]``), and ``mask[:, t]`` says whether that target is a
+response token.
+
+Dimension letters: B batch, T positions, C chunks, D model, V vocab.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import Array
+
+
+def _chunk_logits(h_BxTxD: Array, w_DxV: Array, b_V: Array | None) -> Array:
+    logits_BxTxV = jnp.einsum("BTD,DV->BTV", h_BxTxD, w_DxV, preferred_element_type=jnp.float32)
+    if b_V is not None:
+        logits_BxTxV = logits_BxTxV + b_V.astype(jnp.float32)
+    return logits_BxTxV
+
+
+def _target_logit(logits_BxTxV: Array, targets_BxT: Array) -> Array:
+    return jnp.take_along_axis(logits_BxTxV, targets_BxT[..., None], axis=-1)[..., 0]
+
+
+def _split(x_BxT_: Array, chunk: int) -> Array:
+    """``[B, T, ...]`` -> ``[C, B, chunk, ...]`` (T already a multiple of ``chunk``)."""
+    b, t = x_BxT_.shape[:2]
+    return jnp.moveaxis(x_BxT_.reshape(b, t // chunk, chunk, *x_BxT_.shape[2:]), 1, 0)
+
+
+def _merge(x_CxBxT_: Array) -> Array:
+    c, b, tc = x_CxBxT_.shape[:3]
+    return jnp.moveaxis(x_CxBxT_, 0, 1).reshape(b, c * tc, *x_CxBxT_.shape[3:])
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _chunked_token_logprobs(h_BxTxD, w_DxV, b_V, targets_BxT, chunk):
+    return _chunked_fwd(h_BxTxD, w_DxV, b_V, targets_BxT, chunk)[0]
+
+
+def _chunked_fwd(h_BxTxD, w_DxV, b_V, targets_BxT, chunk):
+    def body(_, xs):
+        h_BxCxD, tgt_BxC = xs
+        logits = _chunk_logits(h_BxCxD, w_DxV, b_V)
+        lse_BxC = jax.nn.logsumexp(logits, axis=-1)
+        return None, (_target_logit(logits, tgt_BxC) - lse_BxC, lse_BxC)
+
+    _, (logp, lse) = jax.lax.scan(body, None, (_split(h_BxTxD, chunk), _split(targets_BxT, chunk)))
+    return _merge(logp), (h_BxTxD, w_DxV, b_V, targets_BxT, _merge(lse))
+
+
+def _chunked_bwd(chunk, residuals, g_BxT):
+    h_BxTxD, w_DxV, b_V, targets_BxT, lse_BxT = residuals
+    vocab = w_DxV.shape[1]
+
+    def body(carry, xs):
+        dw_DxV, db_V = carry
+        h_BxCxD, tgt_BxC, lse_BxC, g_BxC = xs
+        p_BxCxV = jnp.exp(_chunk_logits(h_BxCxD, w_DxV, b_V) - lse_BxC[..., None])
+        onehot_BxCxV = tgt_BxC[..., None] == jnp.arange(vocab, dtype=tgt_BxC.dtype)
+        dlogits_BxCxV = g_BxC[..., None] * (onehot_BxCxV.astype(jnp.float32) - p_BxCxV)
+        dl = dlogits_BxCxV.astype(h_BxCxD.dtype)
+        dh_BxCxD = jnp.einsum("BCV,DV->BCD", dl, w_DxV, preferred_element_type=jnp.float32)
+        dw_DxV = dw_DxV + jnp.einsum("BCD,BCV->DV", h_BxCxD, dl, preferred_element_type=jnp.float32)
+        if db_V is not None:
+            db_V = db_V + dlogits_BxCxV.sum(axis=(0, 1))
+        return (dw_DxV, db_V), dh_BxCxD.astype(h_BxCxD.dtype)
+
+    init = (jnp.zeros(w_DxV.shape, jnp.float32), None if b_V is None else jnp.zeros(b_V.shape, jnp.float32))
+    xs = tuple(_split(x, chunk) for x in (h_BxTxD, targets_BxT, lse_BxT, g_BxT.astype(jnp.float32)))
+    (dw, db), dh = jax.lax.scan(body, init, xs)
+    db = None if b_V is None else db.astype(b_V.dtype)
+    return _merge(dh), dw.astype(w_DxV.dtype), db, None
+
+
+_chunked_token_logprobs.defvjp(_chunked_fwd, _chunked_bwd)
+
+
+def token_logprobs(
+    hidden: Array, unembed: Array, targets: Array, bias: Array | None = None, *, chunk_size: int = 128
+) -> Array:
+    """Per-token ``log softmax(h W + b)[target]`` as float32 ``[B, T]``, chunked over T.
+
+    ``hidden``: ``[B, T, D]``; ``unembed``: ``[D, V]``; ``targets``: int ``[B, T]``; ``bias``:
+    ``[V]`` or None. ``chunk_size`` need not divide T (the tail is padded and sliced off).
+    """
+    b, t, _ = hidden.shape
+    chunk = max(1, min(int(chunk_size), t))
+    pad = (-t) % chunk
+    targets = targets.astype(jnp.int32)
+    if pad:
+        hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
+        targets = jnp.pad(targets, ((0, 0), (0, pad)))
+    out_BxT = _chunked_token_logprobs(hidden, unembed, bias, targets, chunk)
+    return out_BxT[:, :t]
+
+
+def sequence_logprobs(
+    hidden: Array, unembed: Array, targets: Array, mask: Array, bias: Array | None = None, *, chunk_size: int = 128
+) -> Array:
+    """``sum_t mask[b, t] * log p(targets[b, t] | hidden[b, t])`` as float32 ``[B]``, chunked."""
+    logp_BxT = token_logprobs(hidden, unembed, targets, bias, chunk_size=chunk_size)
+    return jnp.einsum("BT,BT->B", logp_BxT, mask.astype(jnp.float32))
+
+
+def token_logprobs_naive(hidden: Array, unembed: Array, targets: Array, bias: Array | None = None) -> Array:
+    """Reference: full ``[B, T, V]`` float32 logits, ``log_softmax``, gather."""
+    logits_BxTxV = _chunk_logits(hidden, unembed, bias)
+    return _target_logit(jax.nn.log_softmax(logits_BxTxV, axis=-1), targets.astype(jnp.int32))
+
+
+def sequence_logprobs_naive(
+    hidden: Array, unembed: Array, targets: Array, mask: Array, bias: Array | None = None
+) -> Array:
+    """Reference for :func:`sequence_logprobs` (materialises the full logits)."""
+    logp_BxT = token_logprobs_naive(hidden, unembed, targets, bias)
+    return jnp.einsum("BT,BT->B", logp_BxT, mask.astype(jnp.float32))
