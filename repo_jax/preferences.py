@@ -39,13 +39,13 @@ _NEVER_WINS_GAP = 40.0
 def _mm_step(log_w_PxD: Array, wins_PxD: Array, n_PxDxD: Array) -> Array:
     """One MM update ``w_i <- W_i / sum_j N_ij / (w_i + w_j)`` in log space, renormalised to
     geometric mean 1. Items with no comparisons keep their strength."""
-    # 1 / (w_i + w_j) = exp(-log w_i) * sigmoid(log w_i - log w_j) ... computed stably:
+    # Stable in log space: w_i / (w_i + w_j) = sigmoid(log w_i - log w_j), so
+    # w_i * sum_j N_ij / (w_i + w_j) = sum_j N_ij sigmoid(log w_i - log w_j).
     diff_PxDxD = log_w_PxD[:, :, None] - log_w_PxD[:, None, :]
-    # w_i / (w_i + w_j) = sigmoid(diff); so sum_j N_ij / (w_i + w_j) = sum_j N_ij sigmoid(diff) / w_i
-    denom_scaled_PxD = jnp.einsum("PIJ,PIJ->PI", n_PxDxD, jax.nn.sigmoid(diff_PxDxD))  # = w_i * denom
+    denom_scaled_PxD = jnp.einsum("PIJ,PIJ->PI", n_PxDxD, jax.nn.sigmoid(diff_PxDxD))
     compared_PxD = n_PxDxD.sum(-1) > 0
     wins_any_PxD = compared_PxD & (wins_PxD > 0)
-    # new log w_i = log W_i - log(denom) = log W_i - log(denom_scaled) + log w_i
+    # log w_i <- log W_i - log(w_i * denom) + log w_i
     upd_PxD = (
         jnp.log(jnp.where(wins_any_PxD, wins_PxD, 1.0))
         - jnp.log(jnp.where(wins_any_PxD, denom_scaled_PxD, 1.0))
