@@ -1,0 +1,454 @@
+"""Batched sampling with the models' KV cache: one prefill, then a ``while_loop`` of decode steps.
+
+The whole generation (prefill, the first token, and the decode loop) is one jitted program per
+*bucket*: batch size, prompt length and new-token buffer are rounded up (powers of two by
+default) so that a long run compiles only a handful of times. Compiled programs are cached,
+keyed by the model's graphdef, the parameter shapes/dtypes, the bucket shapes, the sampling
+policy and the mesh.
+
+Layout of one call (``P`` = prompt bucket, ``N`` = new-token bucket, ``S = P + N`` cache slots):
+
+* prompts are left-padded to ``P``; slots ``[0, P)`` hold the prompt (padding slots are masked
+  by ``attention_mask``), positions count real tokens only, so padding never shifts RoPE;
+* the prefill logits at the last prompt slot give the first new token;
+* decode step ``i`` (``i = 1 .. max_new_tokens - 1``) feeds token ``i - 1`` at slot
+  ``P + i - 1`` and samples token ``i``;
+* ``num_samples = K`` responses per prompt reuse one prefill: the cache and the last logits are
+  repeated along batch, so row ``r`` continues prompt ``r // K``.
+
+A sequence stops *after* emitting a stop id (the stop token is returned and counted in
+``lengths``, like transformers' greedy output), or after ``max_new_tokens``; the loop ends as soon
+as every row has stopped.  Everything after a row's end is ``pad_id`` (log-probs 0).
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from repo_jax import sharding as shd
+
+# --------------------------------------------------------------------------------------------
+# Sampling policies (pure functions on logits)
+# --------------------------------------------------------------------------------------------
+
+
+def filter_logits(logits_BxV: jax.Array, *, top_k: int | None = None, top_p: float | None = None) -> jax.Array:
+    """Top-k then nucleus filtering (transformers' order); removed tokens get ``-inf``.
+
+    ``top_p`` keeps the smallest set of most likely tokens whose cumulative probability
+    reaches ``p`` (a token is kept when the mass strictly before it is below ``p``), so the most
+    likely token always survives.
+    """
+    logits_BxV = logits_BxV.astype(jnp.float32)
+    neg_inf = jnp.float32(-jnp.inf)
+    if top_k is not None and top_k < logits_BxV.shape[-1]:
+        kth_B1 = jax.lax.top_k(logits_BxV, top_k)[0][..., -1:]
+        logits_BxV = jnp.where(logits_BxV < kth_B1, neg_inf, logits_BxV)
+    if top_p is not None and top_p < 1.0:
+        order_BxV = jnp.argsort(-logits_BxV, axis=-1)
+        sorted_BxV = jnp.take_along_axis(logits_BxV, order_BxV, axis=-1)
+        probs_BxV = jax.nn.softmax(sorted_BxV, axis=-1)
+        mass_before_BxV = jnp.cumsum(probs_BxV, axis=-1) - probs_BxV
+        keep_sorted_BxV = mass_before_BxV < top_p
+        keep_BxV = jnp.zeros_like(keep_sorted_BxV).at[
+            jnp.arange(logits_BxV.shape[0])[:, None], order_BxV
+        ].set(keep_sorted_BxV)
+        logits_BxV = jnp.where(keep_BxV, logits_BxV, neg_inf)
+    return logits_BxV
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingPolicy:
+    """Static sampling settings (part of the compile key). ``temperature == 0`` is greedy."""
+
+    temperature: float = 0.0
+    top_k: int | None = None
+    top_p: float | None = None
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature <= 0.0 or self.top_k == 1
+
+
+def choose_tokens(logits_BxV: jax.Array, keys_B: jax.Array, policy: SamplingPolicy):
+    """Picks one token per row; returns ``(token_B, model_logp_B, sample_logp_B)``.
+
+    ``model_logp`` is the token's log-prob under the unmodified model (``log_softmax`` of the raw
+    logits, temperature 1, no filtering); ``sample_logp`` is its log-prob under the distribution
+    actually sampled from (after temperature, top-k, top-p), 0 for greedy (a point mass).
+    """
+    logits_BxV = logits_BxV.astype(jnp.float32)
+    model_logp_BxV = jax.nn.log_softmax(logits_BxV, axis=-1)
+    if policy.greedy:
+        token_B = jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
+        sample_logp_B = jnp.zeros(token_B.shape, jnp.float32)
+    else:
+        scaled_BxV = filter_logits(logits_BxV / policy.temperature, top_k=policy.top_k, top_p=policy.top_p)
+        token_B = jax.vmap(jax.random.categorical)(keys_B, scaled_BxV).astype(jnp.int32)
+        sample_logp_BxV = jax.nn.log_softmax(scaled_BxV, axis=-1)
+        sample_logp_B = jnp.take_along_axis(sample_logp_BxV, token_B[:, None], axis=-1)[:, 0]
+    model_logp_B = jnp.take_along_axis(model_logp_BxV, token_B[:, None], axis=-1)[:, 0]
+    return token_B, model_logp_B, sample_logp_B
+
+
+# --------------------------------------------------------------------------------------------
+# The decode loop
+# --------------------------------------------------------------------------------------------
+
+
+@flax.struct.dataclass
+class DecodeState:
+    """Carry of the decode ``while_loop``; ``B`` = rows (prompts x samples), ``N`` = token buffer.
+
+    Attributes:
+      step: int32 []: tokens sampled so far per row (the prefill's token counts as one).
+      cache: the model's KV cache with ``S = P + N`` slots; step ``i`` writes slot ``P + i - 1``.
+      last_token_B: int32 [B]: the most recent token, fed to the next decode step.
+      position_B: int32 [B]: that token's position (prompt length + step - 1).
+      done_B: bool [B]: the row has emitted a stop id, reached ``max_new_tokens``, or is padding.
+      tokens_BxN: int32: new tokens, ``pad_id`` after a row's end.
+      logps_BxN: float32: their log-probs under the unmodified model (0 after the end).
+      sample_logps_BxN: float32: their log-probs under the sampling distribution (0 greedy / after).
+      lengths_B: int32 [B]: new tokens per row, stop token included.
+    """
+
+    step: jax.Array
+    cache: Any
+    last_token_B: jax.Array
+    position_B: jax.Array
+    done_B: jax.Array
+    tokens_BxN: jax.Array
+    logps_BxN: jax.Array
+    sample_logps_BxN: jax.Array
+    lengths_B: jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class _Static:
+    """Everything static in one compiled program (with the graphdef and the argument shapes)."""
+
+    policy: SamplingPolicy
+    num_samples: int
+    buffer_len: int  # N
+    stop_ids: tuple[int, ...]
+    pad_id: int
+    cache_dtype: Any
+
+
+def _repeat_rows(tree, batch_axes, k: int):
+    return jax.tree.map(lambda x, ax: x if ax is None else jnp.repeat(x, k, axis=ax), tree, batch_axes)
+
+
+def _cache_batch_axes(model, batch: int, max_len: int, dtype):
+    """For every cache leaf, the axis that holds the batch (found by comparing two shapes)."""
+    a = jax.eval_shape(lambda: model.init_cache(batch, max_len, dtype=dtype))
+    b = jax.eval_shape(lambda: model.init_cache(batch + 1, max_len, dtype=dtype))
+
+    def axis(x, y):
+        diff = [i for i, (m, n) in enumerate(zip(x.shape, y.shape)) if m != n]
+        return diff[0] if diff else None
+
+    return jax.tree.map(axis, a, b)
+
+
+def _row_keys(seed, step, rows_B):
+    base = jax.random.fold_in(jax.random.key(seed), step)
+    return jax.vmap(lambda r: jax.random.fold_in(base, r))(rows_B)
+
+
+def _generate_program(state, tokens_BxT, mask_BxT, valid_B, max_new_tokens, seed, *, graphdef, static: _Static):
+    """Prefill the ``B`` prompts once, repeat to ``B*K`` rows, then decode in a ``while_loop``."""
+    model = nnx.merge(graphdef, state)
+    k, n = static.num_samples, static.buffer_len
+    b, p = tokens_BxT.shape
+    rows = b * k
+    max_len = p + n
+
+    # Prefill: positions count real tokens, so left padding does not shift them.
+    positions_BxT = jnp.maximum(jnp.cumsum(mask_BxT.astype(jnp.int32), axis=1) - 1, 0)
+    prompt_len_B = mask_BxT.astype(jnp.int32).sum(axis=1)
+    cache = model.init_cache(b, max_len, dtype=static.cache_dtype)
+    logits_BxTxV, cache = model.forward_with_cache(tokens_BxT, positions_BxT, mask_BxT, cache, jnp.int32(0))
+    last_logits_BxV = logits_BxTxV[:, -1].astype(jnp.float32)
+
+    if k > 1:  # K samples per prompt from one prefill: repeat cache and logits along batch.
+        axes = _cache_batch_axes(model, b, max_len, static.cache_dtype)
+        cache = _repeat_rows(cache, axes, k)
+        last_logits_BxV = jnp.repeat(last_logits_BxV, k, axis=0)
+        prompt_len_B = jnp.repeat(prompt_len_B, k, axis=0)
+        valid_B = jnp.repeat(valid_B, k, axis=0)
+
+    rows_B = jnp.arange(rows, dtype=jnp.int32)
+    stop_ids = jnp.asarray(static.stop_ids or (-1,), jnp.int32)
+
+    def record(s: DecodeState, logits_BxV) -> DecodeState:
+        token_B, logp_B, sample_logp_B = choose_tokens(logits_BxV, _row_keys(seed, s.step, rows_B), static.policy)
+        live_B = ~s.done_B
+        token_B = jnp.where(live_B, token_B, static.pad_id)
+        col_1xN = (jnp.arange(n) == s.step)[None, :] & live_B[:, None]
+        lengths_B = s.lengths_B + live_B.astype(jnp.int32)
+        stopped_B = jnp.isin(token_B, stop_ids) if static.stop_ids else jnp.zeros_like(live_B)
+        return s.replace(
+            step=s.step + 1,
+            last_token_B=token_B,
+            tokens_BxN=jnp.where(col_1xN, token_B[:, None], s.tokens_BxN),
+            logps_BxN=jnp.where(col_1xN, logp_B[:, None], s.logps_BxN),
+            sample_logps_BxN=jnp.where(col_1xN, sample_logp_B[:, None], s.sample_logps_BxN),
+            lengths_B=lengths_B,
+            done_B=s.done_B | (live_B & stopped_B) | (lengths_B >= max_new_tokens),
+        )
+
+    state0 = DecodeState(
+        step=jnp.int32(0),
+        cache=cache,
+        last_token_B=jnp.zeros((rows,), jnp.int32),
+        position_B=prompt_len_B - 1,
+        done_B=~valid_B | (max_new_tokens <= 0),
+        tokens_BxN=jnp.full((rows, n), static.pad_id, jnp.int32),
+        logps_BxN=jnp.zeros((rows, n), jnp.float32),
+        sample_logps_BxN=jnp.zeros((rows, n), jnp.float32),
+        lengths_B=jnp.zeros((rows,), jnp.int32),
+    )
+    state0 = record(state0, last_logits_BxV)
+
+    def cond(s: DecodeState):
+        return (s.step < jnp.minimum(max_new_tokens, n)) & ~jnp.all(s.done_B)
+
+    def body(s: DecodeState):
+        position_B = s.position_B + 1
+        logits_Bx1xV, cache = model.forward_with_cache(
+            s.last_token_B[:, None], position_B[:, None], jnp.ones((rows, 1), jnp.int32), s.cache, p + s.step - 1
+        )
+        return record(s.replace(cache=cache, position_B=position_B), logits_Bx1xV[:, 0])
+
+    final = jax.lax.while_loop(cond, body, state0)
+    return {
+        "tokens_BxN": final.tokens_BxN,
+        "logps_BxN": final.logps_BxN,
+        "sample_logps_BxN": final.sample_logps_BxN,
+        "lengths_B": final.lengths_B,
+        "num_steps": final.step - 1,
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# Host side: bucketing, compile cache, public API
+# --------------------------------------------------------------------------------------------
+
+
+def bucket(n: int, buckets: Sequence[int] | None = None, *, minimum: int = 1) -> int:
+    """Smallest configured bucket ``>= n`` (the next power of two, at least ``minimum``, if none)."""
+    if buckets:
+        for b in sorted(buckets):
+            if b >= n:
+                return int(b)
+        raise ValueError(f"size {n} exceeds the largest configured bucket {max(buckets)}")
+    return max(minimum, 1 << max(0, int(n) - 1).bit_length())
+
+
+@flax.struct.dataclass
+class SampleOutput:
+    """Result of :func:`sample` (host numpy arrays); row ``r`` continues prompt ``r // num_samples``.
+
+    Attributes:
+      tokens_BxS: int32 [B*K, max_new_tokens]: new tokens, ``pad_id`` after each row's end.
+      logps_BxS: float32: log-prob of each token under the unmodified model (raw logits,
+        temperature 1, no top-k/top-p) -- the policy log-prob the training loop uses.
+      sample_logps_BxS: float32: log-prob under the distribution sampled from (temperature,
+        top-k, top-p applied); 0 for greedy.
+      lengths_B: int32 [B*K]: new tokens per row, the stop token included.
+      prompt_index_B: int32 [B*K]: the prompt each row continues.
+      num_steps: decode-loop iterations run after the prefill (``<= max_new_tokens - 1``).
+      compile_seconds: time spent compiling in this call (0 when the program was cached).
+      run_seconds: wall time of the compiled program (prefill + decode, blocked on).
+    """
+
+    tokens_BxS: np.ndarray
+    logps_BxS: np.ndarray
+    sample_logps_BxS: np.ndarray
+    lengths_B: np.ndarray
+    prompt_index_B: np.ndarray
+    num_steps: int = flax.struct.field(pytree_node=False)
+    compile_seconds: float = flax.struct.field(pytree_node=False)
+    run_seconds: float = flax.struct.field(pytree_node=False)
+
+
+_COMPILED: collections.OrderedDict = collections.OrderedDict()
+_MAX_COMPILED = 32
+compile_count = 0  # programs compiled in this process (tests and benchmarks read it)
+
+
+def clear_cache() -> None:
+    _COMPILED.clear()
+
+
+def _abstract(tree):
+    return tuple((x.shape, str(x.dtype)) for x in jax.tree.leaves(tree))
+
+
+def _batch_multiple(mesh) -> int:
+    if mesh is None:
+        return 1
+    return int(np.prod([mesh.shape[a] for a in shd.BATCH_AXES if a in mesh.axis_names]))
+
+
+def param_shardings(state, mesh, rules=shd.SAMPLE_RULES):
+    """NamedShardings for a model state from its parameters' logical axis names (sampling layout)."""
+
+    def one(x):
+        names = None
+        if isinstance(x, nnx.Variable):
+            names = x.get_metadata().get("out_sharding") or x.get_metadata().get("sharding")
+        spec = shd.logical_to_pspec(names, rules) if names else jax.P()
+        spec = jax.P(*(shd._only_axes_in(mesh, s) for s in spec))
+        return jax.NamedSharding(mesh, spec)
+
+    return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def sample(
+    model,
+    prompts: Sequence[Sequence[int]],
+    *,
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    eos_id: int | Sequence[int] | None = None,
+    seed: int = 0,
+    num_samples: int = 1,
+    pad_id: int = 0,
+    mesh: jax.sharding.Mesh | None = None,
+    shardings=None,
+    batch_buckets: Sequence[int] | None = None,
+    length_buckets: Sequence[int] | None = None,
+    new_token_buckets: Sequence[int] | None = None,
+    cache_dtype=None,
+) -> SampleOutput:
+    """Samples ``num_samples`` continuations of each prompt; see the module docstring.
+
+    Args:
+      model: an NNX model with ``init_cache`` and ``forward_with_cache``.
+      prompts: token-id lists (non-empty), any lengths; left-padded internally.
+      eos_id: a stop id or a list of them; ``None`` never stops early.
+      mesh: optional; rows are sharded over the mesh's batch axes (``data``, ``fsdp``) and
+        parameters laid out by ``shardings`` (a pytree of NamedShardings matching
+        ``nnx.state(model)``) or, if omitted, by their logical names under ``SAMPLE_RULES``.
+      *_buckets: allowed sizes (default powers of two; the batch bucket is also rounded up to a
+        multiple of the mesh's batch-axis size).
+    """
+    global compile_count
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("sample() needs at least one prompt and every prompt needs at least one token")
+    if num_samples < 1:
+        raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+    stop_ids = () if eos_id is None else ((int(eos_id),) if np.isscalar(eos_id) else tuple(int(e) for e in eos_id))
+    policy = SamplingPolicy(float(temperature), None if top_k is None else int(top_k), None if top_p is None else float(top_p))
+    n_prompts = len(prompts)
+    mult = _batch_multiple(mesh)
+    b = bucket(n_prompts, batch_buckets)
+    b = -(-b // mult) * mult if (b * num_samples) % mult else b
+    p = bucket(max(len(x) for x in prompts), length_buckets, minimum=8)
+    n = bucket(max(1, max_new_tokens), new_token_buckets, minimum=8)
+
+    tokens = np.full((b, p), pad_id, np.int32)
+    mask = np.zeros((b, p), np.int32)
+    for i in range(b):
+        row = prompts[i] if i < n_prompts else prompts[0]  # filler rows copy prompt 0, are masked done
+        tokens[i, p - len(row) :] = row
+        mask[i, p - len(row) :] = 1
+    valid = np.arange(b) < n_prompts
+
+    graphdef, state = nnx.split(model)
+    static = _Static(policy, int(num_samples), n, stop_ids, int(pad_id), cache_dtype)
+    args = (state, tokens, mask, valid, np.int32(max_new_tokens), np.uint32(seed))
+    if mesh is not None:
+        rows_sh = jax.NamedSharding(mesh, jax.P(tuple(a for a in shd.BATCH_AXES if a in mesh.axis_names)))
+        state_sh = shardings if shardings is not None else param_shardings(state, mesh)
+        repl = jax.NamedSharding(mesh, jax.P())
+        in_sh = (state_sh, rows_sh, rows_sh, rows_sh, repl, repl)
+        args = jax.device_put(args, in_sh)
+    key = (graphdef, _abstract(state), (b, p), static, mesh, None if mesh is None else _abstract_sh(args[0]))
+
+    compile_seconds = 0.0
+    compiled = _COMPILED.get(key)
+    if compiled is None:
+        t0 = time.perf_counter()
+        fn = jax.jit(lambda *a: _generate_program(*a, graphdef=graphdef, static=static))
+        with _context(mesh):
+            compiled = fn.lower(*args).compile()
+        compile_seconds = time.perf_counter() - t0
+        compile_count += 1
+        _COMPILED[key] = compiled
+        while len(_COMPILED) > _MAX_COMPILED:
+            _COMPILED.popitem(last=False)
+    else:
+        _COMPILED.move_to_end(key)
+
+    t0 = time.perf_counter()
+    with _context(mesh):
+        out = jax.block_until_ready(compiled(*args))
+    run_seconds = time.perf_counter() - t0
+    out = jax.device_get(out)
+    keep = n_prompts * num_samples
+    return SampleOutput(
+        tokens_BxS=np.asarray(out["tokens_BxN"][:keep, :max_new_tokens]),
+        logps_BxS=np.asarray(out["logps_BxN"][:keep, :max_new_tokens]),
+        sample_logps_BxS=np.asarray(out["sample_logps_BxN"][:keep, :max_new_tokens]),
+        lengths_B=np.asarray(out["lengths_B"][:keep]),
+        prompt_index_B=np.repeat(np.arange(n_prompts, dtype=np.int32), num_samples),
+        num_steps=int(out["num_steps"]),
+        compile_seconds=compile_seconds,
+        run_seconds=run_seconds,
+    )
+
+
+def _abstract_sh(state):
+    return tuple(getattr(x, "sharding", None) for x in jax.tree.leaves(state))
+
+
+class _context:
+    """``jax.set_mesh`` + the sampling rules table when a mesh is given; nothing otherwise."""
+
+    def __init__(self, mesh):
+        self.mesh = mesh
+        self._stack = []
+
+    def __enter__(self):
+        if self.mesh is not None:
+            for cm in (jax.set_mesh(self.mesh), shd.use_rules(shd.SAMPLE_RULES)):
+                cm.__enter__()
+                self._stack.append(cm)
+
+    def __exit__(self, *exc):
+        while self._stack:
+            self._stack.pop().__exit__(*exc)
+
+
+def generate(
+    model,
+    prompts: Sequence[Sequence[int]],
+    *,
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    eos_id: int | Sequence[int] | None = None,
+    seed: int = 0,
+) -> list[list[int]]:
+    """New tokens of each prompt, up to and including the first ``eos_id`` (temperature 0: greedy)."""
+    out = sample(
+        model, prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+        eos_id=eos_id, seed=seed,
+    )
+    return [row[:n].tolist() for row, n in zip(out.tokens_BxS, out.lengths_B)]

@@ -1,0 +1,219 @@
+"""Sampler logic on a tiny stand-in NNX model implementing the models' KV-cache interface.
+
+The stand-in (a 2-layer Llama with RoPE and GQA) keeps these tests independent of the model
+ports; parity against transformers and the real ports lives in ``test_sampling_models.py``.
+"""
+
+from __future__ import annotations
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from repo_jax import sampling
+
+V = 64
+CALLS: list[tuple[int, int]] = []  # (batch, T) of each traced forward_with_cache
+
+
+@flax.struct.dataclass
+class TinyCache:
+    k_LxBxSxGxH: jax.Array
+    v_LxBxSxGxH: jax.Array
+    pos_BxS: jax.Array
+
+
+def _rope(x_BxTxNxH, pos_BxT):
+    h = x_BxTxNxH.shape[-1]
+    freq_H2 = 1.0 / (10000.0 ** (jnp.arange(0, h, 2) / h))
+    ang_BxTxH2 = pos_BxT[..., None].astype(jnp.float32) * freq_H2
+    sin, cos = jnp.sin(ang_BxTxH2)[:, :, None], jnp.cos(ang_BxTxH2)[:, :, None]
+    x1, x2 = jnp.split(x_BxTxNxH, 2, axis=-1)
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+
+
+class TinyLM(nnx.Module):
+    """Stand-in with the ports' contract: ``__call__``, ``init_cache``, ``forward_with_cache``."""
+
+    def __init__(self, *, vocab=V, d=32, n=4, g=2, h=8, layers=2, seed=0):
+        r = nnx.Rngs(seed)
+        init = nnx.initializers.normal(0.5)
+        self.n, self.g, self.h, self.layers = n, g, h, layers
+        self.embed = nnx.Param(init(r.params(), (vocab, d)))
+        self.wq = nnx.Param(init(r.params(), (layers, d, n, h)) / d**0.5)
+        self.wk = nnx.Param(init(r.params(), (layers, d, g, h)) / d**0.5)
+        self.wv = nnx.Param(init(r.params(), (layers, d, g, h)) / d**0.5)
+        self.wo = nnx.Param(init(r.params(), (layers, n, h, d)) / d**0.5)
+        self.w1 = nnx.Param(init(r.params(), (layers, d, 2 * d)) / d**0.5)
+        self.w2 = nnx.Param(init(r.params(), (layers, 2 * d, d)) / d**0.5)
+        self.head = nnx.Param(init(r.params(), (d, vocab)) * 4)
+
+    def init_cache(self, batch_size, max_len, dtype=None):
+        shape = (self.layers, batch_size, max_len, self.g, self.h)
+        return TinyCache(
+            jnp.zeros(shape, dtype or jnp.float32),
+            jnp.zeros(shape, dtype or jnp.float32),
+            jnp.full((batch_size, max_len), -1, jnp.int32),
+        )
+
+    def __call__(self, input_ids_BxT, positions_BxT=None, attention_mask_BxT=None):
+        b, t = input_ids_BxT.shape
+        if attention_mask_BxT is None:
+            attention_mask_BxT = jnp.ones((b, t), jnp.int32)
+        if positions_BxT is None:
+            positions_BxT = jnp.maximum(jnp.cumsum(attention_mask_BxT, axis=1) - 1, 0)
+        cache = self.init_cache(b, t)
+        return self.forward_with_cache(input_ids_BxT, positions_BxT, attention_mask_BxT, cache, jnp.int32(0))[0]
+
+    def forward_with_cache(self, input_ids_BxT, positions_BxT, attention_mask_BxT, cache, index):
+        CALLS.append(tuple(input_ids_BxT.shape))
+        b, t = input_ids_BxT.shape
+        x_BxTxD = self.embed[...][input_ids_BxT]
+        pos_new_BxT = jnp.where(attention_mask_BxT > 0, positions_BxT, -1).astype(jnp.int32)
+        pos_BxS = jax.lax.dynamic_update_slice(cache.pos_BxS, pos_new_BxT, (0, index))
+        allowed_BxTxS = (pos_BxS[:, None, :] >= 0) & (pos_BxS[:, None, :] <= positions_BxT[:, :, None])
+        k_all, v_all = cache.k_LxBxSxGxH, cache.v_LxBxSxGxH
+        for l in range(self.layers):
+            hn = x_BxTxD / jnp.sqrt(jnp.mean(x_BxTxD**2, -1, keepdims=True) + 1e-6)
+            q = _rope(jnp.einsum("BTD,DNH->BTNH", hn, self.wq[l]), positions_BxT)
+            k = _rope(jnp.einsum("BTD,DGH->BTGH", hn, self.wk[l]), positions_BxT)
+            v = jnp.einsum("BTD,DGH->BTGH", hn, self.wv[l])
+            k_all = jax.lax.dynamic_update_slice(k_all, k[None].astype(k_all.dtype), (l, 0, index, 0, 0))
+            v_all = jax.lax.dynamic_update_slice(v_all, v[None].astype(v_all.dtype), (l, 0, index, 0, 0))
+            q = q.reshape(b, t, self.g, self.n // self.g, self.h)
+            s = jnp.einsum("BTGRH,BSGH->BGRTS", q, k_all[l]) / self.h**0.5
+            s = jnp.where(allowed_BxTxS[:, None, None], s, -1e30)
+            o = jnp.einsum("BGRTS,BSGH->BTGRH", jax.nn.softmax(s, -1), v_all[l]).reshape(b, t, self.n, self.h)
+            x_BxTxD = x_BxTxD + jnp.einsum("BTNH,NHD->BTD", o, self.wo[l])
+            hn = x_BxTxD / jnp.sqrt(jnp.mean(x_BxTxD**2, -1, keepdims=True) + 1e-6)
+            x_BxTxD = x_BxTxD + jax.nn.gelu(hn @ self.w1[l]) @ self.w2[l]
+        logits = jnp.einsum("BTD,DV->BTV", x_BxTxD, self.head[...]).astype(jnp.float32)
+        return logits, TinyCache(k_all, v_all, pos_BxS)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return TinyLM()
+
+
+PROMPTS = [[5, 9, 2, 33, 17], [1, 2], [7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 3]]
+
+
+@nnx.jit
+def _forward(model, ids_BxT):
+    return model(ids_BxT)
+
+
+def _greedy_reference(model, prompt, n):
+    """Greedy decoding by re-running the full (causal) forward on the growing sequence."""
+    seq = np.zeros((1, len(prompt) + n), np.int32)  # right-padded: causal, so padding is unseen
+    seq[0, : len(prompt)] = prompt
+    for i in range(len(prompt), len(prompt) + n):
+        seq[0, i] = int(jnp.argmax(_forward(model, jnp.asarray(seq))[0, i - 1]))
+    return seq[0, len(prompt) :].tolist()
+
+
+def test_greedy_matches_full_forward_and_logps(model):
+    out = sampling.sample(model, [PROMPTS[0]], max_new_tokens=12)
+    toks = out.tokens_BxS[0].tolist()
+    assert toks == _greedy_reference(model, PROMPTS[0], 12)
+    # cached per-token log-probs equal a full forward on the concatenated sequence
+    seq = jnp.asarray([PROMPTS[0] + toks], jnp.int32)
+    logp = jax.nn.log_softmax(_forward(model, seq)[0], -1)
+    p = len(PROMPTS[0])
+    ref = np.array([logp[p - 1 + i, t] for i, t in enumerate(toks)])
+    np.testing.assert_allclose(out.logps_BxS[0], ref, atol=1e-5)
+    assert (out.sample_logps_BxS == 0).all() and out.lengths_B.tolist() == [12]
+
+
+def test_mixed_length_batch_equals_each_alone(model):
+    batch = sampling.generate(model, PROMPTS, max_new_tokens=10)
+    alone = [sampling.generate(model, [p], max_new_tokens=10)[0] for p in PROMPTS]
+    assert batch == alone
+
+
+def test_eos_stops_rows_and_loop(model):
+    free = sampling.generate(model, PROMPTS, max_new_tokens=16)
+    first = next(i for i, t in enumerate(free[0]) if i >= 2 and t not in free[0][:i])
+    eos = free[0][first]  # a token prompt 0 first emits at step `first` >= 2
+    out = sampling.sample(model, PROMPTS, max_new_tokens=16, eos_id=[eos, 10_000], pad_id=-1)
+    for row, logps, n, ref in zip(out.tokens_BxS, out.logps_BxS, out.lengths_B, free):
+        cut = ref.index(eos) + 1 if eos in ref else len(ref)
+        assert n == cut and row[:n].tolist() == ref[:cut] and (row[n:] == -1).all()
+        assert (logps[n:] == 0).all() and (logps[:n] < 0).all()
+    # all rows stop at their eos: the loop stops once the longest row is done
+    assert out.num_steps == max(out.lengths_B) - 1
+    alone = sampling.sample(model, [PROMPTS[0]], max_new_tokens=16, eos_id=eos)
+    assert alone.num_steps == first and alone.lengths_B.tolist() == [first + 1]
+    assert sampling.generate(model, [PROMPTS[0]], max_new_tokens=16, eos_id=eos) == [free[0][: first + 1]]
+
+
+def test_filter_logits_top_p_known_distribution():
+    probs = jnp.asarray([[0.05, 0.4, 0.1, 0.3, 0.15]])
+    logits = jnp.log(probs)
+    kept = lambda p: np.isfinite(np.asarray(sampling.filter_logits(logits, top_p=p)))[0].tolist()
+    assert kept(0.4) == [False, True, False, False, False]  # 0.4 reaches 0.4
+    assert kept(0.5) == [False, True, False, True, False]  # 0.4 < 0.5 <= 0.7
+    assert kept(0.7) == [False, True, False, True, False]
+    assert kept(0.71) == [False, True, False, True, True]
+    assert kept(0.99) == [True, True, True, True, True]
+    assert kept(0.01) == [False, True, False, False, False]
+    topk = np.isfinite(np.asarray(sampling.filter_logits(logits, top_k=2)))[0].tolist()
+    assert topk == [False, True, False, True, False]
+
+
+def test_top_k_1_is_greedy_and_seeds(model):
+    greedy = sampling.generate(model, PROMPTS, max_new_tokens=8)
+    assert sampling.generate(model, PROMPTS, max_new_tokens=8, temperature=1.0, top_k=1, seed=3) == greedy
+    a = sampling.sample(model, PROMPTS, max_new_tokens=8, temperature=1.0, seed=1)
+    b = sampling.sample(model, PROMPTS, max_new_tokens=8, temperature=1.0, seed=1)
+    c = sampling.sample(model, PROMPTS, max_new_tokens=8, temperature=1.0, seed=2)
+    np.testing.assert_array_equal(a.tokens_BxS, b.tokens_BxS)
+    assert (a.tokens_BxS != c.tokens_BxS).any()
+    # temperature 1 without filtering samples from the model itself
+    np.testing.assert_allclose(a.sample_logps_BxS, a.logps_BxS, atol=1e-5)
+    t = sampling.sample(model, PROMPTS, max_new_tokens=8, temperature=1.0, top_p=0.9, top_k=20, seed=1)
+    # filtering renormalises over fewer tokens: a sampled token is at least as likely as before
+    assert (t.sample_logps_BxS <= 1e-6).all() and (t.sample_logps_BxS >= t.logps_BxS - 1e-5).all()
+
+
+def test_num_samples_prefills_once(model):
+    CALLS.clear()
+    out = sampling.sample(model, PROMPTS[:2], max_new_tokens=6, temperature=1.0, num_samples=3, seed=0)
+    prefill = [c for c in CALLS if c[1] > 1]
+    decode = [c for c in CALLS if c[1] == 1]
+    assert prefill == [(2, 8)] and decode == [(6, 1)]  # B=2 prompts prefilled once; 6 rows decode
+    assert out.tokens_BxS.shape == (6, 6) and out.prompt_index_B.tolist() == [0, 0, 0, 1, 1, 1]
+    assert len({tuple(r) for r in out.tokens_BxS[:3].tolist()}) > 1  # the samples differ
+    # every row continues its own prompt: its model log-probs match a full forward
+    for r in range(6):
+        prompt = PROMPTS[out.prompt_index_B[r]]
+        seq = jnp.asarray([prompt + out.tokens_BxS[r].tolist()], jnp.int32)
+        logp = jax.nn.log_softmax(_forward(model, seq)[0], -1)
+        ref = [logp[len(prompt) - 1 + i, t] for i, t in enumerate(out.tokens_BxS[r])]
+        np.testing.assert_allclose(out.logps_BxS[r], ref, atol=1e-5)
+
+
+def test_buckets_limit_compiles(model):
+    sampling.clear_cache()
+    before = sampling.compile_count
+    for n_prompts in (1, 2, 3, 4):
+        for plen in (3, 5, 7):
+            sampling.generate(model, [[1] * plen] * n_prompts, max_new_tokens=5)
+    sampling.generate(model, [[2, 3]], max_new_tokens=7)
+    # batch buckets {1, 2, 4} x prompt bucket {8} x new-token bucket {8}
+    assert sampling.compile_count - before == 3
+    assert sampling.bucket(5) == 8 and sampling.bucket(1) == 1 and sampling.bucket(3, [4, 16]) == 4
+
+
+def test_sharded_matches_single_device(model):
+    if len(jax.devices()) < 8:
+        pytest.skip("needs 8 devices")
+    mesh = jax.make_mesh((4, 1, 2), ("data", "fsdp", "tensor"), axis_types=(jax.sharding.AxisType.Auto,) * 3)
+    single = sampling.sample(model, PROMPTS, max_new_tokens=10)
+    sharded = sampling.sample(model, PROMPTS, max_new_tokens=10, mesh=mesh)
+    np.testing.assert_array_equal(single.tokens_BxS, sharded.tokens_BxS)
+    np.testing.assert_allclose(single.logps_BxS, sharded.logps_BxS, atol=1e-5)
