@@ -246,14 +246,19 @@ def _generate_program(state, tokens_BxT, mask_BxT, valid_B, max_new_tokens, seed
 # --------------------------------------------------------------------------------------------
 
 
-def bucket(n: int, buckets: Sequence[int] | None = None, *, minimum: int = 1) -> int:
-    """Smallest configured bucket ``>= n`` (the next power of two, at least ``minimum``, if none)."""
+def bucket(n: int, buckets: Sequence[int] | None = None, *, minimum: int = 1, half_steps: bool = False) -> int:
+    """Smallest configured bucket ``>= n``; if none are configured, the next power of two (or,
+    with ``half_steps``, the next of ``2^k`` and ``3 * 2^(k-1)``: 8, 12, 16, 24, 32, 48, ...),
+    at least ``minimum``."""
     if buckets:
         for b in sorted(buckets):
             if b >= n:
                 return int(b)
         raise ValueError(f"size {n} exceeds the largest configured bucket {max(buckets)}")
-    return max(minimum, 1 << max(0, int(n) - 1).bit_length())
+    p2 = 1 << max(0, int(n) - 1).bit_length()
+    if half_steps and p2 >= 4 and 3 * p2 // 4 >= n:
+        p2 = 3 * p2 // 4
+    return max(minimum, p2)
 
 
 @flax.struct.dataclass
@@ -344,8 +349,9 @@ def sample(
       mesh: optional; rows are sharded over the mesh's batch axes (``data``, ``fsdp``) and
         parameters laid out by ``shardings`` (a pytree of NamedShardings matching
         ``nnx.state(model)``) or, if omitted, by their logical names under ``SAMPLE_RULES``.
-      *_buckets: allowed sizes (default powers of two; the batch bucket is also rounded up to a
-        multiple of the mesh's batch-axis size).
+      *_buckets: allowed sizes. Defaults: batch and new-token buffer powers of two, prompt length
+        ``2^k`` or ``3 * 2^(k-1)`` (prefill cost is linear in it); the batch bucket is also
+        rounded up to a multiple of the mesh's batch-axis size.
     """
     global compile_count
     if not prompts or any(len(p) == 0 for p in prompts):
@@ -358,7 +364,7 @@ def sample(
     mult = _batch_multiple(mesh)
     b = bucket(n_prompts, batch_buckets)
     b = -(-b // mult) * mult if (b * num_samples) % mult else b
-    p = bucket(max(len(x) for x in prompts), length_buckets, minimum=8)
+    p = bucket(max(len(x) for x in prompts), length_buckets, minimum=8, half_steps=True)
     n = bucket(max(1, max_new_tokens), new_token_buckets, minimum=8)
 
     tokens = np.full((b, p), pad_id, np.int32)
