@@ -1,0 +1,243 @@
+"""Model configuration: one frozen dataclass for both architectures, read from and written to
+HF ``config.json`` files (transformers-5 ``rope_parameters`` form and the older top-level form)
+and from GGUF metadata.
+
+``arch`` picks the block: ``mistral`` (pre-norm RMSNorm, SwiGLU, grouped-query attention,
+optional sliding window; also Llama checkpoints) or ``phi`` (Phi-2: one LayerNorm feeding a
+parallel attention + MLP, partial rotary, biases, ``gelu_new``). ``hf_model_type`` remembers the
+HF family (``llama``, ``mistral``, ``phi``) so ``save_pretrained`` writes what was read.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import jax.numpy as jnp
+
+_HF_TYPES = {"llama": "mistral", "mistral": "mistral", "phi": "phi"}
+_ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "phi": "PhiForCausalLM"}
+_ACTIVATIONS = ("silu", "gelu_new", "gelu_pytorch_tanh", "gelu")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Everything that fixes the parameter shapes and the forward computation.
+
+    ``param_dtype`` is the storage dtype of the weights, ``dtype`` the compute dtype of
+    activations and matmul inputs (matmuls accumulate in float32; norms, softmax and logits are
+    float32 whatever either says). ``remat`` is per-layer rematerialisation in the backward pass:
+    ``none``, ``full`` (keep only each layer's input) or ``dots`` (keep matmul outputs).
+    """
+
+    arch: Literal["mistral", "phi"] = "mistral"
+    hf_model_type: str = "mistral"
+    vocab_size: int = 32000
+    hidden_size: int = 4096
+    intermediate_size: int = 14336
+    num_layers: int = 32
+    num_heads: int = 32
+    num_kv_heads: int = 8
+    head_dim: int = 128
+    rope_theta: float = 10000.0
+    partial_rotary_factor: float = 1.0
+    norm_eps: float = 1e-5
+    hidden_act: str = "silu"
+    sliding_window: int | None = None
+    tie_word_embeddings: bool = False
+    qk_layernorm: bool = False
+    max_position_embeddings: int = 32768
+    bos_token_id: int | None = 1
+    eos_token_id: int | None = 2
+    param_dtype: str = "float32"
+    dtype: str = "float32"
+    remat: Literal["none", "full", "dots"] = "none"
+
+    def __post_init__(self):
+        if self.arch not in ("mistral", "phi"):
+            raise ValueError(f"model config: arch must be 'mistral' or 'phi', got {self.arch!r}")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"model config: num_attention_heads ({self.num_heads}) must be a multiple of "
+                f"num_key_value_heads ({self.num_kv_heads})"
+            )
+        if self.hidden_act not in _ACTIVATIONS:
+            raise ValueError(f"model config: hidden_act {self.hidden_act!r} is not one of {_ACTIVATIONS}")
+        if self.remat not in ("none", "full", "dots"):
+            raise ValueError(f"model config: remat must be none, full or dots, got {self.remat!r}")
+
+    @property
+    def rotary_dim(self) -> int:
+        """Leading head dimensions that are rotated (Phi-2 rotates 32 of 80)."""
+        return int(self.head_dim * self.partial_rotary_factor)
+
+    @property
+    def jnp_param_dtype(self):
+        return jnp.dtype(self.param_dtype)
+
+    @property
+    def jnp_dtype(self):
+        return jnp.dtype(self.dtype)
+
+    def replace(self, **changes) -> ModelConfig:
+        return dataclasses.replace(self, **changes)
+
+
+def from_hf_dict(hf: dict[str, Any], *, where: str = "config.json", **overrides) -> ModelConfig:
+    """A ``ModelConfig`` from a parsed HF ``config.json`` (either rope form)."""
+    model_type = hf.get("model_type")
+    if model_type not in _HF_TYPES:
+        raise ValueError(f"{where}: model_type {model_type!r} is not supported (one of {sorted(_HF_TYPES)})")
+    for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
+        if key not in hf:
+            raise ValueError(f"{where}: missing key {key!r}")
+    rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type != "default":
+        raise ValueError(f"{where}: rope_type {rope_type!r} is not supported (only 'default')")
+    if hf.get("attention_bias") or hf.get("mlp_bias"):
+        raise ValueError(f"{where}: attention_bias / mlp_bias are not supported for {model_type}")
+    arch = _HF_TYPES[model_type]
+    heads = hf["num_attention_heads"]
+    eps_key = "layer_norm_eps" if arch == "phi" else "rms_norm_eps"
+    kw = dict(
+        arch=arch,
+        hf_model_type=model_type,
+        vocab_size=hf["vocab_size"],
+        hidden_size=hf["hidden_size"],
+        intermediate_size=hf["intermediate_size"],
+        num_layers=hf["num_hidden_layers"],
+        num_heads=heads,
+        num_kv_heads=hf.get("num_key_value_heads") or heads,
+        head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
+        rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))),
+        partial_rotary_factor=float(rope.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))),
+        norm_eps=float(hf.get(eps_key, 1e-5)),
+        hidden_act=hf.get("hidden_act", "gelu_new" if arch == "phi" else "silu"),
+        sliding_window=hf.get("sliding_window") if arch == "mistral" else None,
+        tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        qk_layernorm=bool(hf.get("qk_layernorm", False)),
+        max_position_embeddings=hf.get("max_position_embeddings", 2048),
+        bos_token_id=hf.get("bos_token_id"),
+        eos_token_id=hf.get("eos_token_id") if not isinstance(hf.get("eos_token_id"), list) else hf["eos_token_id"][0],
+    )
+    kw.update(overrides)
+    return ModelConfig(**kw)
+
+
+def to_hf_dict(cfg: ModelConfig) -> dict[str, Any]:
+    """The HF ``config.json`` for ``cfg`` (transformers-5 form, readable by 4.x too)."""
+    out: dict[str, Any] = {
+        "architectures": [_ARCHITECTURES[cfg.hf_model_type]],
+        "model_type": cfg.hf_model_type,
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.hidden_size,
+        "intermediate_size": cfg.intermediate_size,
+        "num_hidden_layers": cfg.num_layers,
+        "num_attention_heads": cfg.num_heads,
+        "num_key_value_heads": cfg.num_kv_heads,
+        "head_dim": cfg.head_dim,
+        "hidden_act": cfg.hidden_act,
+        "max_position_embeddings": cfg.max_position_embeddings,
+        "tie_word_embeddings": cfg.tie_word_embeddings,
+        "bos_token_id": cfg.bos_token_id,
+        "eos_token_id": cfg.eos_token_id,
+        "rope_theta": cfg.rope_theta,
+        "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
+        "torch_dtype": cfg.param_dtype,
+        "dtype": cfg.param_dtype,
+    }
+    if cfg.arch == "phi":
+        out["rope_parameters"]["partial_rotary_factor"] = cfg.partial_rotary_factor
+        out.update(partial_rotary_factor=cfg.partial_rotary_factor, layer_norm_eps=cfg.norm_eps,
+                   qk_layernorm=cfg.qk_layernorm, resid_pdrop=0.0, embd_pdrop=0.0, attention_dropout=0.0)
+    else:
+        out.update(rms_norm_eps=cfg.norm_eps, attention_bias=False, mlp_bias=False)
+        if cfg.hf_model_type == "mistral":
+            out["sliding_window"] = cfg.sliding_window
+    return out
+
+
+def from_gguf_fields(fields: dict[str, Any], *, n_vocab: int, tied: bool, where: str) -> ModelConfig:
+    """A ``ModelConfig`` from GGUF metadata (``general.architecture == 'llama'`` only)."""
+    arch = fields.get("general.architecture")
+    if arch != "llama":
+        raise ValueError(f"{where}: GGUF architecture {arch!r} is not supported (only 'llama')")
+
+    def get(key, default=None):
+        if f"llama.{key}" in fields:
+            return fields[f"llama.{key}"]
+        if default is None:
+            raise ValueError(f"{where}: GGUF metadata key 'llama.{key}' is missing")
+        return default
+
+    heads = int(get("attention.head_count"))
+    d = int(get("embedding_length"))
+    return ModelConfig(
+        arch="mistral",
+        hf_model_type="llama",
+        vocab_size=n_vocab,
+        hidden_size=d,
+        intermediate_size=int(get("feed_forward_length")),
+        num_layers=int(get("block_count")),
+        num_heads=heads,
+        num_kv_heads=int(get("attention.head_count_kv", heads)),
+        head_dim=int(get("rope.dimension_count", d // heads)),
+        rope_theta=float(get("rope.freq_base", 10000.0)),
+        norm_eps=float(get("attention.layer_norm_rms_epsilon")),
+        tie_word_embeddings=tied,
+        max_position_embeddings=int(get("context_length", 2048)),
+        bos_token_id=fields.get("tokenizer.ggml.bos_token_id"),
+        eos_token_id=fields.get("tokenizer.ggml.eos_token_id"),
+    )
+
+
+def load_config(path: str | Path, **overrides) -> ModelConfig:
+    """A ``ModelConfig`` from a ``config.json``, an HF folder holding one, or a ``.gguf`` file.
+
+    ``overrides`` replace fields (e.g. ``dtype="bfloat16"``, ``remat="full"``).
+    """
+    from repo_jax.assets import resolve_model_path
+
+    path = resolve_model_path(path)
+    if path.suffix == ".gguf":
+        from repo_jax.models import gguf_io
+
+        return gguf_io.read_config(path).replace(**overrides)
+    file = path / "config.json" if path.is_dir() else path
+    if not file.is_file():
+        raise FileNotFoundError(f"{file} does not exist (expected an HF config.json, a folder holding one, or a .gguf)")
+    with file.open() as f:
+        return from_hf_dict(json.load(f), where=str(file), **overrides)
+
+
+def param_count(cfg: ModelConfig) -> int:
+    """Number of parameters (embeddings and head included), from the shapes alone."""
+    from repo_jax.models.model import param_specs
+
+    layer, top = param_specs(cfg)
+    count = sum(_prod(s.shape) for s in top.values())
+    return count + cfg.num_layers * sum(_prod(s.shape) for s in layer.values())
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int, *, training: bool = True) -> float:
+    """Matmul FLOPs per token: ``2 * (weights touched) + attention``, times 3 with the backward.
+
+    Attention scores and the weighted sum cost ``2 * 2 * T * N * H`` per token per layer for a
+    full ``T x T`` score matrix (causal masking is not subtracted, as in the PaLM MFU convention).
+    The embedding gather is free; the unembedding matmul counts.
+    """
+    n_matmul = param_count(cfg) - cfg.vocab_size * cfg.hidden_size * (0 if cfg.tie_word_embeddings else 1)
+    window = min(seq_len, cfg.sliding_window or seq_len)
+    attn = 4 * cfg.num_layers * window * cfg.num_heads * cfg.head_dim
+    fwd = 2 * n_matmul + attn
+    return float(3 * fwd if training else fwd)
+
+
+def _prod(shape) -> int:
+    out = 1
+    for s in shape:
+        out *= int(s)
+    return out

@@ -1,0 +1,154 @@
+"""Building blocks shared by the Mistral/Llama and Phi-2 ports, as pure functions on arrays.
+
+Parameters live in the models as stacked ``nnx.Param`` arrays (leading ``layers`` axis) and are
+scanned over; each block receives one layer's slice as a dict. Matmuls take ``dtype`` inputs and
+accumulate in float32 (``preferred_element_type``); norms, rotary embeddings and the softmax run
+in float32.
+
+Dimension letters: B batch, T query length, S key length (cache slots), D model, N query
+heads, G kv heads, R query heads per kv head (``N = G * R``), H head dim, F mlp hidden, V vocab,
+L layers.
+"""
+
+from __future__ import annotations
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from repo_jax import sharding as shd
+
+F32 = jnp.float32
+
+
+def dense(x, w, spec: str, dtype):
+    """``einsum(spec, x, w)`` with float32 accumulation, result in ``dtype``."""
+    return jnp.einsum(spec, x.astype(dtype), w.astype(dtype), preferred_element_type=F32).astype(dtype)
+
+
+def rms_norm(x_BxTxD, scale_D, eps: float, dtype):
+    x = x_BxTxD.astype(F32)
+    x = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + eps)
+    return (x * scale_D.astype(F32)).astype(dtype)
+
+
+def layer_norm(x, scale, bias, eps: float, dtype):
+    x = x.astype(F32)
+    mean = jnp.mean(x, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
+    x = (x - mean) * jax.lax.rsqrt(var + eps)
+    return (x * scale.astype(F32) + bias.astype(F32)).astype(dtype)
+
+
+def activation(name: str):
+    if name == "silu":
+        return jax.nn.silu
+    if name in ("gelu_new", "gelu_pytorch_tanh"):
+        return lambda x: jax.nn.gelu(x, approximate=True)
+    return lambda x: jax.nn.gelu(x, approximate=False)
+
+
+# --------------------------------------------------------------------------------------------
+# Rotary embeddings (the "rotate half" layout of HF checkpoints)
+# --------------------------------------------------------------------------------------------
+
+
+def rope_angles(positions_BxT, rotary_dim: int, theta: float):
+    """``(sin, cos)``, each float32 ``[B, T, rotary_dim // 2]``."""
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, rotary_dim, 2, dtype=F32) / rotary_dim))
+    ang_BxTxR = positions_BxT.astype(F32)[..., None] * inv_freq
+    return jnp.sin(ang_BxTxR), jnp.cos(ang_BxTxR)
+
+
+def apply_rope(x_BxTxNxH, sin_cos):
+    """Rotates the first ``rotary_dim`` features of each head; the rest pass through."""
+    sin, cos = sin_cos[0][:, :, None, :], sin_cos[1][:, :, None, :]
+    half = sin.shape[-1]
+    x = x_BxTxNxH.astype(F32)
+    x1, x2, rest = x[..., :half], x[..., half : 2 * half], x[..., 2 * half :]
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin, rest], axis=-1)
+    return out.astype(x_BxTxNxH.dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# Attention with an optional KV cache
+# --------------------------------------------------------------------------------------------
+
+
+@flax.struct.dataclass
+class KVCache:
+    """Keys and values of every layer, and the position held by each slot.
+
+    Attributes:
+      k_LxBxSxGxH, v_LxBxSxGxH: cached keys (rotated) and values, ``dtype`` of the cache.
+      pos_BxS: int32 position of the token in each slot, ``-1`` for empty or padding slots.
+    """
+
+    k_LxBxSxGxH: jax.Array
+    v_LxBxSxGxH: jax.Array
+    pos_BxS: jax.Array
+
+    @classmethod
+    def zeros(cls, num_layers, batch, max_len, kv_heads, head_dim, dtype):
+        shape = (num_layers, batch, max_len, kv_heads, head_dim)
+        return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.full((batch, max_len), -1, jnp.int32))
+
+
+@flax.struct.dataclass
+class AttentionContext:
+    """What every layer's attention shares in one forward: rotary angles and the allowed mask.
+
+    ``allowed_BxTxS[b, t, s]``: query ``t`` may attend to key slot ``s``: the slot holds a real
+    token, is not in the query's future, and (with a sliding window ``W``) lies fewer than ``W``
+    positions back.
+    """
+
+    sin_cos: tuple[jax.Array, jax.Array]
+    allowed_BxTxS: jax.Array
+
+
+def make_context(positions_BxT, attention_mask_BxT, key_pos_BxS, index, *, rotary_dim, theta, window):
+    """Context for queries at slots ``index .. index + T - 1`` over keys with positions ``key_pos_BxS``."""
+    t, s = positions_BxT.shape[1], key_pos_BxS.shape[1]
+    q_slot_T = index + jnp.arange(t, dtype=jnp.int32)
+    allowed = (key_pos_BxS[:, None, :] >= 0) & (jnp.arange(s, dtype=jnp.int32)[None, None, :] <= q_slot_T[None, :, None])
+    if window is not None:
+        allowed &= positions_BxT[:, :, None] - key_pos_BxS[:, None, :] < window
+    del attention_mask_BxT  # padding keys already carry position -1
+    return AttentionContext(rope_angles(positions_BxT, rotary_dim, theta), allowed)
+
+
+def key_positions(positions_BxT, attention_mask_BxT):
+    """Positions of new keys, ``-1`` where the token is padding."""
+    return jnp.where(attention_mask_BxT > 0, positions_BxT, -1).astype(jnp.int32)
+
+
+def attend(q_BxTxNxH, k_BxSxGxH, v_BxSxGxH, allowed_BxTxS, dtype):
+    """Grouped-query softmax attention, scores and softmax in float32."""
+    b, t, n, h = q_BxTxNxH.shape
+    g = k_BxSxGxH.shape[2]
+    q_BxTxGxRxH = q_BxTxNxH.reshape(b, t, g, n // g, h)
+    scores = jnp.einsum("BTGRH,BSGH->BGRTS", q_BxTxGxRxH.astype(dtype), k_BxSxGxH.astype(dtype), preferred_element_type=F32)
+    scores = scores * (h**-0.5)
+    scores = jnp.where(allowed_BxTxS[:, None, None], scores, jnp.finfo(F32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
+    out = jnp.einsum("BGRTS,BSGH->BTGRH", probs, v_BxSxGxH.astype(dtype), preferred_element_type=F32)
+    return out.reshape(b, t, n, h).astype(dtype)
+
+
+def attention_kv(q_BxTxNxH, k_BxTxGxH, v_BxTxGxH, ctx: AttentionContext, cache_kv, layer, index, dtype):
+    """Rotary on ``q``/``k``, then attention over this call's keys or, with a cache, over its slots.
+
+    ``cache_kv``: ``None`` or ``(k_LxBxSxGxH, v_LxBxSxGxH)``; the new keys/values are written at
+    slots ``index ..`` of layer ``layer`` and the updated pair is returned.
+    """
+    q_BxTxNxH = shd.constrain(apply_rope(q_BxTxNxH, ctx.sin_cos), ("batch", "length", "act_heads", None))
+    k_BxTxGxH = apply_rope(k_BxTxGxH, ctx.sin_cos)
+    if cache_kv is None:
+        return attend(q_BxTxNxH, k_BxTxGxH, v_BxTxGxH, ctx.allowed_BxTxS, dtype), None
+    k_all, v_all = cache_kv
+    start = (layer, 0, index, 0, 0)
+    k_all = jax.lax.dynamic_update_slice(k_all, k_BxTxGxH[None].astype(k_all.dtype), start)
+    v_all = jax.lax.dynamic_update_slice(v_all, v_BxTxGxH[None].astype(v_all.dtype), start)
+    k_BxSxGxH, v_BxSxGxH = k_all[layer], v_all[layer]
+    return attend(q_BxTxNxH, k_BxSxGxH, v_BxSxGxH, ctx.allowed_BxTxS, dtype), (k_all, v_all)

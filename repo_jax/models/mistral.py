@@ -1,0 +1,67 @@
+"""Mistral / Llama decoder block: pre-norm RMSNorm, grouped-query attention with rotary
+embeddings (and Mistral's sliding window when ``sliding_window`` is set), SwiGLU MLP.
+
+Parameter layout (one layer; stacked with a leading ``layers`` axis) and the HF tensors they
+come from are listed in ``layer_specs`` / ``top_specs`` (see ``spec.ParamSpec``).
+"""
+
+from __future__ import annotations
+
+from repo_jax import sharding as shd
+from repo_jax.models import layers
+from repo_jax.models.config import ModelConfig
+from repo_jax.models.spec import ParamSpec
+
+
+def layer_specs(cfg: ModelConfig) -> dict[str, ParamSpec]:
+    d, n, g, h, f = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.intermediate_size
+    return {
+        "attn_norm": ParamSpec((d,), ("norm",), "ones", "input_layernorm.weight"),
+        "wq": ParamSpec((d, n, h), ("embed", "q_heads", "head_dim"), "normal", "self_attn.q_proj.weight", 1),
+        "wk": ParamSpec((d, g, h), ("embed", "kv_heads", "head_dim"), "normal", "self_attn.k_proj.weight", 1),
+        "wv": ParamSpec((d, g, h), ("embed", "kv_heads", "head_dim"), "normal", "self_attn.v_proj.weight", 1),
+        "wo": ParamSpec((n, h, d), ("q_heads", "head_dim", "embed"), "normal", "self_attn.o_proj.weight", 2),
+        "mlp_norm": ParamSpec((d,), ("norm",), "ones", "post_attention_layernorm.weight"),
+        "w_gate": ParamSpec((d, f), ("embed", "mlp"), "normal", "mlp.gate_proj.weight", 1),
+        "w_up": ParamSpec((d, f), ("embed", "mlp"), "normal", "mlp.up_proj.weight", 1),
+        "w_down": ParamSpec((f, d), ("mlp", "embed"), "normal", "mlp.down_proj.weight", 1),
+    }
+
+
+def top_specs(cfg: ModelConfig) -> dict[str, ParamSpec]:
+    d, v = cfg.hidden_size, cfg.vocab_size
+    out = {
+        "embed": ParamSpec((v, d), ("vocab", "embed"), "normal", "model.embed_tokens.weight"),
+        "final_norm": ParamSpec((d,), ("norm",), "ones", "model.norm.weight"),
+    }
+    if not cfg.tie_word_embeddings:
+        out["lm_head"] = ParamSpec((d, v), ("embed", "vocab"), "normal", "lm_head.weight", 1)
+    return out
+
+
+def block(cfg: ModelConfig, p, x_BxTxD, ctx, cache_kv, layer, index):
+    """One decoder layer; returns the new residual stream and the (possibly updated) cache."""
+    dt = cfg.jnp_dtype
+    h_BxTxD = layers.rms_norm(x_BxTxD, p["attn_norm"], cfg.norm_eps, dt)
+    q = layers.dense(h_BxTxD, p["wq"], "BTD,DNH->BTNH", dt)
+    k = layers.dense(h_BxTxD, p["wk"], "BTD,DGH->BTGH", dt)
+    v = layers.dense(h_BxTxD, p["wv"], "BTD,DGH->BTGH", dt)
+    o_BxTxNxH, cache_kv = layers.attention_kv(q, k, v, ctx, cache_kv, layer, index, dt)
+    x_BxTxD = x_BxTxD + layers.dense(o_BxTxNxH, p["wo"], "BTNH,NHD->BTD", dt)
+    x_BxTxD = shd.constrain(x_BxTxD, ("batch", "length", "act_embed"))
+
+    h_BxTxD = layers.rms_norm(x_BxTxD, p["mlp_norm"], cfg.norm_eps, dt)
+    gate_BxTxF = layers.activation(cfg.hidden_act)(layers.dense(h_BxTxD, p["w_gate"], "BTD,DF->BTF", dt))
+    up_BxTxF = shd.constrain(gate_BxTxF * layers.dense(h_BxTxD, p["w_up"], "BTD,DF->BTF", dt), ("batch", "length", "act_mlp"))
+    x_BxTxD = x_BxTxD + layers.dense(up_BxTxF, p["w_down"], "BTF,FD->BTD", dt)
+    return shd.constrain(x_BxTxD, ("batch", "length", "act_embed")), cache_kv
+
+
+def final_norm(cfg: ModelConfig, top, x_BxTxD):
+    return layers.rms_norm(x_BxTxD, top["final_norm"], cfg.norm_eps, cfg.jnp_dtype)
+
+
+def unembedding(cfg: ModelConfig, top):
+    """``(w_DxV, b_V)``; tied checkpoints (SmolLM2) unembed with the embedding matrix."""
+    w_DxV = top["embed"].T if cfg.tie_word_embeddings else top["lm_head"]
+    return w_DxV, None

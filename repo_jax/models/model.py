@@ -1,0 +1,155 @@
+"""The causal LM module shared by both architectures: embeddings, a scanned stack of layers,
+final norm and unembedding.
+
+Parameters are ``nnx.Param`` arrays whose metadata ``out_sharding`` holds logical axis names;
+layer parameters are stacked along a leading ``layers`` axis and the stack is a single
+``jax.lax.scan`` (a 32-layer model compiles one layer), optionally rematerialised per layer.
+
+Forward entry points (``B`` batch, ``T`` tokens, left padding allowed):
+
+* ``model(input_ids_BxT, positions_BxT=None, attention_mask_BxT=None) -> logits_BxTxV`` (float32);
+* ``model.hidden_states(...) -> h_BxTxD`` (final norm applied) and ``model.unembedding() ->
+  (w_DxV, b_V | None)``: what the chunked log-prob kernel consumes;
+* ``model.init_cache(B, S)`` and ``model.forward_with_cache(ids, positions, mask, cache, index)
+  -> (logits, cache)``: prefill / one-token decode for the sampler; the ``T`` new tokens go to
+  cache slots ``index .. index + T - 1``.
+
+Without ``positions``, they count real tokens (``cumsum(mask) - 1``), so left padding never
+shifts the rotary phase.
+"""
+
+from __future__ import annotations
+
+import types
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from repo_jax import sharding as shd
+from repo_jax.models import layers, mistral, phi
+from repo_jax.models.config import ModelConfig
+from repo_jax.models.spec import ParamSpec
+
+ARCHS: dict[str, types.ModuleType] = {"mistral": mistral, "phi": phi}
+
+_REMAT_POLICIES = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def param_specs(cfg: ModelConfig) -> tuple[dict[str, ParamSpec], dict[str, ParamSpec]]:
+    """``(per-layer specs, top-level specs)`` of ``cfg``'s architecture."""
+    arch = ARCHS[cfg.arch]
+    return arch.layer_specs(cfg), arch.top_specs(cfg)
+
+
+def _init(spec: ParamSpec, shape, key, dtype):
+    if spec.init == "ones":
+        return jnp.ones(shape, dtype)
+    if spec.init == "zeros":
+        return jnp.zeros(shape, dtype)
+    return (0.02 * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
+
+
+class CausalLM(nnx.Module):
+    """Mistral/Llama or Phi-2, chosen by ``config.arch``."""
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        self.config = config
+        layer, top = param_specs(config)
+        dt = config.jnp_param_dtype
+        self.top = nnx.Dict({
+            name: nnx.Param(_init(s, s.shape, rngs.params(), dt), eager_sharding=False, out_sharding=s.names)
+            for name, s in top.items()
+        })
+        n = config.num_layers
+        self.layers = nnx.Dict({
+            name: nnx.Param(_init(s, (n, *s.shape), rngs.params(), dt), eager_sharding=False,
+                            out_sharding=("layers", *s.names))
+            for name, s in layer.items()
+        })
+
+    # ---- parameters as plain arrays ------------------------------------------------------
+    def _top(self):
+        return {k: v[...] for k, v in self.top.items()}
+
+    def _layers(self):
+        return {k: v[...] for k, v in self.layers.items()}
+
+    def unembedding(self):
+        """``(w_DxV, b_V or None)`` in the parameter dtype."""
+        return ARCHS[self.config.arch].unembedding(self.config, self._top())
+
+    # ---- forward ---------------------------------------------------------------------------
+    def _stack(self, x_BxTxD, ctx, cache_kv, index):
+        cfg = self.config
+        block = ARCHS[cfg.arch].block
+
+        def body(carry, xs):
+            x, kv = carry
+            p, layer = xs
+            x, kv = block(cfg, p, x, ctx, kv, layer, index)
+            return (x, kv), None
+
+        if cfg.remat != "none":
+            body = jax.checkpoint(body, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=False)
+        xs = (self._layers(), jnp.arange(cfg.num_layers, dtype=jnp.int32))
+        (x_BxTxD, cache_kv), _ = jax.lax.scan(body, (x_BxTxD, cache_kv), xs)
+        return x_BxTxD, cache_kv
+
+    def _embed(self, input_ids_BxT):
+        x = jnp.take(self.top["embed"][...], input_ids_BxT, axis=0).astype(self.config.jnp_dtype)
+        return shd.constrain(x, ("batch", "length", "act_embed"))
+
+    def _context(self, positions_BxT, attention_mask_BxT, key_pos_BxS, index):
+        cfg = self.config
+        return layers.make_context(
+            positions_BxT, attention_mask_BxT, key_pos_BxS, index,
+            rotary_dim=cfg.rotary_dim, theta=cfg.rope_theta, window=cfg.sliding_window,
+        )
+
+    def hidden_states(self, input_ids_BxT, positions_BxT=None, attention_mask_BxT=None):
+        """Final hidden states ``[B, T, D]`` (after the final norm), compute dtype."""
+        mask, positions = _defaults(input_ids_BxT, positions_BxT, attention_mask_BxT)
+        ctx = self._context(positions, mask, layers.key_positions(positions, mask), 0)
+        x, _ = self._stack(self._embed(input_ids_BxT), ctx, None, 0)
+        return ARCHS[self.config.arch].final_norm(self.config, self._top(), x)
+
+    def logits(self, h_BxTxD):
+        """Float32 logits of hidden states (the full ``[B, T, V]``: use ``logprobs`` for training)."""
+        w_DxV, b_V = self.unembedding()
+        logits = jnp.einsum("BTD,DV->BTV", h_BxTxD, w_DxV.astype(h_BxTxD.dtype), preferred_element_type=jnp.float32)
+        return logits if b_V is None else logits + b_V.astype(jnp.float32)
+
+    def __call__(self, input_ids_BxT, positions_BxT=None, attention_mask_BxT=None):
+        return self.logits(self.hidden_states(input_ids_BxT, positions_BxT, attention_mask_BxT))
+
+    def init_cache(self, batch_size: int, max_len: int, dtype=None) -> layers.KVCache:
+        cfg = self.config
+        return layers.KVCache.zeros(cfg.num_layers, batch_size, max_len, cfg.num_kv_heads, cfg.head_dim,
+                                    dtype or cfg.jnp_dtype)
+
+    def forward_with_cache(self, input_ids_BxT, positions_BxT, attention_mask_BxT, cache: layers.KVCache, index):
+        """Runs ``T`` new tokens at cache slots ``index ..``; returns float32 logits and the new cache."""
+        index = jnp.asarray(index, jnp.int32)
+        new_pos_BxT = layers.key_positions(positions_BxT, attention_mask_BxT)
+        pos_BxS = jax.lax.dynamic_update_slice(cache.pos_BxS, new_pos_BxT, (jnp.int32(0), index))
+        ctx = self._context(positions_BxT, attention_mask_BxT, pos_BxS, index)
+        x, (k, v) = self._stack(self._embed(input_ids_BxT), ctx, (cache.k_LxBxSxGxH, cache.v_LxBxSxGxH), index)
+        h = ARCHS[self.config.arch].final_norm(self.config, self._top(), x)
+        return self.logits(h), layers.KVCache(k, v, pos_BxS)
+
+
+def _defaults(input_ids_BxT, positions_BxT, attention_mask_BxT):
+    if attention_mask_BxT is None:
+        attention_mask_BxT = jnp.ones(input_ids_BxT.shape, jnp.int32)
+    if positions_BxT is None:
+        positions_BxT = jnp.maximum(jnp.cumsum(attention_mask_BxT.astype(jnp.int32), axis=1) - 1, 0)
+    return attention_mask_BxT, positions_BxT
+
+
+def build(config: ModelConfig, *, seed: int = 0) -> CausalLM:
+    """A randomly initialised model (``nnx.eval_shape(lambda: build(cfg))`` for the abstract one)."""
+    return CausalLM(config, rngs=nnx.Rngs(seed))
