@@ -14,9 +14,13 @@ Logical names used by the models:
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+import dataclasses
+import math
+import os
+from collections.abc import Iterator, Mapping, Sequence
 
 import jax
+import numpy as np
 from jax.sharding import PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -104,3 +108,190 @@ def _only_axes_in(mesh, entry):
     axes = (entry,) if isinstance(entry, str) else tuple(entry)
     axes = tuple(a for a in axes if a in mesh.axis_names and mesh.shape[a] > 1)
     return None if not axes else axes[0] if len(axes) == 1 else axes
+
+
+# --------------------------------------------------------------------------------------------
+# Meshes
+# --------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """Sizes of the ``data``, ``fsdp`` and ``tensor`` mesh axes; one of them may be -1 (the rest).
+
+    ``data`` replicates parameters (pure data parallelism, gradients all-reduced), ``fsdp``
+    shards parameters and optimiser state along ``embed`` and the batch along rows, ``tensor``
+    shards heads, mlp and vocab (Megatron style). The default puts every device on ``fsdp``.
+    """
+
+    data: int = 1
+    fsdp: int = -1
+    tensor: int = 1
+
+    def shape(self, num_devices: int) -> tuple[int, int, int]:
+        """The three axis sizes with -1 resolved; an error names the key that cannot fit."""
+        sizes = {"data": self.data, "fsdp": self.fsdp, "tensor": self.tensor}
+        for k, v in sizes.items():
+            if v == 0 or v < -1:
+                raise ValueError(f"mesh.{k} must be a positive size or -1 (the rest); got {v}")
+        rest = [k for k, v in sizes.items() if v == -1]
+        if len(rest) > 1:
+            raise ValueError(f"only one mesh axis may be -1; got {', '.join('mesh.' + k for k in rest)}")
+        known = math.prod(v for v in sizes.values() if v != -1)
+        if rest:
+            if num_devices % known:
+                raise ValueError(
+                    f"mesh.{rest[0]}=-1: {num_devices} devices are not divisible by the other axes' product {known}"
+                )
+            sizes[rest[0]] = num_devices // known
+        if math.prod(sizes.values()) != num_devices:
+            raise ValueError(
+                f"mesh data*fsdp*tensor = {sizes['data']}*{sizes['fsdp']}*{sizes['tensor']} must equal the "
+                f"{num_devices} devices"
+            )
+        return sizes["data"], sizes["fsdp"], sizes["tensor"]
+
+
+def make_mesh(cfg: MeshConfig = MeshConfig(), devices: Sequence[jax.Device] | None = None) -> jax.sharding.Mesh:
+    """A ``(data, fsdp, tensor)`` mesh over ``devices`` (default: all) with Auto axis types.
+
+    Auto (not Explicit) axis types: the compiler propagates shardings from the parameters and
+    the few :func:`constrain` annotations, which is what the rules tables are written for.
+    """
+    devices = list(jax.devices() if devices is None else devices)
+    shape = cfg.shape(len(devices))
+    return jax.make_mesh(
+        shape, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES), devices=devices
+    )
+
+
+def batch_axes(mesh: jax.sharding.Mesh) -> tuple[str, ...]:
+    """The mesh axes that split the batch (``data``, ``fsdp``), in mesh order."""
+    return tuple(a for a in BATCH_AXES if a in mesh.axis_names)
+
+
+def batch_size_multiple(mesh: jax.sharding.Mesh) -> int:
+    """Global batch sizes must be multiples of this (the product of the batch axes' sizes)."""
+    return math.prod(mesh.shape[a] for a in batch_axes(mesh))
+
+
+def batch_sharding(mesh: jax.sharding.Mesh) -> jax.NamedSharding:
+    """Leading (batch) dimension split over ``data`` x ``fsdp``; every other dimension replicated."""
+    return jax.NamedSharding(mesh, P(batch_axes(mesh)))
+
+
+def replicated(mesh: jax.sharding.Mesh) -> jax.NamedSharding:
+    return jax.NamedSharding(mesh, P())
+
+
+# --------------------------------------------------------------------------------------------
+# Parameter / state shardings from logical names
+# --------------------------------------------------------------------------------------------
+
+
+def _logical_names(x) -> tuple[str | None, ...] | None:
+    from flax import nnx
+
+    if not isinstance(x, nnx.Variable):
+        return None
+    meta = x.get_metadata()
+    names = meta.get("out_sharding") or meta.get("sharding") or meta.get("sharding_names")
+    return tuple(names) if names else None
+
+
+def _fit_spec(spec: P, shape: tuple[int, ...] | None, mesh: jax.sharding.Mesh) -> P:
+    """Drops mesh axes absent from (or of size 1 in) ``mesh``, and any that do not divide their
+    dimension (that dimension is then replicated rather than failing at compile time)."""
+    out = []
+    for i, entry in enumerate(spec):
+        entry = _only_axes_in(mesh, entry)
+        if entry is not None and shape is not None and i < len(shape):
+            axes = (entry,) if isinstance(entry, str) else entry
+            if shape[i] % math.prod(mesh.shape[a] for a in axes):
+                entry = None
+        out.append(entry)
+    return P(*out)
+
+
+def logical_sharding(names, shape, mesh: jax.sharding.Mesh, rules: Rules | None = None) -> jax.NamedSharding:
+    """NamedSharding for an array of ``shape`` whose dimensions carry logical ``names``."""
+    spec = logical_to_pspec(names, rules) if names else P()
+    return jax.NamedSharding(mesh, _fit_spec(spec, shape, mesh))
+
+
+def state_shardings(state, mesh: jax.sharding.Mesh, rules: Rules | None = None):
+    """A pytree of NamedShardings matching ``state`` (an ``nnx.State``, a train state, ...).
+
+    Every ``nnx.Variable`` is laid out by its ``out_sharding`` metadata (logical names) through
+    ``rules`` (default: the current table, :data:`TRAIN_RULES` unless :func:`use_rules` says
+    otherwise); any other leaf (step counters, RNG keys, optimiser counts) is replicated.
+    Optimiser moments built by ``optax`` from an ``nnx.State`` keep the Variables' metadata, so
+    they get the same layout as their parameters. Works on abstract (``eval_shape``) trees too.
+    """
+    from flax import nnx
+
+    def one(x):
+        names = _logical_names(x)
+        value = x.get_value() if isinstance(x, nnx.Variable) else x
+        shape = getattr(value, "shape", None)
+        return logical_sharding(names, shape, mesh, rules)
+
+    return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+# --------------------------------------------------------------------------------------------
+# Multi-host start-up and per-host data
+# --------------------------------------------------------------------------------------------
+
+
+def initialize_distributed(env: Mapping[str, str] | None = None) -> bool:
+    """Calls ``jax.distributed.initialize()`` when the environment describes several processes.
+
+    Recognised: ``JAX_COORDINATOR_ADDRESS`` (+ ``JAX_NUM_PROCESSES``, ``JAX_PROCESS_ID``; what
+    ``launch/gpu.sh`` sets), a multi-host Cloud TPU slice (``TPU_WORKER_HOSTNAMES`` listing more
+    than one host, or ``MEGASCALE_COORDINATOR_ADDRESS``), or ``REPO_JAX_DISTRIBUTED=1`` (let JAX
+    auto-detect, e.g. under SLURM). Must run before anything touches the devices. Returns
+    whether it initialised; a single host returns False and does nothing.
+    """
+    env = os.environ if env is None else env
+    if jax.distributed.is_initialized():
+        return False
+    if env.get("JAX_COORDINATOR_ADDRESS"):
+        kwargs = {"coordinator_address": env["JAX_COORDINATOR_ADDRESS"]}
+        for key, arg in (("JAX_NUM_PROCESSES", "num_processes"), ("JAX_PROCESS_ID", "process_id")):
+            if env.get(key):
+                try:
+                    kwargs[arg] = int(env[key])
+                except ValueError:
+                    raise ValueError(f"environment variable {key} must be an integer; got {env[key]!r}") from None
+        jax.distributed.initialize(**kwargs)
+        return True
+    tpu_hosts = [h for h in env.get("TPU_WORKER_HOSTNAMES", "").split(",") if h.strip()]
+    if len(tpu_hosts) > 1 or env.get("MEGASCALE_COORDINATOR_ADDRESS") or env.get("REPO_JAX_DISTRIBUTED") == "1":
+        jax.distributed.initialize()
+        return True
+    return False
+
+
+def process_batch_slice(global_batch_size: int) -> slice:
+    """Rows of the global batch this process loads (equal contiguous blocks, in process order).
+
+    With the batch sharded over ``data`` x ``fsdp`` and devices ordered by process (as
+    ``jax.make_mesh`` does), process ``i`` holds rows ``[i * b, (i + 1) * b)``.
+    """
+    n, i = jax.process_count(), jax.process_index()
+    if global_batch_size % n:
+        raise ValueError(f"global batch size {global_batch_size} is not divisible by the {n} processes")
+    per = global_batch_size // n
+    return slice(i * per, (i + 1) * per)
+
+
+def global_batch(local_batch, mesh: jax.sharding.Mesh):
+    """Host-local numpy batch (this process's rows) -> global ``jax.Array``s sharded on rows.
+
+    Every leaf's leading dimension is the batch; on one host this is a plain sharded
+    ``device_put``; on several, each host passes only its own rows
+    (``jax.make_array_from_process_local_data``).
+    """
+    sharding = batch_sharding(mesh)
+    return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), local_batch)

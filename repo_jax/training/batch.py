@@ -1,0 +1,133 @@
+"""The training batch: one dict of arrays, every leaf with the prompt batch ``B`` first.
+
+This module is the one place the field names are defined (the data pipeline produces them,
+the train step consumes them). ``K`` responses per prompt (2 for pairwise losses), ``T`` tokens
+per response row (prompt + response, right-padded).
+
+Always present:
+  ``input_ids_BxKxT``    int32   prompt + response tokens of each row.
+  ``loss_mask_BxKxT``    bool    True on response tokens (aligned with ``input_ids``: the
+                                 log-prob of token ``t`` is read from position ``t - 1``).
+Optional:
+  ``positions_BxKxT``    int32   RoPE positions (default: the model's own, ``arange``).
+  ``attention_mask_BxKxT`` int32 1 on real tokens, 0 on padding (default: all 1).
+  ``example_mask_B``     bool    False on padding prompts (excluded from every mean).
+  ``ref_logps_BxK``      float32 reference log-probs (``train.reference = batch``).
+Per loss (see ``objectives.LOSSES``):
+  ``pref_B``             float32 P(response 0 beats response 1): iREPO, soft DPO.
+  ``scores_BxK``         float32 explicit rewards: LPO, InfoNCA.
+  ``list_mask_BxK``      bool    present responses of a ragged list: LPO, InfoNCA
+                                 (default: all present).
+Pairwise DPO/IPO put the chosen response at ``k = 0``, the rejected at ``k = 1``.
+Datasets with separate ``a``/``b`` fields go through :func:`stack_pair`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Batch = dict[str, Any]
+
+TOKEN_FIELDS = ("input_ids_BxKxT", "loss_mask_BxKxT", "positions_BxKxT", "attention_mask_BxKxT")
+REQUIRED = ("input_ids_BxKxT", "loss_mask_BxKxT")
+DTYPES = {
+    "input_ids_BxKxT": np.int32,
+    "loss_mask_BxKxT": np.bool_,
+    "positions_BxKxT": np.int32,
+    "attention_mask_BxKxT": np.int32,
+    "example_mask_B": np.bool_,
+    "ref_logps_BxK": np.float32,
+    "pref_B": np.float32,
+    "scores_BxK": np.float32,
+    "list_mask_BxK": np.bool_,
+}
+
+
+def shape_of(name: str, b: int, k: int, t: int) -> tuple[int, ...]:
+    """The shape a field must have, read off its name's suffix."""
+    suffix = name.rsplit("_", 1)[1]
+    return tuple({"B": b, "K": k, "T": t}[c] for c in suffix.split("x"))
+
+
+def validate(batch: Mapping[str, Any], *, needs: tuple[str, ...] = ()) -> tuple[int, int, int]:
+    """Checks names, shapes and that ``needs`` are present; returns ``(B, K, T)``.
+
+    Raises one clear error naming the field at fault.
+    """
+    for name in (*REQUIRED, *needs):
+        if name not in batch:
+            raise KeyError(f"batch field {name!r} is missing (fields present: {sorted(batch)})")
+    unknown = sorted(set(batch) - set(DTYPES))
+    if unknown:
+        raise KeyError(f"unknown batch field {unknown[0]!r}; known fields: {sorted(DTYPES)}")
+    b, k, t = np.shape(batch["input_ids_BxKxT"])
+    for name, x in batch.items():
+        want = shape_of(name, b, k, t)
+        if tuple(np.shape(x)) != want:
+            raise ValueError(f"batch field {name!r} has shape {tuple(np.shape(x))}, expected {want}")
+    return b, k, t
+
+
+def cast(batch: Mapping[str, Any]) -> Batch:
+    """Numpy arrays with the canonical dtypes (host side, before :func:`sharding.global_batch`)."""
+    return {name: np.asarray(x, DTYPES[name]) for name, x in batch.items()}
+
+
+def abstract(fields: tuple[str, ...], b: int, k: int, t: int, sharding=None) -> Batch:
+    """``jax.ShapeDtypeStruct``s for the named fields (for ``lower`` / planning)."""
+    return {f: jax.ShapeDtypeStruct(shape_of(f, b, k, t), DTYPES[f], sharding=sharding) for f in fields}
+
+
+def stack_pair(batch_a: Mapping[str, Any], batch_b: Mapping[str, Any], **per_prompt) -> Batch:
+    """Two single-response batches (``*_BxT`` token fields, same keys) -> one ``K = 2`` batch.
+
+    ``batch_a``/``batch_b`` hold ``input_ids_BxT``, ``loss_mask_BxT`` and optionally
+    ``positions_BxT``, ``attention_mask_BxT``, ``ref_logps_B``; ``per_prompt`` adds fields such as
+    ``pref_B=...`` unchanged.
+    """
+    out: Batch = {}
+    for name in batch_a:
+        if name.endswith("_BxT"):
+            out[name[: -len("_BxT")] + "_BxKxT"] = np.stack([batch_a[name], batch_b[name]], axis=1)
+        elif name.endswith("_B"):
+            out[name[: -len("_B")] + "_BxK"] = np.stack([batch_a[name], batch_b[name]], axis=1)
+        else:
+            raise KeyError(f"stack_pair: field {name!r} has no _BxT or _B suffix")
+    out.update(per_prompt)
+    return out
+
+
+def rows(batch: Mapping[str, Any]) -> dict[str, Any]:
+    """The token fields flattened to model rows ``R = B * K``: ``*_BxKxT`` -> ``*_RxT``."""
+    out = {}
+    for name in TOKEN_FIELDS:
+        if name in batch:
+            x = batch[name]
+            out[name.replace("_BxKxT", "_RxT")] = jnp.reshape(x, (-1, x.shape[-1]))
+    return out
+
+
+def example_mask(batch: Mapping[str, Any]) -> jax.Array:
+    b = batch["input_ids_BxKxT"].shape[0]
+    return jnp.asarray(batch.get("example_mask_B", jnp.ones((b,), bool)), bool)
+
+
+def split_micro(batch: Mapping[str, Any], m: int) -> Batch:
+    """``[B, ...]`` -> ``[M, B / M, ...]`` with micro-batch ``j`` = rows ``j, j + M, j + 2M, ...``.
+
+    The strided split keeps every micro-batch spread evenly over the devices that hold the
+    batch (each device's contiguous rows contribute to every micro-batch), so no data moves.
+    """
+
+    def one(x):
+        b = x.shape[0]
+        if b % m:
+            raise ValueError(f"batch size {b} is not divisible by train.micro_batches={m}")
+        return jnp.swapaxes(jnp.reshape(x, (b // m, m, *x.shape[1:])), 0, 1)
+
+    return {name: one(x) for name, x in batch.items()}

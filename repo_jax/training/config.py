@@ -1,0 +1,127 @@
+"""Config sections of a training run (frozen dataclasses, loaded by :func:`repo_jax.config.load`).
+
+``RunConfig`` is the top level of ``configs/*.yaml``: ``model``, ``mesh``, ``train`` (with its
+``loss``), ``optim`` and ``checkpoint``. Programs that need more sections (the iREPO loop's
+sampling, annotation and evaluation; the data pipeline) subclass it and add fields, e.g.::
+
+    @dataclasses.dataclass(frozen=True)
+    class IrepoConfig(RunConfig):
+        sample: SampleConfig = SampleConfig()
+
+so every YAML stays loadable by the one loader, and an unknown key is still an error.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Literal
+
+from repo_jax.sharding import MeshConfig
+
+Dtype = Literal["float32", "bfloat16", "float16"]
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSection:
+    """Which model: ``config`` is an HF ``config.json``, an HF folder or a ``.gguf`` file (its
+    architecture; weights come from ``weights`` when set, else random init). ``dtype`` is the
+    compute dtype, ``param_dtype`` the stored (master) dtype; ``overrides`` go to
+    ``repo_jax.models.load_config`` as keyword arguments (e.g. ``num_layers: 2``)."""
+
+    config: str = ""
+    weights: str = ""
+    dtype: Dtype = "float32"
+    param_dtype: Dtype = "float32"
+    remat: Literal["none", "full", "dots"] = "none"
+    overrides: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+    """The objective, by registry name (``repo_jax.training.objectives.LOSSES``), and its knobs.
+
+    Only the knobs of the chosen loss are read: ``pref_eps`` (iREPO), ``label_smoothing`` (DPO),
+    ``lpo_variant``/``abs_term``/``weight_norm`` (LPO), ``infonca_alpha`` (InfoNCA).
+    """
+
+    name: str = "irepo"
+    beta: float = 0.1
+    pref_eps: float = 1e-3
+    label_smoothing: float = 0.0
+    lpo_variant: Literal["lpo", "lpo_abs"] = "lpo"
+    abs_term: Literal["sigmoid", "logsigmoid"] = "sigmoid"
+    weight_norm: Literal["none", "mean", "sum"] = "none"
+    infonca_alpha: float = 1.0
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+    """AdamW with linear warm-up then cosine decay to ``lr * end_lr_ratio`` at ``total_steps``,
+    after global-norm clipping at ``clip_norm`` (0 disables). Weight decay skips 1-D parameters
+    (norms, biases). ``mu_dtype``: dtype of Adam's first moment (``float32`` keeps it exact)."""
+
+    lr: float = 1e-6
+    warmup_steps: int = 10
+    total_steps: int = 1000
+    schedule: Literal["cosine", "constant"] = "cosine"
+    end_lr_ratio: float = 0.0
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    clip_norm: float = 1.0
+    mu_dtype: Dtype = "float32"
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """One optimiser step sees ``batch_size`` prompts (each with ``num_responses`` responses of
+    ``seq_len`` tokens), split into ``micro_batches`` accumulated with ``lax.scan``.
+
+    ``reference``: ``batch`` reads ``ref_logps_BxK`` from the batch (iREPO computes them once per
+    round with :func:`repo_jax.training.step.make_reference_logprobs`); ``params`` runs a frozen
+    copy of the reference parameters held in the train state. ``compute_dtype`` casts the
+    float32 master parameters for the forward/backward (gradients and Adam stay float32).
+    A non-finite loss or gradient skips the update; ``max_nonfinite_in_a_row`` of them in a row
+    stops the run.
+    """
+
+    batch_size: int = 8
+    num_responses: int = 2
+    seq_len: int = 512
+    micro_batches: int = 1
+    steps: int = 1000
+    seed: int = 0
+    compute_dtype: Dtype = "float32"
+    reference: Literal["batch", "params"] = "batch"
+    logprob_chunk: int = 128
+    max_nonfinite_in_a_row: int = 5
+    log_every: int = 10
+    loss: LossConfig = LossConfig()
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointConfig:
+    """Orbax checkpoints under ``dir`` (default ``<run_dir>/checkpoints``) every ``every_steps``
+    steps, keeping the newest ``keep``; saves run in the background when ``async_save``."""
+
+    dir: str = ""
+    every_steps: int = 100
+    keep: int = 3
+    async_save: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    """Top level of a training YAML (see the module docstring for extending it)."""
+
+    run_dir: str = "runs/default"
+    model: ModelSection = ModelSection()
+    mesh: MeshConfig = MeshConfig()
+    train: TrainConfig = TrainConfig()
+    optim: OptimConfig = OptimConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+
+    @property
+    def checkpoint_dir(self) -> str:
+        return self.checkpoint.dir or f"{self.run_dir}/checkpoints"

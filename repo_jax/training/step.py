@@ -1,0 +1,240 @@
+"""The jitted train step and the reference log-prob pass: pure functions of the train state.
+
+``train_step(state, batch) -> (state, metrics)``:
+  1. split the batch into ``train.micro_batches`` (strided, so no data moves) and ``lax.scan``
+     over them, accumulating float32 gradients and metric sums;
+  2. per micro-batch: merge the graphdef with the (optionally bf16-cast) parameters, run the
+     model on the ``B * K`` flattened rows to final hidden states, then a ``shard_map`` over the
+     batch axes computes each device's rows' sequence log-probs with the chunked kernel
+     (``repo_jax.logprobs``), the log-ratios, the registered loss and the metric sums, and
+     ``psum``s them: the masked mean is (global loss sum) / (global example count);
+  3. clip + AdamW; a non-finite loss or gradient norm keeps the old parameters and optimiser
+     state and bumps the non-finite counters instead (the host aborts via
+     :func:`check_finite`).
+
+Dimension letters: B prompts, K responses, R = B * K rows, T tokens, D model, V vocab.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax import P
+
+from repo_jax import logprobs
+from repo_jax import sharding as shd
+from repo_jax.training import batch as bt
+from repo_jax.training import objectives
+from repo_jax.training.config import RunConfig, TrainConfig
+from repo_jax.training.optim import make_optimizer, schedule
+
+
+class NonFiniteError(FloatingPointError):
+    """Too many consecutive steps with a non-finite loss or gradient."""
+
+
+def check_finite(metrics: Mapping[str, Any], max_in_a_row: int) -> None:
+    """Host-side guard: raises once ``max_in_a_row`` consecutive steps were skipped."""
+    n = int(metrics["nonfinite_in_a_row"])
+    if max_in_a_row > 0 and n >= max_in_a_row:
+        raise NonFiniteError(
+            f"{n} train steps in a row had a non-finite loss or gradient (last loss={float(metrics['loss'])}, "
+            f"grad_norm={float(metrics['grad_norm'])}); stopping as train.max_nonfinite_in_a_row={max_in_a_row}"
+        )
+
+
+def _cast_floats(tree, dtype):
+    if dtype is None:
+        return tree
+    return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
+
+
+def _hidden_and_unembedding(graphdef, params, buffers, batch, compute_dtype):
+    """Model forward on the ``R = B * K`` rows: ``(h_RxTxD, w_DxV, b_V or None)``."""
+    states = [_cast_floats(params, compute_dtype)] + ([] if buffers is None else [buffers])
+    model = nnx.merge(graphdef, *states)
+    r = bt.rows(batch)
+    h_RxTxD = model.hidden_states(r["input_ids_RxT"], r.get("positions_RxT"), r.get("attention_mask_RxT"))
+    w_DxV, b_V = model.unembedding()
+    return h_RxTxD, w_DxV, b_V
+
+
+def _local_logps(h_RxTxD, w_DxV, b_V, ids_RxT, mask_RxT, chunk):
+    """This device's rows: ``hidden[:, :-1]`` predicts ``ids[:, 1:]``, summed over response tokens."""
+    return logprobs.sequence_logprobs(h_RxTxD[:, :-1], w_DxV, ids_RxT[:, 1:], mask_RxT[:, 1:], b_V, chunk_size=chunk)
+
+
+def _per_device(mesh, fn, in_specs, out_specs):
+    # check_vma=False: the chunked kernel's custom_vjp accumulates dW in a device-invariant scan
+    # carry; with it off, shard_map still psums the cotangent of the replicated unembedding.
+    return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)
+
+
+def sequence_logps(h_RxTxD, w_DxV, b_V, ids_RxT, mask_RxT, *, mesh, chunk: int) -> jax.Array:
+    """Per-row log-probs ``[R]``, each device computing its own rows (sharded over batch axes)."""
+    ba = shd.batch_axes(mesh)
+    fn = lambda h, w, b, i, m: _local_logps(h, w, b, i, m, chunk)
+    return _per_device(mesh, fn, (P(ba), P(), P(), P(ba), P(ba)), P(ba))(h_RxTxD, w_DxV, b_V, ids_RxT, mask_RxT)
+
+
+def loss_sums(h_RxTxD, w_DxV, b_V, batch, ref_logps_BxK, *, mesh, train: TrainConfig) -> dict[str, jax.Array]:
+    """Globally summed loss and metric sums of one micro-batch (see ``objectives.metric_sums``)."""
+    ba = shd.batch_axes(mesh)
+    objective = objectives.get(train.loss.name)
+    fields = {k: v for k, v in batch.items() if k not in ("input_ids_BxKxT", "loss_mask_BxKxT")}
+
+    def local(h, w, b, ids_BxKxT, mask_BxKxT, ref_BxK, fields):
+        bl, k, t = ids_BxKxT.shape
+        logps_R = _local_logps(h, w, b, ids_BxKxT.reshape(bl * k, t), mask_BxKxT.reshape(bl * k, t), train.logprob_chunk)
+        rho_BxK = logps_R.reshape(bl, k) - ref_BxK
+        local_batch = {"input_ids_BxKxT": ids_BxKxT, **fields}
+        sums = objectives.metric_sums(objective, rho_BxK, local_batch, train.loss, bt.example_mask(local_batch))
+        return jax.lax.psum(sums, ba)
+
+    specs = (P(ba), P(), P(), P(ba), P(ba), P(ba), P(ba))
+    return _per_device(mesh, local, specs, P())(
+        h_RxTxD, w_DxV, b_V, batch["input_ids_BxKxT"], batch["loss_mask_BxKxT"], ref_logps_BxK, fields
+    )
+
+
+def _ref_logps(graphdef, ref_params, buffers, batch, *, mesh, train: TrainConfig):
+    if train.reference == "batch":
+        if "ref_logps_BxK" not in batch:
+            raise KeyError("batch field 'ref_logps_BxK' is missing (train.reference='batch'); "
+                           "compute it with make_reference_logprobs or set train.reference='params'")
+        return batch["ref_logps_BxK"].astype(jnp.float32)
+    if ref_params is None:
+        raise ValueError("train.reference='params' but the train state holds no ref_params")
+    h, w, b = _hidden_and_unembedding(graphdef, ref_params, buffers, batch, _dtype(train.compute_dtype))
+    ids, mask = batch["input_ids_BxKxT"], batch["loss_mask_BxKxT"]
+    bsz, k, t = ids.shape
+    logps_R = sequence_logps(h, w, b, ids.reshape(-1, t), mask.reshape(-1, t), mesh=mesh, chunk=train.logprob_chunk)
+    return jax.lax.stop_gradient(logps_R.reshape(bsz, k))
+
+
+def _dtype(name: str):
+    return None if name == "float32" else jnp.dtype(name)
+
+
+def train_step_fn(graphdef, cfg: RunConfig, mesh, param_shardings) -> Callable:
+    """The pure (un-jitted) ``(state, batch) -> (state, metrics)``."""
+    train = cfg.train
+    tx, lr_at = make_optimizer(cfg.optim), schedule(cfg.optim)
+    objective = objectives.get(train.loss.name)
+    compute_dtype = _dtype(train.compute_dtype)
+
+    def micro_loss(params, state, mb, total):
+        ref_BxK = _ref_logps(graphdef, state.ref_params, state.buffers, mb, mesh=mesh, train=train)
+        h, w, b = _hidden_and_unembedding(graphdef, params, state.buffers, mb, compute_dtype)
+        sums = loss_sums(h, w, b, mb, ref_BxK, mesh=mesh, train=train)
+        return sums["loss_sum"] / total, sums
+
+    grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
+
+    def step(state, batch):
+        if objective.pairwise and batch["input_ids_BxKxT"].shape[1] != 2:
+            raise ValueError(f"train.loss.name={train.loss.name!r} is pairwise: input_ids_BxKxT needs K=2")
+        total = jnp.maximum(jnp.sum(bt.example_mask(batch).astype(jnp.float32)), 1.0)
+        m = train.micro_batches
+        if m == 1:
+            (_, sums), grads = grad_fn(state.params, state, batch, total)
+        else:
+            micro = bt.split_micro(batch, m)
+            micro = jax.lax.with_sharding_constraint(micro, jax.NamedSharding(mesh, P(None, shd.batch_axes(mesh))))
+            zero_g = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
+            zero_s = jax.tree.map(
+                lambda s: jnp.zeros(s.shape, s.dtype),
+                jax.eval_shape(lambda: grad_fn(state.params, state, jax.tree.map(lambda x: x[0], micro), total)[0][1]),
+            )
+
+            def body(carry, mb):
+                g_acc, s_acc = carry
+                (_, sums), g = grad_fn(state.params, state, mb, total)
+                g_acc = jax.tree.map(lambda a, x: a + x.astype(jnp.float32), g_acc, g)
+                g_acc = jax.lax.with_sharding_constraint(g_acc, param_shardings)
+                return (g_acc, jax.tree.map(jnp.add, s_acc, sums)), None
+
+            (grads, sums), _ = jax.lax.scan(body, (zero_g, zero_s), micro)
+            grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, state.params)
+        metrics = objectives.finalize(sums)
+        grad_norm = optax.global_norm(grads)
+        ok = jnp.isfinite(sums["loss_sum"]) & jnp.isfinite(grad_norm)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
+        bad = (~ok).astype(jnp.int32)
+        new_state = state.replace(
+            step=state.step + ok.astype(jnp.int32),
+            params=keep(params, state.params),
+            opt_state=keep(opt_state, state.opt_state),
+            nonfinite_in_a_row=jnp.where(ok, 0, state.nonfinite_in_a_row + 1),
+            nonfinite_total=state.nonfinite_total + bad,
+        )
+        metrics.update(
+            grad_norm=grad_norm,
+            lr=lr_at(state.step),
+            skipped=bad,
+            nonfinite_in_a_row=new_state.nonfinite_in_a_row,
+            nonfinite_total=new_state.nonfinite_total,
+            step=new_state.step,
+        )
+        return new_state, metrics
+
+    return step
+
+
+@dataclasses.dataclass(frozen=True)
+class Jitted:
+    """A jitted function that runs under the mesh and rules it was built for (the models'
+    activation constraints read both at trace time). ``lower`` is for planning."""
+
+    fn: Callable
+    mesh: jax.sharding.Mesh
+    rules: shd.Rules
+
+    def __call__(self, *args):
+        with jax.set_mesh(self.mesh), shd.use_rules(self.rules):
+            return self.fn(*args)
+
+    def lower(self, *args):
+        with jax.set_mesh(self.mesh), shd.use_rules(self.rules):
+            return self.fn.lower(*args)
+
+
+def make_train_step(graphdef, cfg: RunConfig, mesh, state_shardings, rules=shd.TRAIN_RULES) -> Jitted:
+    """``train_step(state, batch) -> (state, metrics)`` jitted with explicit shardings; ``state``
+    is donated (its buffers are reused for the new state)."""
+    fn = train_step_fn(graphdef, cfg, mesh, state_shardings.params)
+    jitted = jax.jit(
+        fn,
+        in_shardings=(state_shardings, shd.batch_sharding(mesh)),
+        out_shardings=(state_shardings, shd.replicated(mesh)),
+        donate_argnames=("state",),
+    )
+    return Jitted(jitted, mesh, rules)
+
+
+def make_reference_logprobs(graphdef, train: TrainConfig, mesh, param_shardings, rules=shd.TRAIN_RULES) -> Jitted:
+    """``reference_logprobs(params, batch) -> ref_logps_BxK`` (float32, sharded like the batch).
+
+    iREPO calls it once per round with the round's starting policy, and stores the result in
+    the batches as ``ref_logps_BxK`` (``train.reference = batch``): the reference model never
+    sits in memory during training.
+    """
+    compute_dtype = _dtype(train.compute_dtype)
+
+    def fn(params, batch):
+        ids, mask = batch["input_ids_BxKxT"], batch["loss_mask_BxKxT"]
+        bsz, k, t = ids.shape
+        h, w, b = _hidden_and_unembedding(graphdef, params, None, batch, compute_dtype)
+        logps_R = sequence_logps(h, w, b, ids.reshape(-1, t), mask.reshape(-1, t), mesh=mesh, chunk=train.logprob_chunk)
+        return logps_R.reshape(bsz, k)
+
+    jitted = jax.jit(fn, in_shardings=(param_shardings, shd.batch_sharding(mesh)), out_shardings=shd.batch_sharding(mesh))
+    return Jitted(jitted, mesh, rules)
