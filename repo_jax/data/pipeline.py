@@ -1,0 +1,162 @@
+"""Grain pipelines: checked examples -> global shuffle per epoch -> this host's share ->
+tokenise -> padded batches, with an iterator whose state can be saved and restored.
+
+Order of operations (a ``grain.MapDataset``, so every batch is addressable by its index)::
+
+    range(N_pad) -> shuffle(seed), reshuffled every epoch -> repeat(num_epochs)
+      -> [shard_index::shard_count] -> encode (chat template, truncation) -> batch + pad
+
+``N_pad`` rounds the number of examples up to a multiple of ``shard_count``; indices past the
+end are masked padding rows, so every host yields the same number of batches (a multi-host
+train step would otherwise hang) and no example is dropped. The last batch of the run is filled
+with masked rows for the same reason. The iterator (``Pipeline.iterator()``) is a
+``grain.DatasetIterator``: ``get_state()`` is a small JSON-able dict, ``set_state`` resumes at
+exactly the next unseen batch, and Orbax saves it through ``grain.checkpoint.CheckpointSave``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+from typing import Literal
+
+import grain
+import numpy as np
+
+from repo_jax.data.config import DataConfig
+from repo_jax.data.sources import DataError
+from repo_jax.data.tokenize import Formatter, collate_prompts, collate_responses, default_buckets, plain_prompt, truncate
+from repo_jax.data.validate import LoadReport, load_examples
+
+Kind = Literal["prompt", "pair", "list"]
+
+
+def _features():
+    import datasets
+
+    msg = {"role": datasets.Value("string"), "content": datasets.Value("string")}
+    return datasets.Features({
+        "prompt": datasets.List(msg), "responses": datasets.List(datasets.Value("string")),
+        "scores": datasets.List(datasets.Value("float64")), "pref": datasets.Value("float64"),
+        "source": datasets.Value("string"), "line": datasets.Value("int64"),
+    })
+
+
+def check_kind(examples: list[dict], kind: Kind) -> None:
+    """Every example must fit the batches a program asks for; the error names the first row that
+    does not (e.g. a listwise file given to a pairwise trainer)."""
+    for ex in examples:
+        if kind == "pair" and (len(ex["responses"]) != 2 or ex["pref"] is None):
+            raise DataError(f"{ex['source']}:{ex['line']}: this program needs pairs (chosen/rejected, or response_a/"
+                            f"response_b with pref) but the row has {len(ex['responses'])} responses and no preference")
+        if kind == "list" and not ex["scores"]:
+            raise DataError(f"{ex['source']}:{ex['line']}: this program needs scored responses but the row has no "
+                            "scores")
+
+
+@dataclasses.dataclass(frozen=True)
+class Encoder:
+    """Index -> encoded example (a picklable callable, so grain workers can run it)."""
+
+    examples: object  # datasets.Dataset
+    formatter: Formatter
+    max_prompt_len: int
+    max_response_len: int
+    with_responses: bool
+
+    def __call__(self, index: int) -> dict:
+        if index >= len(self.examples):
+            return {}  # padding slot (an empty dict, not None: grain treats None as filtered out)
+        ex = self.examples[int(index)]
+        prompt_ids, responses_ids = self.formatter.encode(ex["prompt"], ex["responses"] if self.with_responses else [])
+        prompt_ids, responses_ids = truncate(prompt_ids, responses_ids, max_prompt_len=self.max_prompt_len,
+                                             max_response_len=self.max_response_len)
+        return {"prompt_ids": prompt_ids, "response_ids": responses_ids, "scores": ex["scores"], "pref": ex["pref"],
+                "row": int(index), "prompt_text": plain_prompt(ex["prompt"])}
+
+
+@dataclasses.dataclass(frozen=True)
+class Pipeline:
+    """A built pipeline: ``batches`` (a ``grain.MapDataset`` of batch dicts), the checked
+    ``examples`` (a ``datasets.Dataset``; ``row_B`` in a batch indexes it), the load ``report``,
+    and the static shape facts a program needs."""
+
+    cfg: DataConfig
+    kind: str
+    examples: object
+    report: LoadReport
+    batches: grain.MapDataset
+    num_responses: int
+    buckets: tuple[int, ...]
+    batches_per_epoch: float
+
+    def iterator(self) -> grain.DatasetIterator:
+        """A fresh iterator from the first batch; ``set_state`` on it resumes a saved run."""
+        ds = self.batches.to_iter_dataset()
+        if self.cfg.worker_count > 0:
+            ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=self.cfg.worker_count))
+        return iter(ds)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+def host_shard(cfg: DataConfig) -> tuple[int, int]:
+    """``(shard_index, shard_count)`` from the config, else from the JAX process."""
+    if cfg.shard_count is not None:
+        return cfg.shard_index, cfg.shard_count
+    import jax
+
+    return jax.process_index(), jax.process_count()
+
+
+def make_pipeline(cfg: DataConfig, tokenizer, *, kind: Kind, run_dir=None,
+                  log: Callable[[str], None] | None = print) -> Pipeline:
+    """Loads and checks ``cfg.path`` (rejects to ``run_dir/rejects.jsonl``) and builds batches.
+
+    ``kind``: ``prompt`` (left-padded prompts for sampling, see ``collate_prompts``), ``pair``
+    (K = 2, ``pref_B`` = P(response 0 beats response 1)) or ``list`` (K = ``data.num_responses``
+    or the most in the data, ``scores_BxK`` and ``list_mask_BxK``); layouts in
+    :mod:`repo_jax.data.tokenize`.
+    """
+    import datasets
+
+    examples, report = load_examples(cfg, tokenizer=tokenizer, run_dir=run_dir, log=log)
+    check_kind(examples, kind)
+    k = 0 if kind == "prompt" else 2 if kind == "pair" else cfg.num_responses or max(len(e["responses"]) for e in examples)
+    table = datasets.Dataset.from_list(examples, features=_features())
+    del examples
+    buckets = tuple(sorted(cfg.length_buckets)) or default_buckets(
+        cfg.max_prompt_len + (0 if kind == "prompt" else cfg.max_response_len))
+    index, count = host_shard(cfg)
+    n_pad = math.ceil(len(table) / count) * count
+    ds = grain.MapDataset.range(n_pad)
+    if cfg.shuffle:
+        ds = ds.shuffle(seed=cfg.seed)
+    ds = ds.repeat(cfg.num_epochs or None)[index::count]
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    ds = ds.map(Encoder(table, Formatter(tokenizer, chat_template=cfg.chat_template), cfg.max_prompt_len,
+                        cfg.max_response_len, with_responses=kind != "prompt"))
+    if kind == "prompt":
+        collate = _Collate(collate_prompts, dict(batch_size=cfg.batch_size, buckets=buckets, pad_id=pad_id))
+    else:
+        collate = _Collate(collate_responses, dict(batch_size=cfg.batch_size, num_responses=k, buckets=buckets,
+                                                   pad_id=pad_id))
+    batches = ds.batch(cfg.batch_size, drop_remainder=False, batch_fn=collate)
+    return Pipeline(cfg, kind, table, report, batches, k, buckets, n_pad / count / cfg.batch_size)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Collate:
+    fn: Callable
+    kwargs: dict
+
+    def __call__(self, items):
+        return self.fn(list(items), **self.kwargs)
+
+
+def batch_arrays(batch: dict) -> dict[str, np.ndarray]:
+    """The numeric arrays of a batch (drops the object-typed ``prompt_text_B``), ready for
+    ``jax.device_put``."""
+    return {k: v for k, v in batch.items() if v.dtype != object}
