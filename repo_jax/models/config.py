@@ -186,7 +186,7 @@ def from_gguf_fields(fields: dict[str, Any], *, n_vocab: int, tied: bool, where:
         num_kv_heads=int(get("attention.head_count_kv", heads)),
         head_dim=int(get("rope.dimension_count", d // heads)),
         rope_theta=float(get("rope.freq_base", 10000.0)),
-        norm_eps=float(get("attention.layer_norm_rms_epsilon")),
+        norm_eps=float(f'{float(get("attention.layer_norm_rms_epsilon")):.7g}'),  # stored as float32
         tie_word_embeddings=tied,
         max_position_embeddings=int(get("context_length", 2048)),
         bos_token_id=fields.get("tokenizer.ggml.bos_token_id"),
