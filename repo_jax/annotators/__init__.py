@@ -1,0 +1,27 @@
+"""Annotators: judge the D responses of each prompt and return pairwise preferences.
+
+* :mod:`~repo_jax.annotators.base`          the ``Annotator`` protocol, score- and pair-based
+  bases with per-round caches, Bradley-Terry probabilities from scores
+* :mod:`~repo_jax.annotators.rules`         verifiable scorers (numeric answer, regex, length)
+* :mod:`~repo_jax.annotators.reward_model`  JAX model + score head; transformers reward models
+* :mod:`~repo_jax.annotators.judge`         LLM judge read from the logits of "A" vs "B"
+* :mod:`~repo_jax.annotators.panel`         panels -> count matrices; simulated noisy raters
+
+Typical round (the iREPO host loop)::
+
+    panel.reset()
+    counts_PxDxD = panel.counts(prompts_P, responses_PxD)
+    strengths_PxD = repo_jax.preferences.zermelo(counts_PxDxD, pseudo_count=0.5)
+"""
+
+from repo_jax.annotators.base import Annotator, PairwiseAnnotator, ScoreAnnotator, bt_probs
+from repo_jax.annotators.judge import DEFAULT_TEMPLATE, LLMJudge
+from repo_jax.annotators.panel import Panel, SimulatedAnnotator, simulated_panel
+from repo_jax.annotators.reward_model import HFRewardModel, JaxRewardModel, ScoreHead
+from repo_jax.annotators.rules import ExactNumber, LengthBudget, RegexMatch, RuleAnnotator, Weighted, extract_number
+
+__all__ = [
+    "DEFAULT_TEMPLATE", "Annotator", "ExactNumber", "HFRewardModel", "JaxRewardModel", "LLMJudge", "LengthBudget",
+    "PairwiseAnnotator", "Panel", "RegexMatch", "RuleAnnotator", "ScoreAnnotator", "ScoreHead", "SimulatedAnnotator",
+    "Weighted", "bt_probs", "extract_number", "simulated_panel",
+]

@@ -1,0 +1,87 @@
+"""Panels of ``H`` annotators, and a simulated noisy human panel.
+
+:class:`Panel` asks each member for its ``[P, D, D]`` judgements and sums them with
+:func:`repo_jax.preferences.counts_from_probs` into the counts ``n_ij`` (``n_ij + n_ji = H``)
+that :func:`repo_jax.preferences.zermelo` fits.
+
+:class:`SimulatedAnnotator` stands in for a human rater with a known latent reward ``r`` and a
+personal bias: it votes ``i`` (shown first) over ``j`` with probability
+``sigmoid(scale * (r_i - r_j) + bias)``, a Bradley-Terry judge with position bias. Its randomness
+is a pure function of ``(seed, prompt, response_i, response_j)``, so a panel's votes do not depend
+on call order or batching, and a run resumed from a checkpoint re-draws exactly the same votes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+from repo_jax.annotators.base import Annotator, PairwiseAnnotator
+
+
+class Panel:
+    """``H`` annotators judging the same responses."""
+
+    def __init__(self, annotators: Sequence[Annotator]):
+        if not annotators:
+            raise ValueError("a panel needs at least one annotator")
+        self.annotators = list(annotators)
+
+    def __len__(self) -> int:
+        return len(self.annotators)
+
+    @property
+    def names(self) -> list[str]:
+        return [a.name for a in self.annotators]
+
+    def probs(self, prompts: Sequence[str], responses: Sequence[Sequence[str]]) -> np.ndarray:
+        """``[H, P, D, D]``: member ``h``'s probability (or vote) that ``i`` beats ``j``."""
+        return np.stack([np.asarray(a(prompts, responses), np.float32) for a in self.annotators])
+
+    def counts(self, prompts: Sequence[str], responses: Sequence[Sequence[str]]) -> np.ndarray:
+        """``counts_PxDxD`` for :func:`repo_jax.preferences.zermelo`."""
+        from repo_jax.preferences import counts_from_probs
+
+        return np.asarray(counts_from_probs(self.probs(prompts, responses)))
+
+    def reset(self) -> None:
+        for a in self.annotators:
+            a.reset()
+
+
+def _uniform(*parts: object) -> float:
+    """A uniform [0, 1) number determined by ``parts`` (stable across runs and processes)."""
+    h = hashlib.blake2b("\x1f".join(map(str, parts)).encode(), digest_size=8).digest()
+    return int.from_bytes(h, "little") / 2.0**64
+
+
+class SimulatedAnnotator(PairwiseAnnotator):
+    """A noisy rater with latent reward ``reward(prompt, response)`` and position ``bias``.
+
+    Votes are hard (0/1) unless ``soft=True``, which returns the vote probability itself.
+    """
+
+    name = "simulated"
+
+    def __init__(self, reward: Callable[[str, str], float], *, bias: float = 0.0, scale: float = 1.0, seed: int = 0,
+                 soft: bool = False, name: str | None = None):
+        super().__init__(name=name)
+        self.reward, self.bias, self.scale, self.seed, self.soft = reward, float(bias), float(scale), int(seed), soft
+
+    def judge_pairs(self, prompts: Sequence[str], first: Sequence[str], second: Sequence[str]) -> list[float]:
+        out = []
+        for p, a, b in zip(prompts, first, second):
+            z = self.scale * (self.reward(p, a) - self.reward(p, b)) + self.bias
+            prob = 1.0 / (1.0 + np.exp(-z))
+            out.append(prob if self.soft else float(_uniform(self.seed, p, a, b) < prob))
+        return out
+
+
+def simulated_panel(reward: Callable[[str, str], float], num_annotators: int, *, bias_std: float = 0.5,
+                    scale: float = 1.0, seed: int = 0, soft: bool = False) -> list[SimulatedAnnotator]:
+    """``num_annotators`` simulated raters with biases drawn from ``N(0, bias_std^2)`` (seeded)."""
+    biases = np.random.default_rng(seed).normal(0.0, bias_std, num_annotators)
+    return [SimulatedAnnotator(reward, bias=float(b), scale=scale, seed=seed * 100_003 + k, soft=soft,
+                               name=f"simulated{k}") for k, b in enumerate(biases)]
