@@ -273,3 +273,25 @@ def test_host_shards_are_disjoint_and_equal_length(tmp_path, tok):
     assert len({len(s) for s in shards}) == 1  # every host runs the same number of steps
     rows = [sum((_rows(b) for b in s), []) for s in shards]
     assert sorted(sum(rows, [])) == list(range(7))
+
+
+def test_resolve_local_folders_globs_and_hub_names(tmp_path):
+    from repo_jax.data import sources
+
+    assert sources.resolve("HuggingFaceH4/ultrafeedback_binarized") == [("HuggingFaceH4/ultrafeedback_binarized", "hub")]
+    with pytest.raises(DataError, match="does not exist"):
+        sources.resolve("./missing/rows.jsonl")
+    for name in ("b.jsonl", "a.parquet", "notes.txt"):
+        (tmp_path / name).write_text("")
+    assert sources.resolve(str(tmp_path)) == [(str(tmp_path / "a.parquet"), "parquet"), (str(tmp_path / "b.jsonl"), "jsonl")]
+    assert sources.resolve(str(tmp_path / "*.jsonl")) == [(str(tmp_path / "b.jsonl"), "jsonl")]
+
+
+def test_hh_transcripts_without_chat_template(tmp_path, tok):
+    path = _jsonl(tmp_path / "hh.jsonl", [HH_ROW])
+    p = make_pipeline(_cfg(path, batch_size=1, chat_template=False), tok, kind="pair", log=None)
+    b = p.batches[0]
+    text = tok.decode(b["input_ids_BxKxT"][0, 1][b["attention_mask_BxKxT"][0, 1] == 1])
+    assert text == HH_ROW["rejected"] + tok.eos_token
+    targets = b["input_ids_BxKxT"][0, 1, 1:][b["loss_mask_BxKxT"][0, 1, :-1] == 1]
+    assert tok.decode(targets) == " No, 5." + tok.eos_token

@@ -80,7 +80,8 @@ class Encoder:
 class Pipeline:
     """A built pipeline: ``batches`` (a ``grain.MapDataset`` of batch dicts), the checked
     ``examples`` (a ``datasets.Dataset``; ``row_B`` in a batch indexes it), the load ``report``,
-    and the static shape facts a program needs."""
+    and the static shape facts a program needs (``batches_per_epoch`` on this host is fractional
+    when batches straddle epochs)."""
 
     cfg: DataConfig
     kind: str
@@ -95,6 +96,10 @@ class Pipeline:
         """A fresh iterator from the first batch; ``set_state`` on it resumes a saved run."""
         ds = self.batches.to_iter_dataset()
         if self.cfg.worker_count > 0:
+            from absl import flags
+
+            if not flags.FLAGS.is_parsed():  # grain's workers read absl flags; take their defaults
+                flags.FLAGS.mark_as_parsed()
             ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=self.cfg.worker_count))
         return iter(ds)
 
@@ -127,8 +132,11 @@ def make_pipeline(cfg: DataConfig, tokenizer, *, kind: Kind, run_dir=None,
     k = 0 if kind == "prompt" else 2 if kind == "pair" else cfg.num_responses or max(len(e["responses"]) for e in examples)
     table = datasets.Dataset.from_list(examples, features=_features())
     del examples
-    buckets = tuple(sorted(cfg.length_buckets)) or default_buckets(
-        cfg.max_prompt_len + (0 if kind == "prompt" else cfg.max_response_len))
+    longest = cfg.max_prompt_len + (0 if kind == "prompt" else cfg.max_response_len)
+    buckets = tuple(sorted(cfg.length_buckets)) or default_buckets(longest)
+    if buckets[-1] < longest:
+        raise ValueError(f"data.length_buckets tops out at {buckets[-1]}, below the longest sequence {longest} "
+                         "(max_prompt_len + max_response_len); add a bucket of at least that length")
     index, count = host_shard(cfg)
     n_pad = math.ceil(len(table) / count) * count
     ds = grain.MapDataset.range(n_pad)
