@@ -332,16 +332,7 @@ def _batch_multiple(mesh) -> int:
 
 def param_shardings(state, mesh, rules=shd.SAMPLE_RULES):
     """NamedShardings for a model state from its parameters' logical axis names (sampling layout)."""
-
-    def one(x):
-        names = None
-        if isinstance(x, nnx.Variable):
-            names = x.get_metadata().get("out_sharding") or x.get_metadata().get("sharding")
-        spec = shd.logical_to_pspec(names, rules) if names else jax.P()
-        spec = jax.P(*(shd._only_axes_in(mesh, s) for s in spec))
-        return jax.NamedSharding(mesh, spec)
-
-    return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+    return shd.state_shardings(state, mesh, rules)
 
 
 def sample(

@@ -64,13 +64,6 @@ def _check(source, cfg: ModelConfig, where: str) -> None:
             raise ValueError(f"{where}: tensor {name} has shape {got}, the config implies {tuple(shape)}")
 
 
-def _sharding(names, mesh, rules):
-    if mesh is None:
-        return jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    spec = shd.logical_to_pspec(names, rules)
-    return jax.NamedSharding(mesh, jax.P(*(shd._only_axes_in(mesh, s) for s in spec)))
-
-
 def _place(source, spec: ParamSpec, stacked_layers: int | None, dtype, sharding):
     """One parameter as a (possibly sharded) jax.Array, reading only the slices each device holds."""
     np_dtype = np.dtype(dtype)
@@ -123,7 +116,8 @@ def from_pretrained(path, *, dtype=jnp.float32, compute_dtype=None, mesh=None, r
     placed = []
     for (group, name), var in nnx.to_flat_state(abs_state):
         spec, stacked = (layer[name], cfg.num_layers) if group == "layers" else (top[name], None)
-        sharding = _sharding(var.get_metadata()["out_sharding"], mesh, rules)
+        sharding = (jax.sharding.SingleDeviceSharding(jax.devices()[0]) if mesh is None
+                    else shd.logical_sharding(var.get_metadata()["out_sharding"], var.shape, mesh, rules))
         placed.append(((group, name), var.replace(_place(source, spec, stacked, dt, sharding))))
     return nnx.merge(graphdef, nnx.from_flat_state(placed))
 
