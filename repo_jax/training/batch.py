@@ -1,23 +1,25 @@
 """The training batch: one dict of arrays, every leaf with the prompt batch ``B`` first.
 
-This module is the one place the field names are defined (the data pipeline produces them,
-the train step consumes them). ``K`` responses per prompt (2 for pairwise losses), ``T`` tokens
-per response row (prompt + response, right-padded).
+The field names are shared with the data pipeline (``repo_jax.data.tokenize.collate_responses``
+produces exactly these); this module is where the train step's side of the contract lives.
+``K`` responses per prompt (2 for pairwise losses), ``T`` tokens per row (prompt + response,
+right-padded to a length bucket).
 
 Always present:
-  ``input_ids_BxKxT``    int32   prompt + response tokens of each row.
-  ``loss_mask_BxKxT``    bool    True on response tokens (aligned with ``input_ids``: the
-                                 log-prob of token ``t`` is read from position ``t - 1``).
+  ``input_ids_BxKxT``      int32   prompt | response | pad tokens of each row.
+  ``loss_mask_BxKxT``      int32   1 iff token ``t + 1`` is a response token (aligned with the
+                                   *targets*: hidden ``t`` predicts token ``t + 1``; the last
+                                   column is 0), as in ``repo_jax.logprobs``.
 Optional:
-  ``positions_BxKxT``    int32   RoPE positions (default: the model's own, ``arange``).
-  ``attention_mask_BxKxT`` int32 1 on real tokens, 0 on padding (default: all 1).
-  ``example_mask_B``     bool    False on padding prompts (excluded from every mean).
-  ``ref_logps_BxK``      float32 reference log-probs (``train.reference = batch``).
+  ``attention_mask_BxKxT`` int32   1 on real tokens, 0 on padding (default: all 1).
+  ``positions_BxKxT``      int32   RoPE positions (default: the model's own from the mask).
+  ``example_mask_B``       bool    False on padding prompts (excluded from every mean).
+  ``ref_logps_BxK``        float32 reference log-probs (``train.reference = batch``).
+  ``row_B``                int32   the example's row in the data (carried, never used here).
 Per loss (see ``objectives.LOSSES``):
-  ``pref_B``             float32 P(response 0 beats response 1): iREPO, soft DPO.
-  ``scores_BxK``         float32 explicit rewards: LPO, InfoNCA.
-  ``list_mask_BxK``      bool    present responses of a ragged list: LPO, InfoNCA
-                                 (default: all present).
+  ``pref_B``               float32 P(response 0 beats response 1): iREPO, soft DPO.
+  ``scores_BxK``           float32 explicit rewards: LPO, InfoNCA.
+  ``list_mask_BxK``        bool    present responses of a ragged list (default: all present).
 Pairwise DPO/IPO put the chosen response at ``k = 0``, the rejected at ``k = 1``.
 Datasets with separate ``a``/``b`` fields go through :func:`stack_pair`.
 """
@@ -33,11 +35,12 @@ import numpy as np
 
 Batch = dict[str, Any]
 
+HOST_ONLY = ("prompt_text_B",)  # strings: never sent to devices
 TOKEN_FIELDS = ("input_ids_BxKxT", "loss_mask_BxKxT", "positions_BxKxT", "attention_mask_BxKxT")
 REQUIRED = ("input_ids_BxKxT", "loss_mask_BxKxT")
 DTYPES = {
     "input_ids_BxKxT": np.int32,
-    "loss_mask_BxKxT": np.bool_,
+    "loss_mask_BxKxT": np.int32,
     "positions_BxKxT": np.int32,
     "attention_mask_BxKxT": np.int32,
     "example_mask_B": np.bool_,
@@ -45,6 +48,7 @@ DTYPES = {
     "pref_B": np.float32,
     "scores_BxK": np.float32,
     "list_mask_BxK": np.bool_,
+    "row_B": np.int32,
 }
 
 
@@ -62,11 +66,13 @@ def validate(batch: Mapping[str, Any], *, needs: tuple[str, ...] = ()) -> tuple[
     for name in (*REQUIRED, *needs):
         if name not in batch:
             raise KeyError(f"batch field {name!r} is missing (fields present: {sorted(batch)})")
-    unknown = sorted(set(batch) - set(DTYPES))
+    unknown = sorted(set(batch) - set(DTYPES) - set(HOST_ONLY))
     if unknown:
         raise KeyError(f"unknown batch field {unknown[0]!r}; known fields: {sorted(DTYPES)}")
     b, k, t = np.shape(batch["input_ids_BxKxT"])
     for name, x in batch.items():
+        if name in HOST_ONLY:
+            continue
         want = shape_of(name, b, k, t)
         if tuple(np.shape(x)) != want:
             raise ValueError(f"batch field {name!r} has shape {tuple(np.shape(x))}, expected {want}")
@@ -74,8 +80,9 @@ def validate(batch: Mapping[str, Any], *, needs: tuple[str, ...] = ()) -> tuple[
 
 
 def cast(batch: Mapping[str, Any]) -> Batch:
-    """Numpy arrays with the canonical dtypes (host side, before :func:`sharding.global_batch`)."""
-    return {name: np.asarray(x, DTYPES[name]) for name, x in batch.items()}
+    """Numpy arrays with the canonical dtypes, host-only fields dropped (host side, before
+    :func:`repo_jax.sharding.global_batch`)."""
+    return {name: np.asarray(x, DTYPES[name]) for name, x in batch.items() if name not in HOST_ONLY}
 
 
 def abstract(fields: tuple[str, ...], b: int, k: int, t: int, sharding=None) -> Batch:

@@ -13,6 +13,7 @@ state, its shardings come from the logical names, and a ``jax.jit`` with those
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import flax.struct
@@ -78,7 +79,8 @@ def abstract_state(model_factory: Callable[[], nnx.Module], tx, train: TrainConf
     return graphdef, abstract
 
 
-def init_state(model_factory: Callable[[], nnx.Module], tx, train: TrainConfig, mesh, rules=shd.TRAIN_RULES):
+def init_state(model_factory: Callable[[], nnx.Module], tx, train: TrainConfig, mesh, rules=shd.TRAIN_RULES, *,
+               compiler_options: dict | None = None):
     """Random-init train state built directly in its shardings; returns ``(graphdef, state, shardings)``."""
     graphdef, abstract = abstract_state(model_factory, tx, train)
     shardings = shd.state_shardings(abstract, mesh, rules)
@@ -88,7 +90,7 @@ def init_state(model_factory: Callable[[], nnx.Module], tx, train: TrainConfig, 
         return create(params, buffers, tx, seed=train.seed, with_reference=train.reference == "params")
 
     with jax.set_mesh(mesh), shd.use_rules(rules):
-        state = jax.jit(build, out_shardings=shardings)()
+        state = jax.jit(build, out_shardings=shardings, compiler_options=compiler_options)()
     return graphdef, state, shardings
 
 
@@ -114,3 +116,32 @@ def state_from_model(model: nnx.Module, tx, train: TrainConfig, mesh, rules=shd.
         _, ref_params, _ = split_model(reference)
         state = state.replace(ref_params=jax.device_put(ref_params, shardings.ref_params))
     return graphdef, state, shardings
+
+
+def resolve_path(path: str) -> str:
+    """A relative path that does not exist from the working directory is tried from the
+    checkout's root (where ``configs/`` lives), so shipped configs work from anywhere."""
+    p = Path(path)
+    if p.is_absolute() or p.exists():
+        return path
+    alt = Path(__file__).resolve().parents[2] / p
+    return str(alt) if alt.exists() else path
+
+
+def model_config(section):
+    """The ``repo_jax.models.ModelConfig`` a run's ``model`` section describes."""
+    from repo_jax import models
+
+    if not section.config:
+        raise ValueError("model.config is empty: set it to an HF config.json, an HF folder or a .gguf file")
+    return models.load_config(
+        resolve_path(section.config), dtype=section.dtype, param_dtype=section.param_dtype, remat=section.remat, **section.overrides
+    )
+
+
+def model_factory(section, *, seed: int = 0) -> Callable[[], nnx.Module]:
+    """A zero-argument random-init builder (``nnx.eval_shape`` of it is the abstract model)."""
+    from repo_jax import models
+
+    cfg = model_config(section)
+    return lambda: models.build(cfg, seed=seed)

@@ -1,69 +1,59 @@
-"""A tiny stand-in language model with the models' training interface, for tests and planning.
-
-``hidden_states(ids, positions, mask) -> [B, T, D]``, ``unembedding() -> (w_DxV, b_V)``,
-``__call__ -> logits``; stacked layers with a leading ``layers`` axis, every parameter an
-``nnx.Param`` carrying logical axis names. It lets the training core be tested without the
-full model ports (it is not a faithful Llama: no RoPE, a plain causal attention).
-"""
+"""Helpers for tests and benchmarks: the tiny run config and random batches of each layout."""
 
 from __future__ import annotations
 
-import jax
-import jax.numpy as jnp
-from flax import nnx
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+
+from repo_jax import config as config_lib
+from repo_jax.training.config import RunConfig
+
+TINY_YAML = Path(__file__).resolve().parents[2] / "configs" / "tiny.yaml"
 
 
-def _param(init, key, shape, names, scale=1.0, dtype=jnp.float32):
-    return nnx.Param((init(key, shape) * scale).astype(dtype), eager_sharding=False, out_sharding=names)
+def tiny_config(*overrides: str) -> RunConfig:
+    """``configs/tiny.yaml`` with ``key.sub=value`` overrides."""
+    return config_lib.load(RunConfig, TINY_YAML, list(overrides))
 
 
-class TinyLM(nnx.Module):
-    def __init__(self, *, vocab=64, d=32, n=4, h=8, f=64, layers=2, bias=True, seed=0, param_dtype=jnp.float32):
-        r = nnx.Rngs(seed)
-        init = nnx.initializers.normal(1.0)
-        self.n, self.h = n, h
-        self.embed = _param(init, r.params(), (vocab, d), ("vocab", "embed"), 0.5, param_dtype)
-        self.wqkv = _param(init, r.params(), (layers, 3, d, n, h), ("layers", None, "embed", "q_heads", "head_dim"), d**-0.5, param_dtype)
-        self.wo = _param(init, r.params(), (layers, n, h, d), ("layers", "q_heads", "head_dim", "embed"), (n * h) ** -0.5, param_dtype)
-        self.w1 = _param(init, r.params(), (layers, d, f), ("layers", "embed", "mlp"), d**-0.5, param_dtype)
-        self.w2 = _param(init, r.params(), (layers, f, d), ("layers", "mlp", "embed"), f**-0.5, param_dtype)
-        self.norm = nnx.Param(jnp.ones((layers, 2, d), param_dtype), eager_sharding=False, out_sharding=("layers", None, "norm"))
-        self.final_norm = nnx.Param(jnp.ones((d,), param_dtype), eager_sharding=False, out_sharding=("norm",))
-        self.head = _param(init, r.params(), (d, vocab), ("embed", "vocab"), d**-0.5, param_dtype)
-        self.head_bias = nnx.Param(jnp.zeros((vocab,), param_dtype), eager_sharding=False, out_sharding=("vocab",)) if bias else None
+def random_batch(cfg: RunConfig, *, vocab: int, seed: int = 0, batch_size: int | None = None,
+                 num_responses: int | None = None, ref_logps: bool = True) -> dict[str, np.ndarray]:
+    """A batch in the layout of ``batch.py`` for ``cfg.train`` (prompt of varying length, then a
+    response, then padding), with ``pref_B``, ``scores_BxK`` and a ragged ``list_mask_BxK``."""
+    train = cfg.train
+    b = batch_size or train.batch_size
+    k = num_responses or train.num_responses
+    t = train.seq_len
+    r = np.random.default_rng(seed)
+    ids = r.integers(0, vocab, (b, k, t)).astype(np.int32)
+    attn = np.zeros((b, k, t), np.int32)
+    loss = np.zeros((b, k, t), np.int32)
+    for i in range(b):
+        p = int(r.integers(2, t // 2))
+        for j in range(k):
+            n = int(r.integers(p + 2, t + 1))
+            attn[i, j, :n] = 1
+            loss[i, j, p - 1 : n - 1] = 1
+            ids[i, j, n:] = 0
+    list_mask = np.ones((b, k), bool)
+    if k > 2:
+        list_mask[::2, -1] = False
+    out = {
+        "input_ids_BxKxT": ids,
+        "attention_mask_BxKxT": attn,
+        "positions_BxKxT": np.maximum(np.cumsum(attn, -1) - 1, 0).astype(np.int32),
+        "loss_mask_BxKxT": loss,
+        "pref_B": r.uniform(0.05, 0.95, b).astype(np.float32),
+        "scores_BxK": r.integers(1, 11, (b, k)).astype(np.float32),
+        "list_mask_BxK": list_mask,
+        "example_mask_B": np.ones((b,), bool),
+    }
+    if ref_logps:
+        out["ref_logps_BxK"] = (loss.sum(-1) * -np.log(vocab) + r.normal(0, 1, (b, k))).astype(np.float32)
+    return out
 
-    @staticmethod
-    def _rms(x, scale):
-        x32 = x.astype(jnp.float32)
-        return (x32 * jax.lax.rsqrt(jnp.mean(x32**2, -1, keepdims=True) + 1e-6) * scale).astype(x.dtype)
 
-    def hidden_states(self, input_ids_BxT, positions_BxT=None, attention_mask_BxT=None):
-        b, t = input_ids_BxT.shape
-        if attention_mask_BxT is None:
-            attention_mask_BxT = jnp.ones((b, t), jnp.int32)
-        x_BxTxD = self.embed[...][input_ids_BxT]
-        causal_TxS = jnp.tril(jnp.ones((t, t), bool))
-        allowed_BxTxS = causal_TxS[None] & (attention_mask_BxT[:, None, :] > 0)
-
-        def layer(x_BxTxD, p):
-            wqkv, wo, w1, w2, norm = p
-            hn = self._rms(x_BxTxD, norm[0])
-            q, k, v = (jnp.einsum("BTD,DNH->BTNH", hn, wqkv[i]) for i in range(3))
-            s_BxNxTxS = jnp.einsum("BTNH,BSNH->BNTS", q, k) / self.h**0.5
-            s_BxNxTxS = jnp.where(allowed_BxTxS[:, None], s_BxNxTxS.astype(jnp.float32), -1e30)
-            a = jax.nn.softmax(s_BxNxTxS, -1).astype(v.dtype)
-            x_BxTxD = x_BxTxD + jnp.einsum("BNTS,BSNH,NHD->BTD", a, v, wo)
-            hn = self._rms(x_BxTxD, norm[1])
-            return x_BxTxD + jax.nn.gelu(hn @ w1) @ w2, None
-
-        params = (self.wqkv[...], self.wo[...], self.w1[...], self.w2[...], self.norm[...])
-        x_BxTxD, _ = jax.lax.scan(layer, x_BxTxD, params)
-        return self._rms(x_BxTxD, self.final_norm[...])
-
-    def unembedding(self):
-        return self.head[...], None if self.head_bias is None else self.head_bias[...]
-
-    def __call__(self, input_ids_BxT, positions_BxT=None, attention_mask_BxT=None):
-        w, b = self.unembedding()
-        logits = jnp.einsum("BTD,DV->BTV", self.hidden_states(input_ids_BxT, positions_BxT, attention_mask_BxT), w)
-        return logits.astype(jnp.float32) + (0 if b is None else b.astype(jnp.float32))
+def replace(cfg: RunConfig, **sections) -> RunConfig:
+    return dataclasses.replace(cfg, **sections)
