@@ -49,7 +49,7 @@ class Checkpointer:
         self.directory = Path(directory).absolute()
         options = ocp.CheckpointManagerOptions(
             max_to_keep=cfg.keep,
-            save_interval_steps=cfg.every_steps,
+            save_interval_steps=1,  # the schedule is ours: see save()
             enable_async_checkpointing=cfg.async_save,
             create=True,
         )
@@ -68,7 +68,9 @@ class Checkpointer:
 
     def save(self, step: int, state: TrainState, *, loop: dict[str, Any] | None = None, data_iterator=None,
              force: bool = False) -> bool:
-        """Saves if ``step`` is due (every ``every_steps``) or ``force``; returns whether it did."""
+        """Saves if ``step`` is a multiple of ``every_steps`` or ``force``; returns whether it did."""
+        if not force and int(step) % self.cfg.every_steps:
+            return False
         items = {"state": ocp.args.StandardSave(state.replace(ref_params=None)), "loop": ocp.args.JsonSave(loop or {})}
         if state.ref_params is not None:
             items["reference"] = ocp.args.StandardSave(state.ref_params)
