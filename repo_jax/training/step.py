@@ -166,14 +166,20 @@ def train_step_fn(graphdef, cfg: RunConfig, mesh, param_shardings) -> Callable:
         metrics = objectives.finalize(sums)
         grad_norm = optax.tree.norm(grads)
         ok = jnp.isfinite(sums["loss_sum"]) & jnp.isfinite(grad_norm)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
+        def apply(grads, params, opt_state):
+            updates, opt_state = tx.update(grads, opt_state, params)
+            return optax.apply_updates(params, updates), opt_state
+
+        # a cond, not a select: the update can then be computed in place of the donated state
+        # (a select keeps both versions alive: +4 GiB per device for Mistral-7B on 8 devices)
+        params, opt_state = jax.lax.cond(
+            ok, apply, lambda g, p, o: (p, o), grads, state.params, state.opt_state
+        )
         bad = (~ok).astype(jnp.int32)
         new_state = state.replace(
             step=state.step + ok.astype(jnp.int32),
-            params=keep(params, state.params),
-            opt_state=keep(opt_state, state.opt_state),
+            params=params,
+            opt_state=opt_state,
             nonfinite_in_a_row=jnp.where(ok, 0, state.nonfinite_in_a_row + 1),
             nonfinite_total=state.nonfinite_total + bad,
         )

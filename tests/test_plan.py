@@ -1,0 +1,57 @@
+"""Scale planning runs end to end on the tiny config, and every shipped training YAML loads."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from repo_jax import config as config_lib
+from repo_jax.training.config import RunConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+SHIPPED = ("tiny.yaml", "phi2_irepo.yaml", "mistral7b_irepo.yaml")
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_shipped_yaml_loads_and_names_a_model(name):
+    from repo_jax.training import state as st
+
+    cfg = config_lib.load(RunConfig, ROOT / "configs" / name)
+    mcfg = st.model_config(cfg.model)  # the model section resolves to a real ModelConfig
+    assert mcfg.num_layers >= 1 and cfg.train.batch_size % cfg.train.micro_batches == 0
+    assert cfg.optim.total_steps >= cfg.optim.warmup_steps
+
+
+def test_real_size_configs_describe_the_papers_models():
+    from repo_jax import models
+    from repo_jax.training import state as st
+
+    phi = st.model_config(config_lib.load(RunConfig, ROOT / "configs" / "phi2_irepo.yaml").model)
+    mistral = st.model_config(config_lib.load(RunConfig, ROOT / "configs" / "mistral7b_irepo.yaml").model)
+    assert phi.arch == "phi" and round(models.param_count(phi) / 1e9, 2) == 2.78
+    assert mistral.arch == "mistral" and round(models.param_count(mistral) / 1e9, 2) == 7.24
+
+
+def test_unknown_key_in_a_training_yaml_is_named(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n  batch: 4\n")
+    with pytest.raises(config_lib.ConfigError, match="train.batch.*train.batch_size"):
+        config_lib.load(RunConfig, bad)
+
+
+def test_plan_on_tiny_config_prints_the_table():
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # plan sets its own device count
+    out = subprocess.run(
+        [sys.executable, "-m", "repo_jax.plan", "--config", "configs/tiny.yaml", "--devices", "4", "--fast-compile",
+         "mesh.tensor=2", "train.micro_batches=2", "train.compute_dtype=bfloat16"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    text = out.stdout
+    assert "on 4 devices, mesh (data, fsdp, tensor) = (1, 2, 2)" in text
+    assert "| config | model | params |" in text and "| tiny.yaml | mistral 2x64 |" in text
+    assert "TPU v5e (16 GiB): yes" in text and "8x2x32 (2)" in text
