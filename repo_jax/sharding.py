@@ -6,6 +6,13 @@ or ``nnx.Param(..., out_sharding=names)``); key activations are annotated with
 training layout shards weights over ``fsdp`` and ``tensor``, the sampling layout replicates
 over ``fsdp`` (no all-gather per decoded token) and keeps ``tensor``.
 
+Also here, because every program needs them the same way:
+  * :class:`MeshConfig` / :func:`make_mesh`: the ``mesh`` section of a config -> a Mesh;
+  * :func:`state_shardings`: any pytree of ``nnx.Variable``s (model state, train state with its
+    optimiser moments) -> NamedShardings, the one mapping from logical names to layouts;
+  * :func:`initialize_distributed`: multi-host start-up from the environment;
+  * :func:`global_batch`: this host's rows -> global arrays sharded over the batch axes.
+
 Logical names used by the models:
   parameters  ``vocab embed q_heads kv_heads head_dim mlp layers norm``
   activations ``batch length act_embed act_heads act_kv_heads act_mlp act_vocab cache_length``
