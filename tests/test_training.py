@@ -177,6 +177,14 @@ def test_registry_and_batch_errors_name_the_culprit():
     with pytest.raises(ValueError, match="'scores_BxK' has shape"):
         bt.validate(dict(good, scores_BxK=np.zeros((8, 3))))
     assert bt.validate(good) == (8, 2, 32)
+    check = sp.batch_checker(CFG.train, _mesh((2, 2, 2)))
+    check(good)
+    with pytest.raises(ValueError, match="batch size 6 must be a multiple of .* = 4"):
+        check(random_batch(CFG, vocab=V, batch_size=6))
+    with pytest.raises(KeyError, match="'ref_logps_BxK' is missing"):
+        check(random_batch(CFG, vocab=V, ref_logps=False))
+    with pytest.raises(ValueError, match="pairwise: input_ids_BxKxT needs K=2, got 3"):
+        check(random_batch(CFG, vocab=V, num_responses=3))
 
 
 def test_split_micro_and_stack_pair():

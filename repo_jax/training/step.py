@@ -127,7 +127,7 @@ def train_step_fn(graphdef, cfg: RunConfig, mesh, param_shardings) -> Callable:
     """The pure (un-jitted) ``(state, batch) -> (state, metrics)``."""
     train = cfg.train
     tx, lr_at = make_optimizer(cfg.optim), schedule(cfg.optim)
-    objective = objectives.get(train.loss.name)
+    objectives.get(train.loss.name)  # an unknown name fails here, before tracing
     compute_dtype = _dtype(train.compute_dtype)
 
     def micro_loss(params, state, mb, total):
@@ -139,8 +139,6 @@ def train_step_fn(graphdef, cfg: RunConfig, mesh, param_shardings) -> Callable:
     grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
 
     def step(state, batch):
-        if objective.pairwise and batch["input_ids_BxKxT"].shape[1] != 2:
-            raise ValueError(f"train.loss.name={train.loss.name!r} is pairwise: input_ids_BxKxT needs K=2")
         total = jnp.maximum(jnp.sum(bt.example_mask(batch).astype(jnp.float32)), 1.0)
         m = train.micro_batches
         if m == 1:
@@ -196,16 +194,40 @@ def train_step_fn(graphdef, cfg: RunConfig, mesh, param_shardings) -> Callable:
     return step
 
 
+def batch_checker(train: TrainConfig, mesh) -> Callable[[Mapping[str, Any]], None]:
+    """Host-side check of a batch before it reaches ``jit``: field names and shapes, the fields
+    the loss and reference mode need, and divisibility by micro-batches x batch-axis devices
+    (each failure is one sentence naming the field or key)."""
+    objective = objectives.get(train.loss.name)
+    needs = objective.needs + (("ref_logps_BxK",) if train.reference == "batch" else ())
+    multiple = shd.batch_size_multiple(mesh) * train.micro_batches
+
+    def check(batch):
+        b, k, _ = bt.validate(batch, needs=needs)
+        if b % multiple:
+            raise ValueError(
+                f"batch size {b} must be a multiple of train.micro_batches x mesh data x fsdp = {multiple}"
+            )
+        if objective.pairwise and k != 2:
+            raise ValueError(f"train.loss.name={train.loss.name!r} is pairwise: input_ids_BxKxT needs K=2, got {k}")
+
+    return check
+
+
 @dataclasses.dataclass(frozen=True)
 class Jitted:
     """A jitted function that runs under the mesh and rules it was built for (the models'
-    activation constraints read both at trace time). ``lower`` is for planning."""
+    activation constraints read both at trace time). ``lower`` is for planning; ``check``, when
+    set, validates the batch (the last argument) on the host first."""
 
     fn: Callable
     mesh: jax.sharding.Mesh
     rules: shd.Rules
+    check: Callable | None = None
 
     def __call__(self, *args):
+        if self.check is not None:
+            self.check(args[-1])
         with jax.set_mesh(self.mesh), shd.use_rules(self.rules):
             return self.fn(*args)
 
@@ -227,7 +249,7 @@ def make_train_step(graphdef, cfg: RunConfig, mesh, state_shardings, rules=shd.T
         donate_argnames=("state",),
         compiler_options=compiler_options,
     )
-    return Jitted(jitted, mesh, rules)
+    return Jitted(jitted, mesh, rules, batch_checker(cfg.train, mesh))
 
 
 def make_reference_logprobs(graphdef, train: TrainConfig, mesh, param_shardings, rules=shd.TRAIN_RULES, *,
