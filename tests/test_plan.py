@@ -23,6 +23,7 @@ def test_shipped_yaml_loads_and_names_a_model(name):
     cfg = config_lib.load(RunConfig, ROOT / "configs" / name)
     mcfg = st.model_config(cfg.model)  # the model section resolves to a real ModelConfig
     assert mcfg.num_layers >= 1 and cfg.train.batch_size % cfg.train.micro_batches == 0
+    assert cfg.data.max_prompt_len + cfg.data.max_response_len == cfg.train.seq_len
     assert cfg.optim.total_steps >= cfg.optim.warmup_steps
 
 

@@ -203,3 +203,19 @@ def test_warmup_cosine_schedule():
     np.testing.assert_allclose([s(0), s(5), s(10), s(60), s(110)], [0.0, 0.5, 1.0, 0.55, 0.1], atol=1e-6)
     c = optim.schedule(OptimConfig(lr=2.0, warmup_steps=0, schedule="constant"))
     assert float(c(0)) == float(c(1000)) == 2.0
+
+
+def test_pretrained_weights_load_into_training_shardings(tmp_path):
+    from repo_jax import models
+
+    mesh = _mesh((2, 2, 2))
+    model = st.model_factory(CFG.model, seed=1)()
+    models.save_pretrained(model, tmp_path / "hf")
+    section = dataclasses.replace(CFG.model, weights=str(tmp_path / "hf"), overrides={})
+    loaded = st.pretrained_model(section, mesh)
+    got, want = st.split_model(loaded)[1], st.split_model(model)[1]
+    _assert_close_trees(jax.tree.map(np.asarray, got), jax.tree.map(np.asarray, want), 0.0)
+    sh = shd.state_shardings(want, mesh)
+    assert got["layers"]["w_up"].sharding == sh["layers"]["w_up"]
+    with pytest.raises(ValueError, match="model.weights is empty"):
+        st.pretrained_model(CFG.model)

@@ -1,7 +1,7 @@
 """Config sections of a training run (frozen dataclasses, loaded by :func:`repo_jax.config.load`).
 
-``RunConfig`` is the top level of ``configs/*.yaml``: ``model``, ``mesh``, ``train`` (with its
-``loss``), ``optim`` and ``checkpoint``. Programs that need more sections (the iREPO loop's
+``RunConfig`` is the top level of ``configs/*.yaml``: ``model``, ``data``, ``mesh``, ``train``
+(with its ``loss``), ``optim`` and ``checkpoint``. Programs that need more sections (the iREPO loop's
 sampling, annotation and evaluation; the data pipeline) subclass it and add fields, e.g.::
 
     @dataclasses.dataclass(frozen=True)
@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Literal
 
+from repo_jax.data.config import DataConfig
 from repo_jax.sharding import MeshConfig
 
 Dtype = Literal["float32", "bfloat16", "float16"]
@@ -113,10 +114,15 @@ class CheckpointConfig:
 
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
-    """Top level of a training YAML (see the module docstring for extending it)."""
+    """Top level of a training YAML (see the module docstring for extending it).
+
+    ``data`` is the data pipeline's own section (``repo_jax.data.DataConfig``); its
+    ``batch_size`` counts rows per host, so ``data.batch_size x processes = train.batch_size``.
+    """
 
     run_dir: str = "runs/default"
     model: ModelSection = ModelSection()
+    data: DataConfig = DataConfig()
     mesh: MeshConfig = MeshConfig()
     train: TrainConfig = TrainConfig()
     optim: OptimConfig = OptimConfig()

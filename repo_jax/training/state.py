@@ -145,3 +145,17 @@ def model_factory(section, *, seed: int = 0) -> Callable[[], nnx.Module]:
 
     cfg = model_config(section)
     return lambda: models.build(cfg, seed=seed)
+
+
+def pretrained_model(section, mesh=None, rules=shd.TRAIN_RULES) -> nnx.Module:
+    """The model of ``section.weights`` (HF folder or ``.gguf``), each parameter placed straight
+    into its training sharding when ``mesh`` is given. The architecture comes from the weights;
+    ``dtype``/``param_dtype``/``remat`` and ``overrides`` from the section."""
+    from repo_jax import models
+
+    if not section.weights:
+        raise ValueError("model.weights is empty: set it to an HF checkpoint folder or a .gguf file")
+    return models.from_pretrained(
+        resolve_path(section.weights), dtype=jnp.dtype(section.param_dtype), compute_dtype=jnp.dtype(section.dtype),
+        mesh=mesh, rules=rules, remat=section.remat, **section.overrides,
+    )
