@@ -73,20 +73,21 @@ def jax_matmul_peak(n: int = 2048, repeats: int = 10) -> dict[str, float]:
 
 
 def run_trl(hf_dir: str, tok, pairs: list[dict], seq_len: int, warmup: int, steps: int, lr: float, beta: float):
-    """Times TRL ``DPOTrainer`` updates; returns (median seconds, the tokenised rows it trained on)."""
+    """Times TRL ``DPOTrainer`` updates; returns (median wall seconds, median CPU seconds of the
+    process, the tokenised rows it trained on)."""
     import datasets
     import torch
     from transformers import AutoModelForCausalLM, TrainerCallback
     from trl import DPOConfig, DPOTrainer
 
-    times: list[float] = []
+    times: list[tuple[float, float]] = []
 
     class Clock(TrainerCallback):
         def on_step_begin(self, args, state, control, **kw):
-            self.t0 = time.perf_counter()
+            self.t0, self.c0 = time.perf_counter(), time.process_time()
 
         def on_step_end(self, args, state, control, **kw):
-            times.append(time.perf_counter() - self.t0)
+            times.append((time.perf_counter() - self.t0, time.process_time() - self.c0))
 
     model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
     n = len(pairs)
@@ -102,7 +103,10 @@ def run_trl(hf_dir: str, tok, pairs: list[dict], seq_len: int, warmup: int, step
         rows = [trainer.train_dataset[i] for i in range(n)]
         if steps:
             trainer.train()
-    return (float(np.median(times[warmup:])) if steps else None), rows
+    if not steps:
+        return None, None, rows
+    wall, cpu = np.median(np.array(times[warmup:]), axis=0)
+    return float(wall), float(cpu), rows
 
 
 def trl_worker(argv: list[str]) -> int:
@@ -125,10 +129,10 @@ def trl_worker(argv: list[str]) -> int:
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(a.hf_dir)
-    secs, rows = run_trl(a.hf_dir, tok, make_pairs(a.pairs, a.prompt_words), a.seq_len, a.warmup, a.steps, 1e-6, 0.1)
+    secs, cpu, rows = run_trl(a.hf_dir, tok, make_pairs(a.pairs, a.prompt_words), a.seq_len, a.warmup, a.steps, 1e-6, 0.1)
     rows = [{k: list(map(int, r[k])) for k in ("prompt_ids", "chosen_ids", "rejected_ids")} for r in rows]
     with open(a.out, "w") as f:
-        json.dump({"seconds": secs, "rows": rows, "torch_float32": torch_matmul_peak()}, f)
+        json.dump({"seconds": secs, "cpu_seconds": cpu, "rows": rows, "torch_float32": torch_matmul_peak()}, f)
     return 0
 
 
@@ -150,7 +154,8 @@ def batch_from_trl_rows(rows: list[dict], seq_len: int) -> dict[str, np.ndarray]
 
 
 def run_ours(gguf, batch, *, compute_dtype: str, warmup: int, steps: int, lr: float, beta: float, chunk: int):
-    """Times our jitted DPO train step (reference held as frozen params, forward every step)."""
+    """Times our jitted DPO train step (reference held as frozen params, forward every step);
+    returns (median wall s, median process CPU s, first-call s incl. compile, last metrics)."""
     from repo_jax import models
     from repo_jax import sharding as shd
     from repo_jax.training import batch as bt
@@ -181,11 +186,12 @@ def run_ours(gguf, batch, *, compute_dtype: str, warmup: int, steps: int, lr: fl
     jax.block_until_ready(m)
     times = []
     for _ in range(steps):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         state, m = step(state, dev_batch)
         jax.block_until_ready(m)
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times)), first, {k: float(v) for k, v in m.items()}
+        times.append((time.perf_counter() - t0, time.process_time() - c0))
+    wall, cpu = np.median(np.array(times), axis=0)
+    return float(wall), float(cpu), first, {k: float(v) for k, v in m.items()}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -232,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
             raise RuntimeError(f"the TRL worker failed:\n{proc.stderr[-4000:]}")
         with open(out) as f:
             trl = json.load(f)
-    trl_s, rows = trl["seconds"], trl["rows"]
+    trl_s, trl_cpu, rows = trl["seconds"], trl["cpu_seconds"], trl["rows"]
     peak = {"torch_float32": trl["torch_float32"], **jax_matmul_peak()}
     from importlib.metadata import version
 
@@ -245,32 +251,35 @@ def main(argv: list[str] | None = None) -> int:
     assert batch["attention_mask_BxKxT"].all(), "a sequence is shorter than --seq-len: raise the response length"
     completion = int(batch["loss_mask_BxKxT"].sum())
 
-    def row(name, secs, peak_gflops):
+    def row(name, secs, cpu, peak_gflops):
         mfu = flops / secs / (peak_gflops * 1e9)
-        print(f"  {name:28s} {secs:7.2f} s/update  {n / secs:6.3f} pairs/s  {tokens / secs:8.1f} tokens/s  "
-              f"MFU {100 * mfu:5.1f}%", flush=True)
-        return {"seconds": round(secs, 3), "pairs_per_s": round(n / secs, 4), "tokens_per_s": round(tokens / secs, 1),
-                "mfu": round(mfu, 4)}
+        print(f"  {name:31s} {secs:7.2f} s/update  {n / secs:6.3f} pairs/s  {tokens / secs:7.1f} tokens/s  "
+              f"MFU {100 * mfu:5.1f}%  (CPU time {cpu:6.1f} s)", flush=True)
+        return {"seconds": round(secs, 3), "cpu_seconds": round(cpu, 2), "pairs_per_s": round(n / secs, 4),
+                "tokens_per_s": round(tokens / secs, 1), "mfu": round(mfu, 4)}
 
     result = {"bench": "train"}
     if not args.no_trl:
-        result["trl_float32"] = row("TRL DPOTrainer float32", trl_s, peak["torch_float32"])
-    ours_s, compile_s, metrics = run_ours(gguf, batch, compute_dtype="float32", warmup=args.warmup, steps=args.steps,
+        result["trl_float32"] = row("TRL DPOTrainer float32", trl_s, trl_cpu, peak["torch_float32"])
+    ours_s, ours_cpu, compile_s, metrics = run_ours(gguf, batch, compute_dtype="float32", warmup=args.warmup, steps=args.steps,
                                           lr=lr, beta=beta, chunk=args.chunk)
-    result["ours_float32"] = row("ours float32", ours_s, peak["jax_float32"])
+    result["ours_float32"] = row("ours float32", ours_s, ours_cpu, peak["jax_float32"])
     result["ours_float32"]["first_step_s"] = round(compile_s, 1)
     if not args.no_bf16:
-        b16_s, b16_first, _ = run_ours(gguf, batch, compute_dtype="bfloat16", warmup=args.warmup, steps=args.steps,
+        b16_s, b16_cpu, b16_first, _ = run_ours(gguf, batch, compute_dtype="bfloat16", warmup=args.warmup, steps=args.steps,
                                        lr=lr, beta=beta, chunk=args.chunk)
-        result["ours_bfloat16"] = row("ours bf16 compute (f32 master)", b16_s, peak["jax_bfloat16"])
+        result["ours_bfloat16"] = row("ours bf16 compute (f32 master)", b16_s, b16_cpu, peak["jax_bfloat16"])
         result["ours_bfloat16"]["first_step_s"] = round(b16_first, 1)
     print(f"  our last update: loss {metrics['loss']:.4f}, reward accuracy {metrics['reward_accuracy']:.2f}, "
           f"grad norm {metrics['grad_norm']:.3f}; completion tokens {completion} of {tokens}", flush=True)
     result["ratio"] = round(trl_s / ours_s, 3) if not args.no_trl else None
     if not args.no_trl and not args.no_bf16:
         result["ratio_bfloat16"] = round(trl_s / b16_s, 3)
+    load = os.getloadavg()
+    print(f"  load average at the end {load[0]:.2f} / {load[1]:.2f} / {load[2]:.2f} on {os.cpu_count()} cores "
+          f"(above the core count, other processes shared the CPU and every figure is slower)", flush=True)
     result.update(pairs=n, seq_len=t, model_tflops_per_update=round(flops / 1e12, 3),
-                  peak_gflops={k: round(v, 1) for k, v in peak.items()})
+                  peak_gflops={k: round(v, 1) for k, v in peak.items()}, load_average=round(load[0], 2))
     emit(result)
     return 0
 
