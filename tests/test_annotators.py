@@ -16,14 +16,6 @@ from repo_jax.annotators import (
 )
 
 
-@pytest.fixture(scope="module")
-def tok():
-    try:
-        from repo_jax.assets import load_tokenizer
-
-        return load_tokenizer("smollm2")
-    except FileNotFoundError as e:
-        pytest.skip(str(e))
 
 
 # ----------------------------------------------------------------------------- rules

@@ -13,14 +13,6 @@ from repo_jax.data import DataConfig, DataError, Formatter, adapt, detect_schema
 from repo_jax.data import tokenize as tk
 
 
-@pytest.fixture(scope="module")
-def tok():
-    try:
-        from repo_jax.assets import load_tokenizer
-
-        return load_tokenizer("smollm2")
-    except FileNotFoundError as e:
-        pytest.skip(str(e))
 
 
 def _jsonl(path, rows):
