@@ -13,8 +13,6 @@ from repo_jax.data import DataConfig, DataError, Formatter, adapt, detect_schema
 from repo_jax.data import tokenize as tk
 
 
-
-
 def _jsonl(path, rows):
     path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
     return str(path)
