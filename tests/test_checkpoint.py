@@ -24,13 +24,7 @@ V = CFG.model.overrides["vocab_size"]
 
 
 @pytest.fixture(scope="module")
-def pipeline(tmp_path_factory):
-    try:
-        from repo_jax.assets import load_tokenizer
-
-        tok = load_tokenizer("smollm2")
-    except FileNotFoundError as e:
-        pytest.skip(str(e))
+def pipeline(tmp_path_factory, tok):
     from repo_jax.data import DataConfig, make_pipeline
 
     path = tmp_path_factory.mktemp("data") / "pairs.jsonl"
