@@ -10,8 +10,9 @@ from typing import Any
 import jax
 
 
-def time_fn(fn: Callable[[], Any], *, repeats: int = 3, warmup: int = 1) -> float:
-    """Median wall time in seconds of ``fn()`` (results blocked on), after ``warmup`` calls."""
+def wall_times(fn: Callable[[], Any], *, repeats: int = 3, warmup: int = 1) -> list[float]:
+    """Sorted wall times in seconds of ``repeats`` calls of ``fn()`` (jax results blocked on,
+    anything else -- torch tensors, host arrays -- returned as is), after ``warmup`` calls."""
     for _ in range(warmup):
         jax.block_until_ready(fn())
     times = []
@@ -19,7 +20,12 @@ def time_fn(fn: Callable[[], Any], *, repeats: int = 3, warmup: int = 1) -> floa
         t0 = time.perf_counter()
         jax.block_until_ready(fn())
         times.append(time.perf_counter() - t0)
-    times.sort()
+    return sorted(times)
+
+
+def time_fn(fn: Callable[[], Any], *, repeats: int = 3, warmup: int = 1) -> float:
+    """Median wall time in seconds of ``fn()`` (see :func:`wall_times`)."""
+    times = wall_times(fn, repeats=repeats, warmup=warmup)
     return times[len(times) // 2]
 
 

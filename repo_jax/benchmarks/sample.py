@@ -15,27 +15,15 @@ from __future__ import annotations
 
 import argparse
 import tempfile
-import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from repo_jax import sampling
 from repo_jax.assets import load_tokenizer, smollm2_gguf_path
-from repo_jax.benchmarks.common import emit
+from repo_jax.benchmarks.common import emit, time_fn
 
 PROMPT = "Write a short story about a robot who learns to paint, in three sentences."
-
-
-def _median(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return sorted(times)[len(times) // 2]
 
 
 def bench_ours(model, prompt_ids, batch, new_tokens, repeats, profile: bool) -> dict:
@@ -43,10 +31,10 @@ def bench_ours(model, prompt_ids, batch, new_tokens, repeats, profile: bool) -> 
     run = lambda n=new_tokens: sampling.sample(model, prompts, max_new_tokens=n, eos_id=None)
     out = run()
     assert out.tokens_BxS.shape == (batch, new_tokens) and (out.lengths_B == new_tokens).all()
-    secs = _median(run, repeats)
+    secs = time_fn(run, repeats=repeats)
     res = {"seconds": secs, "tokens_per_s": batch * new_tokens / secs, "compile_s": out.compile_seconds}
     if profile:
-        prefill = _median(lambda: run(1), repeats)  # same program, loop exits at once
+        prefill = time_fn(lambda: run(1), repeats=repeats)  # same program, loop exits at once
         res["prefill_s"] = prefill
         res["decode_step_ms"] = 1e3 * (secs - prefill) / (new_tokens - 1)
         res["forward_step_ms"] = 1e3 * _forward_step_seconds(model, batch, len(prompt_ids) + new_tokens, repeats)
@@ -68,7 +56,7 @@ def _forward_step_seconds(model, batch, max_len, repeats) -> float:
 
     cache = model.init_cache(batch, s)
     ids = jnp.ones((batch, 1), jnp.int32)
-    return _median(lambda: jax.block_until_ready(step(state, cache, ids)), repeats * 3)
+    return time_fn(lambda: jax.block_until_ready(step(state, cache, ids)), repeats=repeats * 3)
 
 
 def bench_hf(hf_model, prompt_ids, batch, new_tokens, repeats, pad_id) -> dict:
@@ -86,7 +74,7 @@ def bench_hf(hf_model, prompt_ids, batch, new_tokens, repeats, pad_id) -> dict:
 
     out = run()
     assert out.shape == (batch, len(prompt_ids) + new_tokens)
-    secs = _median(run, repeats)
+    secs = time_fn(run, repeats=repeats)
     return {"seconds": secs, "tokens_per_s": batch * new_tokens / secs, "tokens": out[:, len(prompt_ids):].numpy()}
 
 

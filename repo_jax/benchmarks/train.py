@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from repo_jax.assets import load_tokenizer, smollm2_gguf_path
-from repo_jax.benchmarks.common import emit
+from repo_jax.benchmarks.common import emit, wall_times
 
 WORDS = ("the model reads a question about rivers mountains cities numbers colours animals music history and "
          "science then answers it with care giving reasons examples and a short summary at the end").split()
@@ -44,13 +44,7 @@ def make_pairs(n_pairs: int, prompt_words: int) -> list[dict]:
 
 
 def _best_gflops(fn, n: int, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return 2 * n**3 / min(times) / 1e9
+    return 2 * n**3 / wall_times(fn, repeats=repeats)[0] / 1e9
 
 
 def torch_matmul_peak(n: int = 2048, repeats: int = 10) -> float:

@@ -107,14 +107,14 @@ class AttentionContext:
     allowed_BxTxS: jax.Array
 
 
-def make_context(positions_BxT, attention_mask_BxT, key_pos_BxS, index, *, rotary_dim, theta, window):
-    """Context for queries at slots ``index .. index + T - 1`` over keys with positions ``key_pos_BxS``."""
+def make_context(positions_BxT, key_pos_BxS, index, *, rotary_dim, theta, window):
+    """Context for queries at slots ``index .. index + T - 1`` over keys with positions ``key_pos_BxS``
+    (padding keys carry position -1, see :func:`key_positions`)."""
     t, s = positions_BxT.shape[1], key_pos_BxS.shape[1]
     q_slot_T = index + jnp.arange(t, dtype=jnp.int32)
     allowed = (key_pos_BxS[:, None, :] >= 0) & (jnp.arange(s, dtype=jnp.int32)[None, None, :] <= q_slot_T[None, :, None])
     if window is not None:
         allowed &= positions_BxT[:, :, None] - key_pos_BxS[:, None, :] < window
-    del attention_mask_BxT  # padding keys already carry position -1
     return AttentionContext(rope_angles(positions_BxT, rotary_dim, theta), allowed)
 
 

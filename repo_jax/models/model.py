@@ -103,17 +103,17 @@ class CausalLM(nnx.Module):
         x = jnp.take(self.top["embed"][...], input_ids_BxT, axis=0).astype(self.config.jnp_dtype)
         return shd.constrain(x, ("batch", "length", "act_embed"))
 
-    def _context(self, positions_BxT, attention_mask_BxT, key_pos_BxS, index):
+    def _context(self, positions_BxT, key_pos_BxS, index):
         cfg = self.config
         return layers.make_context(
-            positions_BxT, attention_mask_BxT, key_pos_BxS, index,
+            positions_BxT, key_pos_BxS, index,
             rotary_dim=cfg.rotary_dim, theta=cfg.rope_theta, window=cfg.sliding_window,
         )
 
     def hidden_states(self, input_ids_BxT, positions_BxT=None, attention_mask_BxT=None):
         """Final hidden states ``[B, T, D]`` (after the final norm), compute dtype."""
         mask, positions = _defaults(input_ids_BxT, positions_BxT, attention_mask_BxT)
-        ctx = self._context(positions, mask, layers.key_positions(positions, mask), 0)
+        ctx = self._context(positions, layers.key_positions(positions, mask), 0)
         x, _ = self._stack(self._embed(input_ids_BxT), ctx, None, 0)
         return ARCHS[self.config.arch].final_norm(self.config, self._top(), x)
 
@@ -136,7 +136,7 @@ class CausalLM(nnx.Module):
         index = jnp.asarray(index, jnp.int32)
         new_pos_BxT = layers.key_positions(positions_BxT, attention_mask_BxT)
         pos_BxS = jax.lax.dynamic_update_slice(cache.pos_BxS, new_pos_BxT, (jnp.int32(0), index))
-        ctx = self._context(positions_BxT, attention_mask_BxT, pos_BxS, index)
+        ctx = self._context(positions_BxT, pos_BxS, index)
         x, (k, v) = self._stack(self._embed(input_ids_BxT), ctx, (cache.k_LxBxSxGxH, cache.v_LxBxSxGxH), index)
         h = ARCHS[self.config.arch].final_norm(self.config, self._top(), x)
         return self.logits(h), layers.KVCache(k, v, pos_BxS)
