@@ -201,8 +201,8 @@ def _generate_program(state, tokens_BxT, mask_BxT, valid_B, max_new_tokens, seed
     positions_BxT = jnp.maximum(jnp.cumsum(mask_BxT.astype(jnp.int32), axis=1) - 1, 0)
     prompt_len_B = mask_BxT.astype(jnp.int32).sum(axis=1)
     cache = model.init_cache(b, max_len, dtype=static.cache_dtype)
-    logits_BxTxV, cache = model.forward_with_cache(tokens_BxT, positions_BxT, mask_BxT, cache, jnp.int32(0))
-    last_logits_BxV = logits_BxTxV[:, -1].astype(jnp.float32)
+    logits_Bx1xV, cache = model.forward_with_cache(tokens_BxT, positions_BxT, mask_BxT, cache, jnp.int32(0), last_only=True)
+    last_logits_BxV = logits_Bx1xV[:, -1].astype(jnp.float32)
 
     if k > 1:  # K samples per prompt from one prefill: repeat cache and logits along batch.
         axes = _cache_batch_axes(model, b, max_len, static.cache_dtype)
@@ -357,7 +357,8 @@ def sample(
     """Samples ``num_samples`` continuations of each prompt; see the module docstring.
 
     Args:
-      model: an NNX model with ``init_cache`` and ``forward_with_cache``.
+      model: an NNX model with ``init_cache`` and ``forward_with_cache`` (a ``CausalLM`` is
+        switched to its unstacked decoding layout; pass ``model.unstacked()`` to reuse it).
       prompts: token-id lists (non-empty), any lengths; left-padded internally.
       eos_id: a stop id or a list of them; ``None`` never stops early.
       mesh: optional; rows are sharded over the mesh's batch axes (``data``, ``fsdp``) and
@@ -389,6 +390,9 @@ def sample(
         mask[i, p - len(row) :] = 1
     valid = np.arange(b) < n_prompts
 
+    # Decoding layout (per-layer weights and cache buffers, see models.model); a no-op when the
+    # caller already passes an unstacked model, which saves the copy in a loop of many calls.
+    model = model.unstacked() if hasattr(model, "unstacked") else model
     graphdef, state = nnx.split(model)
     static = _Static(policy, int(num_samples), n, stop_ids, int(pad_id), cache_dtype)
     args = (state, tokens, mask, valid, np.int32(max_new_tokens), np.uint32(seed))

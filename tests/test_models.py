@@ -133,14 +133,18 @@ def test_round_trip_through_save_pretrained(arch, tmp_path):
         np.testing.assert_array_equal(np.asarray(a[...]), np.asarray(b[...]), err_msg=str(path))
 
 
+@pytest.mark.parametrize("unstacked", [False, True], ids=["stacked", "unstacked"])
 @pytest.mark.parametrize("arch", ["mistral", "phi"])
-def test_cached_decoding_equals_full_forward(arch):
+def test_cached_decoding_equals_full_forward(arch, unstacked):
     cfg = models.ModelConfig(arch=arch, hf_model_type=arch, vocab_size=64, hidden_size=32, intermediate_size=48,
                              num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8, sliding_window=5 if arch == "mistral" else None,
                              partial_rotary_factor=0.5 if arch == "phi" else 1.0)
-    model = models.build(cfg, seed=1)
+    stacked = models.build(cfg, seed=1)
     ids = jnp.asarray(np.random.default_rng(0).integers(0, 64, (2, 14)), jnp.int32)
-    full = model(ids)
+    full = stacked(ids)  # the training layout's full forward is the reference for both layouts
+    model = stacked.unstacked() if unstacked else stacked
+    size = lambda m: sum(x.size for x in jax.tree.leaves(nnx.state(m)))
+    assert model.is_unstacked == unstacked and size(model) == size(stacked)
     p = 6  # prefill 6 tokens, then decode one at a time past the window
     cache = model.init_cache(2, 16)
     pos = jnp.broadcast_to(jnp.arange(14, dtype=jnp.int32), (2, 14))

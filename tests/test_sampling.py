@@ -68,7 +68,7 @@ class TinyLM(nnx.Module):
         cache = self.init_cache(b, t)
         return self.forward_with_cache(input_ids_BxT, positions_BxT, attention_mask_BxT, cache, jnp.int32(0))[0]
 
-    def forward_with_cache(self, input_ids_BxT, positions_BxT, attention_mask_BxT, cache, index):
+    def forward_with_cache(self, input_ids_BxT, positions_BxT, attention_mask_BxT, cache, index, *, last_only=False):
         CALLS.append(tuple(input_ids_BxT.shape))
         b, t = input_ids_BxT.shape
         x_BxTxD = self.embed[...][input_ids_BxT]
@@ -90,6 +90,7 @@ class TinyLM(nnx.Module):
             x_BxTxD = x_BxTxD + jnp.einsum("BTNH,NHD->BTD", o, self.wo[l])
             hn = x_BxTxD / jnp.sqrt(jnp.mean(x_BxTxD**2, -1, keepdims=True) + 1e-6)
             x_BxTxD = x_BxTxD + jax.nn.gelu(hn @ self.w1[l]) @ self.w2[l]
+        x_BxTxD = x_BxTxD[:, -1:] if last_only else x_BxTxD
         logits = jnp.einsum("BTD,DV->BTV", x_BxTxD, self.head[...]).astype(jnp.float32)
         return logits, TinyCache(k_all, v_all, pos_BxS)
 

@@ -80,18 +80,26 @@ class KVCache:
     """Keys and values of every layer, and the position held by each slot.
 
     Attributes:
-      k_LxBxSxGxH, v_LxBxSxGxH: cached keys (rotated) and values, ``dtype`` of the cache.
+      k_LxBxGxSxH, v_LxBxGxSxH: cached keys (rotated) and values, ``dtype`` of the cache: one
+        stacked array, or (``per_layer``, for unstacked models) a tuple of ``L`` ``[B, G, S, H]``
+        buffers, each updated in place by its layer. Slots sit inside the kv-head axis, the
+        layout the attention dots read without a transpose.
       pos_BxS: int32 position of the token in each slot, ``-1`` for empty or padding slots.
     """
 
-    k_LxBxSxGxH: jax.Array
-    v_LxBxSxGxH: jax.Array
+    k_LxBxGxSxH: jax.Array | tuple[jax.Array, ...]
+    v_LxBxGxSxH: jax.Array | tuple[jax.Array, ...]
     pos_BxS: jax.Array
 
     @classmethod
-    def zeros(cls, num_layers, batch, max_len, kv_heads, head_dim, dtype):
-        shape = (num_layers, batch, max_len, kv_heads, head_dim)
-        return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.full((batch, max_len), -1, jnp.int32))
+    def zeros(cls, num_layers, batch, max_len, kv_heads, head_dim, dtype, per_layer: bool = False):
+        pos = jnp.full((batch, max_len), -1, jnp.int32)
+        if per_layer:
+            shape = (batch, kv_heads, max_len, head_dim)
+            bufs = lambda: tuple(jnp.zeros(shape, dtype) for _ in range(num_layers))
+            return cls(bufs(), bufs(), pos)
+        shape = (num_layers, batch, kv_heads, max_len, head_dim)
+        return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), pos)
 
 
 @flax.struct.dataclass
@@ -123,32 +131,56 @@ def key_positions(positions_BxT, attention_mask_BxT):
     return jnp.where(attention_mask_BxT > 0, positions_BxT, -1).astype(jnp.int32)
 
 
-def attend(q_BxTxNxH, k_BxSxGxH, v_BxSxGxH, allowed_BxTxS, dtype):
-    """Grouped-query softmax attention, scores and softmax in float32."""
+def attend(q_BxTxNxH, k_BxGxSxH, v_BxGxSxH, allowed_BxTxS, dtype):
+    """Grouped-query softmax attention, scores and softmax in float32.
+
+    Both dots keep ``(B, G, R, T)`` leading on the query side and return that order: with the
+    query axes in their natural order XLA:CPU runs the batched dots directly (putting ``T``
+    first in the output made it swap the operands of the ``probs @ v`` dot, ~4x slower per
+    decoded token); the result is transposed back once.
+    """
     b, t, n, h = q_BxTxNxH.shape
-    g = k_BxSxGxH.shape[2]
-    q_BxTxGxRxH = q_BxTxNxH.reshape(b, t, g, n // g, h)
-    scores = jnp.einsum("BTGRH,BSGH->BGRTS", q_BxTxGxRxH.astype(dtype), k_BxSxGxH.astype(dtype), preferred_element_type=F32)
+    g = k_BxGxSxH.shape[1]
+    q_BxGxRxTxH = q_BxTxNxH.reshape(b, t, g, n // g, h).transpose(0, 2, 3, 1, 4)
+    scores = jnp.einsum("BGRTH,BGSH->BGRTS", q_BxGxRxTxH.astype(dtype), k_BxGxSxH.astype(dtype), preferred_element_type=F32)
     scores = scores * (h**-0.5)
     scores = jnp.where(allowed_BxTxS[:, None, None], scores, jnp.finfo(F32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
-    out = jnp.einsum("BGRTS,BSGH->BTGRH", probs, v_BxSxGxH.astype(dtype), preferred_element_type=F32)
-    return out.reshape(b, t, n, h).astype(dtype)
+    out_BxGxRxTxH = jnp.einsum("BGRTS,BGSH->BGRTH", probs, v_BxGxSxH.astype(dtype), preferred_element_type=F32)
+    return out_BxGxRxTxH.transpose(0, 3, 1, 2, 4).reshape(b, t, n, h).astype(dtype)
+
+
+def out_proj(o_BxTxNxH, wo_NxHxD, dtype):
+    """Attention output projection, with the heads flattened first.
+
+    Contracting ``(N, H)`` as one dimension pins the order the weight is read in; with the two
+    dimensions separate, XLA:CPU lays out the attention output head-dim-major and copies a
+    transpose of ``wo`` on every call (per decoded token, the slowest op of the step).
+    """
+    b, t, n, h = o_BxTxNxH.shape
+    return dense(o_BxTxNxH.reshape(b, t, n * h), wo_NxHxD.reshape(n * h, -1), "BTK,KD->BTD", dtype)
 
 
 def attention_kv(q_BxTxNxH, k_BxTxGxH, v_BxTxGxH, ctx: AttentionContext, cache_kv, layer, index, dtype):
     """Rotary on ``q``/``k``, then attention over this call's keys or, with a cache, over its slots.
 
-    ``cache_kv``: ``None`` or ``(k_LxBxSxGxH, v_LxBxSxGxH)``; the new keys/values are written at
-    slots ``index ..`` of layer ``layer`` and the updated pair is returned.
+    ``cache_kv``: ``None`` or ``(k_LxBxGxSxH, v_LxBxGxSxH)``; the new keys/values are written at
+    slots ``index ..`` of layer ``layer`` and the updated pair is returned. With ``layer=None``
+    the pair is this layer's own ``(k_BxGxSxH, v_BxGxSxH)`` buffers.
     """
     q_BxTxNxH = shd.constrain(apply_rope(q_BxTxNxH, ctx.sin_cos), ("batch", "length", "act_heads", None))
-    k_BxTxGxH = apply_rope(k_BxTxGxH, ctx.sin_cos)
+    k_BxGxTxH = apply_rope(k_BxTxGxH, ctx.sin_cos).transpose(0, 2, 1, 3)
+    v_BxGxTxH = v_BxTxGxH.transpose(0, 2, 1, 3)
     if cache_kv is None:
-        return attend(q_BxTxNxH, k_BxTxGxH, v_BxTxGxH, ctx.allowed_BxTxS, dtype), None
+        return attend(q_BxTxNxH, k_BxGxTxH, v_BxGxTxH, ctx.allowed_BxTxS, dtype), None
     k_all, v_all = cache_kv
-    start = (layer, 0, index, 0, 0)
-    k_all = jax.lax.dynamic_update_slice(k_all, k_BxTxGxH[None].astype(k_all.dtype), start)
-    v_all = jax.lax.dynamic_update_slice(v_all, v_BxTxGxH[None].astype(v_all.dtype), start)
-    k_BxSxGxH, v_BxSxGxH = k_all[layer], v_all[layer]
-    return attend(q_BxTxNxH, k_BxSxGxH, v_BxSxGxH, ctx.allowed_BxTxS, dtype), (k_all, v_all)
+    if layer is None:
+        start = (0, 0, index, 0)
+        k_BxGxSxH = jax.lax.dynamic_update_slice(k_all, k_BxGxTxH.astype(k_all.dtype), start)
+        v_BxGxSxH = jax.lax.dynamic_update_slice(v_all, v_BxGxTxH.astype(v_all.dtype), start)
+        return attend(q_BxTxNxH, k_BxGxSxH, v_BxGxSxH, ctx.allowed_BxTxS, dtype), (k_BxGxSxH, v_BxGxSxH)
+    start = (layer, 0, 0, index, 0)
+    k_all = jax.lax.dynamic_update_slice(k_all, k_BxGxTxH[None].astype(k_all.dtype), start)
+    v_all = jax.lax.dynamic_update_slice(v_all, v_BxGxTxH[None].astype(v_all.dtype), start)
+    k_BxGxSxH, v_BxGxSxH = k_all[layer], v_all[layer]
+    return attend(q_BxTxNxH, k_BxGxSxH, v_BxGxSxH, ctx.allowed_BxTxS, dtype), (k_all, v_all)

@@ -47,7 +47,7 @@ def block(cfg: ModelConfig, p, x_BxTxD, ctx, cache_kv, layer, index):
     k = layers.dense(h_BxTxD, p["wk"], "BTD,DGH->BTGH", dt)
     v = layers.dense(h_BxTxD, p["wv"], "BTD,DGH->BTGH", dt)
     o_BxTxNxH, cache_kv = layers.attention_kv(q, k, v, ctx, cache_kv, layer, index, dt)
-    x_BxTxD = x_BxTxD + layers.dense(o_BxTxNxH, p["wo"], "BTNH,NHD->BTD", dt)
+    x_BxTxD = x_BxTxD + layers.out_proj(o_BxTxNxH, p["wo"], dt)
     x_BxTxD = shd.constrain(x_BxTxD, ("batch", "length", "act_embed"))
 
     h_BxTxD = layers.rms_norm(x_BxTxD, p["mlp_norm"], cfg.norm_eps, dt)

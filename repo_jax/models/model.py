@@ -14,6 +14,14 @@ Forward entry points (``B`` batch, ``T`` tokens, left padding allowed):
   -> (logits, cache)``: prefill / one-token decode for the sampler; the ``T`` new tokens go to
   cache slots ``index .. index + T - 1``.
 
+Decoding layout: ``model.unstacked()`` returns the same model with one parameter dict per layer
+(an ``nnx.List``) and a cache of per-layer buffers; its forward is a Python loop over layers.
+On CPU a decode step is bound by streaming the weights from memory, and a ``scan`` over the
+stacked arrays materialises each layer's slice (a copy of every weight per token) and each
+layer's cache slice; the unrolled form reads weights in place and updates each layer's cache
+buffer in place (about 2x faster per decoded token for SmolLM2-135M at batch 16). Training keeps
+the stacked ``scan`` (one layer compiled, remat per layer).
+
 Without ``positions``, they count real tokens (``cumsum(mask) - 1``), so left padding never
 shifts the rotary phase.
 """
@@ -78,6 +86,29 @@ class CausalLM(nnx.Module):
     def _layers(self):
         return {k: v[...] for k, v in self.layers.items()}
 
+    @property
+    def is_unstacked(self) -> bool:
+        return isinstance(self.layers, nnx.List)
+
+    def unstacked(self) -> "CausalLM":
+        """A copy with one parameter dict per layer (the decoding layout; see the module doc).
+
+        Call it outside ``jit`` (it slices every stacked weight once); an unstacked model is
+        returned as is. Logical sharding names are kept, minus the ``layers`` axis.
+        """
+        if self.is_unstacked:
+            return self
+        out = nnx.eval_shape(lambda: CausalLM(self.config, rngs=nnx.Rngs(0)))
+        out.top = nnx.Dict({k: nnx.Param(v[...], eager_sharding=False, out_sharding=v.get_metadata().get("out_sharding"))
+                            for k, v in self.top.items()})
+        out.layers = nnx.List([
+            nnx.Dict({k: nnx.Param(v[...][i], eager_sharding=False,
+                                   out_sharding=tuple(v.get_metadata().get("out_sharding") or ())[1:] or None)
+                      for k, v in self.layers.items()})
+            for i in range(self.config.num_layers)
+        ])
+        return out
+
     def unembedding(self):
         """``(w_DxV, b_V or None)`` in the parameter dtype."""
         return ARCHS[self.config.arch].unembedding(self.config, self._top())
@@ -86,6 +117,16 @@ class CausalLM(nnx.Module):
     def _stack(self, x_BxTxD, ctx, cache_kv, index):
         cfg = self.config
         block = ARCHS[cfg.arch].block
+        if self.is_unstacked:  # decoding layout: unrolled, per-layer weights and cache buffers
+            new_k, new_v = [], []
+            for i, layer_params in enumerate(self.layers):
+                p = {k: v[...] for k, v in layer_params.items()}
+                kv = None if cache_kv is None else (cache_kv[0][i], cache_kv[1][i])
+                x_BxTxD, kv = block(cfg, p, x_BxTxD, ctx, kv, None, index)
+                if kv is not None:
+                    new_k.append(kv[0])
+                    new_v.append(kv[1])
+            return x_BxTxD, (None if cache_kv is None else (tuple(new_k), tuple(new_v)))
 
         def body(carry, xs):
             x, kv = carry
@@ -127,17 +168,24 @@ class CausalLM(nnx.Module):
         return self.logits(self.hidden_states(input_ids_BxT, positions_BxT, attention_mask_BxT))
 
     def init_cache(self, batch_size: int, max_len: int, dtype=None) -> layers.KVCache:
+        """Zeros; stacked ``[L, B, G, S, H]`` buffers, or ``L`` separate ones for an unstacked model."""
         cfg = self.config
         return layers.KVCache.zeros(cfg.num_layers, batch_size, max_len, cfg.num_kv_heads, cfg.head_dim,
-                                    dtype or cfg.jnp_dtype)
+                                    dtype or cfg.jnp_dtype, per_layer=self.is_unstacked)
 
-    def forward_with_cache(self, input_ids_BxT, positions_BxT, attention_mask_BxT, cache: layers.KVCache, index):
-        """Runs ``T`` new tokens at cache slots ``index ..``; returns float32 logits and the new cache."""
+    def forward_with_cache(self, input_ids_BxT, positions_BxT, attention_mask_BxT, cache: layers.KVCache, index,
+                           *, last_only: bool = False):
+        """Runs ``T`` new tokens at cache slots ``index ..``; returns float32 logits and the new cache.
+
+        ``last_only``: logits of the last position only (``[B, 1, V]``), what a prefill needs;
+        spares the ``T x V`` unembedding of the prompt.
+        """
         index = jnp.asarray(index, jnp.int32)
         new_pos_BxT = layers.key_positions(positions_BxT, attention_mask_BxT)
         pos_BxS = jax.lax.dynamic_update_slice(cache.pos_BxS, new_pos_BxT, (jnp.int32(0), index))
         ctx = self._context(positions_BxT, pos_BxS, index)
-        x, (k, v) = self._stack(self._embed(input_ids_BxT), ctx, (cache.k_LxBxSxGxH, cache.v_LxBxSxGxH), index)
+        x, (k, v) = self._stack(self._embed(input_ids_BxT), ctx, (cache.k_LxBxGxSxH, cache.v_LxBxGxSxH), index)
+        x = x[:, -1:] if last_only else x
         h = ARCHS[self.config.arch].final_norm(self.config, self._top(), x)
         return self.logits(h), layers.KVCache(k, v, pos_BxS)
 

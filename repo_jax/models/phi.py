@@ -62,7 +62,7 @@ def block(cfg: ModelConfig, p, x_BxTxD, ctx, cache_kv, layer, index):
         q = layers.layer_norm(q, p["q_norm_scale"], p["q_norm_bias"], cfg.norm_eps, dt)
         k = layers.layer_norm(k, p["k_norm_scale"], p["k_norm_bias"], cfg.norm_eps, dt)
     o_BxTxNxH, cache_kv = layers.attention_kv(q, k, v, ctx, cache_kv, layer, index, dt)
-    attn_BxTxD = layers.dense(o_BxTxNxH, p["wo"], "BTNH,NHD->BTD", dt) + p["bo"].astype(dt)
+    attn_BxTxD = layers.out_proj(o_BxTxNxH, p["wo"], dt) + p["bo"].astype(dt)
 
     fc1_BxTxF = layers.dense(h_BxTxD, p["w_fc1"], "BTD,DF->BTF", dt) + p["b_fc1"].astype(dt)
     fc1_BxTxF = shd.constrain(layers.activation(cfg.hidden_act)(fc1_BxTxF), ("batch", "length", "act_mlp"))
