@@ -295,3 +295,33 @@ def test_smollm2_gguf_matches_transformers_gguf_loader(smollm2_path):
     assert diff < 2e-3, diff
     assert ours[-1].argmax() == ref[-1].argmax()
     assert np.ptp(ref[-1]) > 10  # the logits are informative, not a flat row
+
+
+@pytest.mark.parametrize("spec,sa,sb", [("BTD,DF->BTF", (2, 3, 4), (4, 5)), ("BGRTH,BGSH->BGRTS", (2, 3, 2, 4, 5), (2, 3, 6, 5))])
+def test_matmul_gradients_and_backward_precision(spec, sa, sb):
+    from repo_jax.models import layers
+
+    r = np.random.default_rng(0)
+    a, b = (jnp.asarray(r.standard_normal(s), jnp.float32) for s in (sa, sb))
+    ours = jax.grad(lambda a, b: jnp.sum(jnp.sin(layers.matmul(spec, a, b, jnp.float32))), argnums=(0, 1))(a, b)
+    ref = jax.grad(lambda a, b: jnp.sum(jnp.sin(jnp.einsum(spec, a, b))), argnums=(0, 1))(a, b)
+    for x, y in zip(ours, ref):
+        np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-5)
+    # bf16 compute: every dot of the backward pass takes bf16 inputs and accumulates in float32;
+    # gradients come back in the parameters' dtype.
+    loss = lambda a, b: jnp.sum(layers.matmul(spec, a, b, jnp.bfloat16) ** 2)
+    def dots_in(jaxpr):
+        for e in jaxpr.eqns:
+            if e.primitive.name == "dot_general":
+                yield e
+            for v in e.params.values():
+                inner = getattr(v, "jaxpr", v)
+                if hasattr(inner, "eqns"):
+                    yield from dots_in(inner)
+
+    dots = list(dots_in(jax.make_jaxpr(jax.grad(loss, argnums=(0, 1)))(a, b).jaxpr))
+    assert len(dots) == 3
+    for e in dots:
+        assert [v.aval.dtype for v in e.invars] == [jnp.bfloat16, jnp.bfloat16] and e.outvars[0].aval.dtype == jnp.float32
+    da, db = jax.grad(loss, argnums=(0, 1))(a, b)
+    assert da.dtype == db.dtype == jnp.float32

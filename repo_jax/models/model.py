@@ -161,7 +161,7 @@ class CausalLM(nnx.Module):
     def logits(self, h_BxTxD):
         """Float32 logits of hidden states (the full ``[B, T, V]``: use ``logprobs`` for training)."""
         w_DxV, b_V = self.unembedding()
-        logits = jnp.einsum("BTD,DV->BTV", h_BxTxD, w_DxV.astype(h_BxTxD.dtype), preferred_element_type=jnp.float32)
+        logits = layers.matmul("BTD,DV->BTV", h_BxTxD, w_DxV, h_BxTxD.dtype)
         return logits if b_V is None else logits + b_V.astype(jnp.float32)
 
     def __call__(self, input_ids_BxT, positions_BxT=None, attention_mask_BxT=None):
