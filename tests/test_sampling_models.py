@@ -47,16 +47,20 @@ def _hf_greedy(hf, prompt, n):
     return out[0, len(prompt) :].tolist()
 
 
+@pytest.mark.parametrize("unstack", [True, False], ids=["unstacked", "stacked"])
 @pytest.mark.parametrize("kind", ["mistral", "phi"])
-def test_greedy_matches_transformers_tiny(kind, tmp_path):
+def test_greedy_matches_transformers_tiny(kind, unstack, tmp_path):
     hf = _tiny_hf(kind)
     hf.save_pretrained(tmp_path)
     model = models.from_pretrained(str(tmp_path))
+    assert sampling.decoding_model(model).is_unstacked  # the CPU default
+    assert sampling.decoding_model(model, unstack=False) is model
     prompts = [[5, 9, 2, 33, 17, 100], [1, 2, 3], list(range(40, 51))]
-    ours = sampling.generate(model, prompts, max_new_tokens=12)
+    out = sampling.sample(model, prompts, max_new_tokens=12, unstack=unstack)
+    ours = [row[:n].tolist() for row, n in zip(out.tokens_BxS, out.lengths_B)]
     assert ours == [_hf_greedy(hf, p, 12) for p in prompts]
     # cached log-probs equal the full forward of the ports on the concatenated sequence
-    out = sampling.sample(model, prompts[:1], max_new_tokens=12)
+    out = sampling.sample(model, prompts[:1], max_new_tokens=12, unstack=unstack)
     seq = np.asarray([prompts[0] + out.tokens_BxS[0].tolist()], np.int32)
     logp = jax.nn.log_softmax(model(seq)[0], -1)
     ref = [logp[len(prompts[0]) - 1 + i, t] for i, t in enumerate(out.tokens_BxS[0])]

@@ -45,7 +45,8 @@ def _forward_step_seconds(model, batch, max_len, repeats) -> float:
     """One jitted single-token ``forward_with_cache`` (the decode loop's body without sampling)."""
     from flax import nnx
 
-    graphdef, state = nnx.split(model.unstacked())
+    model = sampling.decoding_model(model)
+    graphdef, state = nnx.split(model)
     s = sampling.bucket(max_len, minimum=8)
 
     @jax.jit
@@ -54,7 +55,7 @@ def _forward_step_seconds(model, batch, max_len, repeats) -> float:
         pos = jnp.full(ids_Bx1.shape, s // 2, jnp.int32)
         return m.forward_with_cache(ids_Bx1, pos, jnp.ones_like(ids_Bx1), cache, jnp.int32(s // 2))
 
-    cache = model.unstacked().init_cache(batch, s)
+    cache = model.init_cache(batch, s)
     ids = jnp.ones((batch, 1), jnp.int32)
     return time_fn(lambda: jax.block_until_ready(step(state, cache, ids)), repeats=repeats * 3)
 
