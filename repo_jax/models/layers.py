@@ -31,8 +31,9 @@ def matmul(spec: str, a, b, dtype):
     inputs (the incoming cotangent is cast to ``dtype``) and accumulate in float32. JAX's own
     transpose of a ``preferred_element_type=float32`` dot would feed the float32 cotangent in
     and promote the other operand, so with bfloat16 compute every backward matmul would run in
-    float32 (on this CPU ~5x slower than bf16 with float32 accumulation; on accelerators it
-    doubles the backward's memory traffic). ``spec`` must name every index in at least two of
+    float32 (twice the operand bytes, and off the bf16 matmul units of accelerators). The
+    explicit gradient einsums also suit XLA:CPU in float32 (policy gradient on 8 x 256 tokens of
+    SmolLM2-135M: 21.3 -> 17.7 s). ``spec`` must name every index in at least two of
     its three terms (true of every matmul here), so each gradient is an einsum of the other two.
     """
     return jnp.einsum(spec, a.astype(dtype), b.astype(dtype), preferred_element_type=F32)
