@@ -35,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from repo_jax import logprobs
 from repo_jax import sharding as shd
 
 # --------------------------------------------------------------------------------------------
@@ -111,16 +112,15 @@ def choose_tokens(logits_BxV: jax.Array, keys_B: jax.Array, policy: SamplingPoli
     actually sampled from (after temperature, top-k, top-p), 0 for greedy (a point mass).
     """
     logits_BxV = logits_BxV.astype(jnp.float32)
-    model_logp_BxV = jax.nn.log_softmax(logits_BxV, axis=-1)
+    pick = lambda x_BxV, token_B: jnp.take_along_axis(x_BxV, token_B[:, None], axis=-1)[:, 0]
     if policy.greedy:
         token_B = jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
         sample_logp_B = jnp.zeros(token_B.shape, jnp.float32)
     else:
         scaled_BxV = filter_logits(logits_BxV / policy.temperature, top_k=policy.top_k, top_p=policy.top_p)
         token_B = jax.vmap(jax.random.categorical)(keys_B, scaled_BxV).astype(jnp.int32)
-        sample_logp_BxV = jax.nn.log_softmax(scaled_BxV, axis=-1)
-        sample_logp_B = jnp.take_along_axis(sample_logp_BxV, token_B[:, None], axis=-1)[:, 0]
-    model_logp_B = jnp.take_along_axis(model_logp_BxV, token_B[:, None], axis=-1)[:, 0]
+        sample_logp_B = pick(scaled_BxV, token_B) - logprobs.logsumexp(scaled_BxV)
+    model_logp_B = pick(logits_BxV, token_B) - logprobs.logsumexp(logits_BxV)
     return token_B, model_logp_B, sample_logp_B
 
 

@@ -90,8 +90,8 @@ def test_chunked_peak_memory_is_smaller():
 
 
 def test_forward_logsumexp_is_stable_and_exact():
-    from repo_jax.logprobs import _logsumexp
-
     r = np.random.default_rng(0)
     logits = jnp.asarray(r.standard_normal((2, 3, 5000)) * 300.0 + 1e4, jnp.float32)  # exp would overflow unshifted
-    np.testing.assert_allclose(_logsumexp(logits), jax.nn.logsumexp(logits, axis=-1), rtol=1e-6)
+    np.testing.assert_allclose(logprobs.logsumexp(logits), jax.nn.logsumexp(logits, axis=-1), rtol=1e-6)
+    masked = logits.at[:, :, ::2].set(-jnp.inf)  # filtered (top-k / top-p) rows
+    np.testing.assert_allclose(logprobs.logsumexp(masked), jax.nn.logsumexp(masked, axis=-1), rtol=1e-6)
