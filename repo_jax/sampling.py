@@ -366,7 +366,7 @@ def sample(
         ``nnx.state(model)``) or, if omitted, by their logical names under ``SAMPLE_RULES``.
       unstack: decode a ``CausalLM`` in its unstacked layout (``model.unstacked()``: per-layer
         weights and KV buffers, a copy of the weights). ``None``: on CPU only, where a scan over
-        stacked weights copies every layer's slice per decoded token (~1.6x slower per token at
+        stacked weights copies every layer's slice per decoded token (1.5x slower per token at
         batch 16 for SmolLM2-135M); accelerators read the slices in place and keep one copy of
         the weights. A loop sampling many times can pass ``model.unstacked()`` itself.
       *_buckets: allowed sizes. Defaults: batch and new-token buffer powers of two, prompt length

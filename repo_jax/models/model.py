@@ -119,15 +119,13 @@ class CausalLM(nnx.Module):
         cfg = self.config
         block = ARCHS[cfg.arch].block
         if self.is_unstacked:  # decoding layout: unrolled, per-layer weights and cache buffers
-            new_k, new_v = [], []
+            kvs = []
             for i, layer_params in enumerate(self.layers):
                 p = {k: v[...] for k, v in layer_params.items()}
                 kv = None if cache_kv is None else (cache_kv[0][i], cache_kv[1][i])
                 x_BxTxD, kv = block(cfg, p, x_BxTxD, ctx, kv, None, index)
-                if kv is not None:
-                    new_k.append(kv[0])
-                    new_v.append(kv[1])
-            return x_BxTxD, (None if cache_kv is None else (tuple(new_k), tuple(new_v)))
+                kvs.append(kv)
+            return x_BxTxD, (None if cache_kv is None else tuple(map(tuple, zip(*kvs))))
 
         def body(carry, xs):
             x, kv = carry
