@@ -132,6 +132,7 @@ def write_jsonl_atomic(path: PathLike, records: Iterable[Mapping[str, Any]]) -> 
     text = "".join(_dumps(r) + "\n" for r in records)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.chmod(tmp, _file_mode(path))  # mkstemp makes 0600; keep the old file's (or 0644)
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
             f.flush()
@@ -141,6 +142,13 @@ def write_jsonl_atomic(path: PathLike, records: Iterable[Mapping[str, Any]]) -> 
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+def _file_mode(path: Path) -> int:
+    try:
+        return path.stat().st_mode & 0o777
+    except FileNotFoundError:
+        return 0o644
 
 
 # ------------------------------------------------------------------------------------------------

@@ -88,6 +88,10 @@ def test_write_jsonl_atomic_replaces_content(tmp_path):
     write_jsonl_atomic(path, [])
     assert read_jsonl(path) == []
     assert [p.name for p in tmp_path.iterdir()] == ["metrics.jsonl"]  # no temp file left
+    assert path.stat().st_mode & 0o777 == 0o644  # not mkstemp's 0600
+    path.chmod(0o640)
+    write_jsonl_atomic(path, _records(1))
+    assert path.stat().st_mode & 0o777 == 0o640
 
 
 def test_write_jsonl_atomic_keeps_old_file_on_failure(tmp_path):
