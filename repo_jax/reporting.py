@@ -162,11 +162,13 @@ class TensorBoard:
     ...     tb.write({"iteration": 1, "eval/reward": 0.5, "train/loss": None})  # loss skipped
     """
 
-    def __init__(self, log_dir: PathLike):
+    def __init__(self, log_dir: PathLike, *, purge_step: int | None = None):
+        """``purge_step``: a resumed run passes its next iteration, so TensorBoard hides the
+        events an interrupted attempt wrote at that step and later."""
         from tensorboardX import SummaryWriter
 
         self.log_dir = Path(log_dir)
-        self._writer = SummaryWriter(logdir=str(self.log_dir))
+        self._writer = SummaryWriter(logdir=str(self.log_dir), purge_step=purge_step)
 
     def write(self, record: Mapping[str, Any]) -> None:
         """Adds one scalar per numeric key (``iteration`` itself excepted); ``None`` and others skipped."""

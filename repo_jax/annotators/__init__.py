@@ -16,12 +16,12 @@ Typical round (the iREPO host loop)::
 
 from repo_jax.annotators.base import Annotator, PairwiseAnnotator, ScoreAnnotator, bt_probs
 from repo_jax.annotators.judge import DEFAULT_TEMPLATE, LLMJudge
-from repo_jax.annotators.panel import Panel, SimulatedAnnotator, simulated_panel
+from repo_jax.annotators.panel import AnnotatorError, Panel, SimulatedAnnotator, simulated_panel
 from repo_jax.annotators.reward_model import HFRewardModel, JaxRewardModel, ScoreHead
 from repo_jax.annotators.rules import ExactNumber, LengthBudget, RegexMatch, RuleAnnotator, Weighted, extract_number
 
 __all__ = [
-    "DEFAULT_TEMPLATE", "Annotator", "ExactNumber", "HFRewardModel", "JaxRewardModel", "LLMJudge", "LengthBudget",
+    "DEFAULT_TEMPLATE", "Annotator", "AnnotatorError", "ExactNumber", "HFRewardModel", "JaxRewardModel", "LLMJudge", "LengthBudget",
     "PairwiseAnnotator", "Panel", "RegexMatch", "RuleAnnotator", "ScoreAnnotator", "ScoreHead", "SimulatedAnnotator",
     "Weighted", "bt_probs", "extract_number", "simulated_panel",
 ]

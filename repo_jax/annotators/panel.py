@@ -21,13 +21,25 @@ import numpy as np
 from repo_jax.annotators.base import Annotator, PairwiseAnnotator
 
 
-class Panel:
-    """``H`` annotators judging the same responses."""
+class AnnotatorError(RuntimeError):
+    """An annotator of a panel failed; the message names it."""
 
-    def __init__(self, annotators: Sequence[Annotator]):
+
+class Panel:
+    """``H`` annotators judging the same responses, each with a weight (default 1).
+
+    With weights, ``counts[i, j] = sum_h weight_h * p_h(i > j)``, so ``n_ij + n_ji`` is the
+    total weight (``H`` when unweighted).
+    """
+
+    def __init__(self, annotators: Sequence[Annotator], weights: Sequence[float] | None = None):
         if not annotators:
             raise ValueError("a panel needs at least one annotator")
         self.annotators = list(annotators)
+        self.weights = np.ones(len(self.annotators), np.float32) if weights is None else np.asarray(weights, np.float32)
+        if self.weights.shape != (len(self.annotators),) or (self.weights < 0).any():
+            raise ValueError(f"a panel of {len(self.annotators)} annotators needs as many non-negative weights, "
+                             f"got {list(self.weights)}")
 
     def __len__(self) -> int:
         return len(self.annotators)
@@ -36,15 +48,29 @@ class Panel:
     def names(self) -> list[str]:
         return [a.name for a in self.annotators]
 
-    def probs(self, prompts: Sequence[str], responses: Sequence[Sequence[str]]) -> np.ndarray:
-        """``[H, P, D, D]``: member ``h``'s probability (or vote) that ``i`` beats ``j``."""
-        return np.stack([np.asarray(a(prompts, responses), np.float32) for a in self.annotators])
+    def probs(self, prompts: Sequence[str], responses: Sequence[Sequence[str]], *, progress=None) -> np.ndarray:
+        """``[H, P, D, D]``: member ``h``'s probability (or vote) that ``i`` beats ``j``.
+
+        ``progress`` (optional) wraps the list of members, e.g. a progress bar. A member that
+        raises is reported as :class:`AnnotatorError` naming it.
+        """
+        out = []
+        for a in (progress(self.annotators) if progress else self.annotators):
+            try:
+                out.append(np.asarray(a(prompts, responses), np.float32))
+            except Exception as e:
+                raise AnnotatorError(f"annotator {a.name!r} failed: {type(e).__name__}: {e}") from e
+        return np.stack(out)
+
+    def counts_from(self, probs_HxPxDxD: np.ndarray) -> np.ndarray:
+        """Weighted counts ``[P, D, D]`` from :meth:`probs`."""
+        from repo_jax.preferences import counts_from_probs
+
+        return np.asarray(counts_from_probs(probs_HxPxDxD * self.weights[:, None, None, None]))
 
     def counts(self, prompts: Sequence[str], responses: Sequence[Sequence[str]]) -> np.ndarray:
         """``counts_PxDxD`` for :func:`repo_jax.preferences.zermelo`."""
-        from repo_jax.preferences import counts_from_probs
-
-        return np.asarray(counts_from_probs(self.probs(prompts, responses)))
+        return self.counts_from(self.probs(prompts, responses))
 
     def reset(self) -> None:
         for a in self.annotators:

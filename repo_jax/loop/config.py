@@ -1,0 +1,172 @@
+"""``IrepoConfig``: the iREPO host loop's config, the training ``RunConfig`` plus its own sections.
+
+Sections added to ``RunConfig`` (``model``, ``data``, ``mesh``, ``train``, ``optim``,
+``checkpoint``):
+
+* ``task``      the embedded task whose prompts, reward and rules the loop uses (``arithmetic``,
+                ``toy_digits``), or ``""`` for a prompt dataset in ``data.path`` without a task;
+* ``loop``      rounds, prompts per round, responses per prompt, epochs, pair selection,
+                optimiser reset or carry between rounds;
+* ``sample``    the sampling policy of a round (temperature, top-p, top-k, max new tokens);
+* ``annotate``  the panel (rules, simulated raters, LLM judges, reward models, each weighted)
+                and the Zermelo pseudo-count;
+* ``eval``      held-out prompts, greedy answers, KL samples.
+
+What the loop derives instead of reading twice: the prompt pipeline's batch size is
+``loop.prompts_per_round`` (``data.batch_size`` is not read), and the reference pass and the
+train step see ``train.batch_size`` pairs (or lists) of ``train.seq_len`` tokens per step;
+:func:`check` says, in one sentence each, what does not fit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+from repo_jax.config import ConfigError
+from repo_jax.data.config import DataConfig
+from repo_jax.training.config import RunConfig
+from repo_jax.training.objectives import LOSSES
+
+
+@dataclasses.dataclass(frozen=True)
+class LoopConfig:
+    """``rounds`` iREPO rounds of ``prompts_per_round`` prompts x ``num_responses`` responses.
+
+    pairs: ``best_vs_worst`` (the paper: strongest vs weakest response by Zermelo strength) or
+      ``all_pairs`` (every ``i < j``); pairwise losses only (listwise losses take all responses).
+    list_scores: the scores of an online LPO / InfoNCA list: ``win_rate`` (10 x each response's
+      mean ``p_hat`` against the others, on UltraFeedback's 0-10 scale) or ``strength`` (the
+      Zermelo strength ``w``, geometric mean 1).
+    epochs: passes over the round's pairs (reshuffled each epoch, seeded).
+    optimizer: ``reset`` (fresh AdamW moments and schedule every round: ``optim.total_steps``
+      counts one round's steps) or ``carry`` (one optimiser over the whole run).
+    sample_batch: prompts per sampler call (a progress-bar tick; rows = this x num_responses).
+    progress: progress bars on stderr.
+    """
+
+    rounds: int = 3
+    prompts_per_round: int = 32
+    num_responses: int = 4
+    epochs: int = 1
+    pairs: Literal["best_vs_worst", "all_pairs"] = "best_vs_worst"
+    list_scores: Literal["win_rate", "strength"] = "win_rate"
+    optimizer: Literal["reset", "carry"] = "reset"
+    sample_batch: int = 16
+    progress: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class SampleConfig:
+    """The round's sampling policy (``temperature > 0``; top-k / top-p optional)."""
+
+    temperature: float = 0.8
+    top_p: float | None = None
+    top_k: int | None = None
+    max_new_tokens: int = 64
+
+
+@dataclasses.dataclass(frozen=True)
+class AnnotatorSpec:
+    """One member (or, for ``simulated``, ``count`` members) of the panel.
+
+    kind: ``rule`` (the task's scorer ``name``: e.g. ``correct``, ``format``, ``length``,
+      ``reward``; ``p_ij = sigmoid((s_i - s_j) / temperature)``), ``simulated`` (``count`` noisy
+      raters judging by the task reward: Bradley-Terry with ``scale`` and position biases drawn
+      from ``N(0, bias_std^2)``), ``judge`` (our port of the causal LM at ``model`` -- an HF
+      folder, a ``.gguf`` or ``smollm2`` -- read from the logits of " A" vs " B", both orders),
+      ``hf_reward_model`` (a transformers sequence-classification folder at ``model``; needs torch).
+    weight: multiplies the member's judgements in the counts (``n_ij + n_ji`` = the total weight).
+    """
+
+    kind: Literal["rule", "simulated", "judge", "hf_reward_model"] = "rule"
+    name: str = ""
+    weight: float = 1.0
+    temperature: float = 0.25
+    count: int = 1
+    bias_std: float = 0.5
+    scale: float = 4.0
+    seed: int = 0
+    model: str = ""
+    max_response_tokens: int = 256
+    batch_size: int = 16
+
+
+DEFAULT_PANEL = (
+    AnnotatorSpec(kind="rule", name="correct"),
+    AnnotatorSpec(kind="rule", name="format"),
+    AnnotatorSpec(kind="rule", name="length"),
+    AnnotatorSpec(kind="simulated", count=5),
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class AnnotateConfig:
+    """The panel and the Zermelo fit: ``pseudo_count`` is added to every count (ALGORITHMS.md)."""
+
+    panel: tuple[AnnotatorSpec, ...] = DEFAULT_PANEL
+    pseudo_count: float = 0.5
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+    """Held-out evaluation every iteration (iteration 0 = the starting policy).
+
+    num_prompts: the first ``num_prompts`` of the task's eval split (or of ``data_path``).
+    max_new_tokens: of the greedy answers (0 = ``sample.max_new_tokens``).
+    kl_samples: responses per prompt sampled at temperature 1 from ``pi_t`` for
+      ``eval/kl = mean log pi_t(y) - log pi_0(y)`` (0 disables; it keeps a copy of ``pi_0``).
+    data_path: held-out prompts when there is no task (a prompt file, like ``data.path``).
+    """
+
+    num_prompts: int = 64
+    max_new_tokens: int = 0
+    kl_samples: int = 1
+    data_path: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class IrepoConfig(RunConfig):
+    """The iREPO loop's config (see the module docstring)."""
+
+    task: str = "arithmetic"
+    loop: LoopConfig = LoopConfig()
+    sample: SampleConfig = SampleConfig()
+    annotate: AnnotateConfig = AnnotateConfig()
+    eval: EvalConfig = EvalConfig()
+
+    @property
+    def eval_max_new_tokens(self) -> int:
+        return self.eval.max_new_tokens or self.sample.max_new_tokens
+
+
+def check(cfg: IrepoConfig) -> None:
+    """Raises ``ConfigError`` naming the key when the sections do not fit together."""
+    loop, train = cfg.loop, cfg.train
+    if train.loss.name not in LOSSES:
+        raise ConfigError(f"train.loss.name={train.loss.name!r} is not a loss; choose one of {sorted(LOSSES)}")
+    if loop.rounds < 0 or loop.prompts_per_round < 1 or loop.epochs < 1 or loop.sample_batch < 1:
+        raise ConfigError("loop.rounds must be >= 0 and loop.prompts_per_round, loop.epochs, loop.sample_batch >= 1")
+    if loop.num_responses < 2:
+        raise ConfigError(f"loop.num_responses must be at least 2 (pairs need two responses), got {loop.num_responses}")
+    if cfg.sample.temperature <= 0:
+        raise ConfigError("sample.temperature must be > 0: the round's responses are sampled, not greedy")
+    if cfg.data.batch_size != DataConfig().batch_size and cfg.data.batch_size != loop.prompts_per_round:
+        raise ConfigError("data.batch_size is not read by the iREPO loop (it draws loop.prompts_per_round prompts "
+                          "a round); remove it")
+    longest = cfg.data.max_prompt_len + max(cfg.sample.max_new_tokens, cfg.eval_max_new_tokens)
+    if train.seq_len < longest:
+        raise ConfigError(f"train.seq_len={train.seq_len} is shorter than data.max_prompt_len + max new tokens = "
+                          f"{longest}; raise train.seq_len")
+    listwise = not LOSSES[train.loss.name].pairwise
+    if listwise and train.num_responses != loop.num_responses:
+        raise ConfigError(f"train.num_responses={train.num_responses} must equal loop.num_responses="
+                          f"{loop.num_responses} for the listwise loss {train.loss.name!r}")
+    if not listwise and train.num_responses != 2:
+        raise ConfigError(f"train.num_responses must be 2 for the pairwise loss {train.loss.name!r}")
+    if train.reference != "batch":
+        raise ConfigError("train.reference must be 'batch': the loop computes reference log-probs once a round")
+    if not cfg.annotate.panel:
+        raise ConfigError("annotate.panel is empty: the loop needs at least one annotator")
+    if not cfg.task and not cfg.eval.data_path:
+        raise ConfigError("task is empty: set eval.data_path to the held-out prompts")

@@ -1,0 +1,73 @@
+"""Held-out evaluation of a policy, every iteration (iteration 0 = the starting policy).
+
+DESIGN.md's keys:
+
+* ``eval/reward``   mean task reward of the greedy answers to the held-out prompts;
+* ``eval/<metric>`` the task's own metrics of those answers (``eval/accuracy``, ``eval/format``);
+* ``eval/length``   mean answer length in tokens (the stop token included);
+* ``eval/win_rate`` the panel's preference of these answers over iteration 0's, ties 1/2: per
+  prompt ``n(current > first) / (total weight)``, with the current answer shown first on even
+  prompts and second on odd ones, so a judge's position bias cancels;
+* ``eval/kl``       mean over ``eval.kl_samples`` responses per prompt, sampled at temperature 1
+  from ``pi_t``, of ``log pi_t(y) - log pi_0(y)`` (an unbiased estimate of KL(pi_t || pi_0));
+  0 at iteration 0. Both log-probs come from the reference pass of the train step's shapes
+  (``make_reference_logprobs``), so no extra program is compiled.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+from repo_jax.loop.rounds import collate_batches, sample_responses
+
+
+def greedy_answers(policy, prompt_ids, *, max_new_tokens: int, eos_id, pad_id: int, chunk: int, mesh,
+                   progress) -> list[list[int]]:
+    rows = sample_responses(policy, prompt_ids, num_samples=1, max_new_tokens=max_new_tokens, temperature=0.0,
+                            top_p=None, top_k=None, eos_id=eos_id, pad_id=pad_id, seed=0, chunk=chunk, mesh=mesh,
+                            progress=progress)
+    return [r[0] for r in rows]
+
+
+def win_rate(panel, prompts: Sequence[str], current: Sequence[str], first: Sequence[str]) -> float:
+    """Mean over prompts of the panel's weighted vote share for ``current`` over ``first``."""
+    flip = np.arange(len(prompts)) % 2 == 1
+    pairs = [[b, a] if f else [a, b] for a, b, f in zip(current, first, flip)]
+    panel.reset()
+    counts = panel.counts_from(panel.probs(prompts, pairs))
+    cur = np.where(flip, 1, 0)
+    idx = np.arange(len(prompts))
+    wins, losses = counts[idx, cur, 1 - cur], counts[idx, 1 - cur, cur]
+    return float(np.mean(wins / np.maximum(wins + losses, 1e-12)))
+
+
+def kl_estimate(ref_logprobs: Callable, params_t, params_0, prompt_ids, responses, *, batch_size: int,
+                num_responses: int, seq_len: int, pad_id: int, to_device: Callable, to_host: Callable) -> float:
+    """``mean log pi_t(y) - log pi_0(y)`` over ``responses`` (one per entry of ``prompt_ids``),
+    packed ``num_responses`` rows to an example so the reference program's shape is reused."""
+    rows = list(zip(prompt_ids, responses))
+    diffs = []
+    for batch in pack_rows(rows, batch_size=batch_size, num_responses=num_responses, seq_len=seq_len, pad_id=pad_id):
+        dev = to_device(batch)
+        lt, l0 = to_host(ref_logprobs(params_t, dev)), to_host(ref_logprobs(params_0, dev))
+        diffs.append((lt - l0)[batch["list_mask_BxK"]])
+    return float(np.mean(np.concatenate(diffs))) if diffs else 0.0
+
+
+def pack_rows(rows: Sequence[tuple[Sequence[int], Sequence[int]]], *, batch_size: int, num_responses: int,
+              seq_len: int, pad_id: int) -> list[dict[str, np.ndarray]]:
+    """``(prompt_ids, response_ids)`` rows, each with its own prompt, as ``[B, K, T]`` batches:
+    rows collated one response per example, then ``B * K`` of them folded into ``B x K``."""
+    b, k = batch_size, num_responses
+    items = [{"prompt_ids": list(p), "response_ids": [list(r)], "scores": [], "pref": None, "row": i}
+             for i, (p, r) in enumerate(rows)]
+    out = []
+    for flat in collate_batches(items, range(len(items)), batch_size=b * k, num_responses=1, seq_len=seq_len,
+                                pad_id=pad_id):
+        batch = {name: x.reshape(b, k, *x.shape[2:]) for name, x in flat.items() if x.ndim >= 2}
+        batch["example_mask_B"] = flat["example_mask_B"].reshape(b, k).any(axis=1)
+        batch["list_mask_BxK"] = flat["list_mask_BxK"].reshape(b, k)
+        out.append(batch)
+    return out

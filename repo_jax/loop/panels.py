@@ -1,0 +1,80 @@
+"""The annotator panel of a run, built from ``annotate.panel`` (see ``AnnotatorSpec``).
+
+Each entry becomes one member (``simulated`` becomes ``count`` members) with its weight; names
+are unique and readable (``rule/correct``, ``simulated3``, ``judge/smollm2``), because the round
+files and error messages use them. Judges and reward models load their own weights once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from repo_jax.annotators import LLMJudge, Panel, RuleAnnotator, simulated_panel
+from repo_jax.config import ConfigError
+from repo_jax.loop.config import AnnotatorSpec
+
+
+def _rule(spec: AnnotatorSpec, task, where: str):
+    scorers = task.scorers() if task is not None else {}
+    if spec.name not in scorers:
+        what = f"the task {task.name!r}" if task is not None else "a run without a task"
+        raise ConfigError(f"{where}: rule {spec.name!r} is not a scorer of {what}; choose one of {sorted(scorers)}")
+    return [RuleAnnotator(scorers[spec.name], temperature=spec.temperature, name=f"rule/{spec.name}")]
+
+
+def _simulated(spec: AnnotatorSpec, task, where: str):
+    if task is None:
+        raise ConfigError(f"{where}: simulated raters judge by the task reward, and this run has no task")
+    if spec.count < 1:
+        raise ConfigError(f"{where}.count must be at least 1, got {spec.count}")
+    members = simulated_panel(task.reward, spec.count, bias_std=spec.bias_std, scale=spec.scale, seed=spec.seed)
+    for m in members:
+        m.name = f"{spec.name or 'simulated'}{m.name.removeprefix('simulated')}"
+    return members
+
+
+def _judge(spec: AnnotatorSpec, task, where: str):
+    from repo_jax import models
+    from repo_jax.assets import load_tokenizer, resolve_model_path
+
+    if not spec.model:
+        raise ConfigError(f"{where}.model is empty: set it to an HF folder, a .gguf file or 'smollm2'")
+    path = resolve_model_path(spec.model)
+    judge = LLMJudge(models.from_pretrained(str(path)), load_tokenizer(path), max_response_tokens=spec.max_response_tokens,
+                     batch_size=spec.batch_size, name=spec.name or f"judge/{_stem(spec.model)}")
+    return [judge]
+
+
+def _hf_reward_model(spec: AnnotatorSpec, task, where: str):
+    from repo_jax.annotators import HFRewardModel
+
+    if not spec.model:
+        raise ConfigError(f"{where}.model is empty: set it to a transformers reward-model folder")
+    return [HFRewardModel(spec.model, temperature=spec.temperature, batch_size=spec.batch_size,
+                          name=spec.name or f"reward_model/{_stem(spec.model)}")]
+
+
+def _stem(path: str) -> str:
+    return str(path).rstrip("/").rsplit("/", 1)[-1].removesuffix(".gguf")
+
+
+BUILDERS = {"rule": _rule, "simulated": _simulated, "judge": _judge, "hf_reward_model": _hf_reward_model}
+
+
+def build_panel(specs: Sequence[AnnotatorSpec], task) -> Panel:
+    """The panel of ``annotate.panel`` for ``task`` (an embedded task, or None)."""
+    members, weights = [], []
+    for n, spec in enumerate(specs):
+        where = f"annotate.panel[{n}]"
+        if spec.kind not in BUILDERS:
+            raise ConfigError(f"{where}.kind={spec.kind!r} is not an annotator kind; choose one of {sorted(BUILDERS)}")
+        if spec.weight < 0:
+            raise ConfigError(f"{where}.weight must be >= 0, got {spec.weight}")
+        new = BUILDERS[spec.kind](spec, task, where)
+        members += new
+        weights += [spec.weight] * len(new)
+    names = [m.name for m in members]
+    dup = sorted({x for x in names if names.count(x) > 1})
+    if dup:
+        raise ConfigError(f"annotate.panel has two members named {dup[0]!r}; give one a distinct name")
+    return Panel(members, weights)

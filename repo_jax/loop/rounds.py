@@ -1,0 +1,166 @@
+"""One iREPO round's host-side phases: sample -> annotate -> Zermelo -> pairs -> batches.
+
+ALGORITHMS.md, "One iteration t". Every phase is a function of plain data, so the runner
+(:mod:`repo_jax.loop.runner`) can write a round to ``run_dir/rounds/round_{t:03d}.jsonl`` and a
+resumed run can rebuild the same batches from that file instead of sampling again:
+
+    prompts (token ids) --sample_responses--> D responses (token ids, text)
+      --annotate--> judgements [H, P, D, D] --> weighted counts --zermelo--> strengths
+      --select--> pairs + p_hat          (one JSON record per prompt: round_records)
+      --train_items--> items --collate_batches--> train batches (ids, loss masks, pref / scores)
+
+Tokens go from the sampler to the train batch as ids: a response is exactly the sampled
+tokens, up to and including EOS (or the ``max_new_tokens`` cut), never re-tokenised text.
+
+Dimension letters: P prompts, D responses per prompt (``K`` in the batches), H annotators.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import jax
+import numpy as np
+
+from repo_jax import preferences, sampling
+from repo_jax.data.tokenize import collate_responses
+from repo_jax.loop.config import IrepoConfig
+from repo_jax.training import objectives
+
+# ------------------------------------------------------------------------------------ sample
+
+
+def sample_responses(policy, prompts: Sequence[Sequence[int]], *, num_samples: int, max_new_tokens: int,
+                     temperature: float, top_p: float | None, top_k: int | None, eos_id, pad_id: int, seed: int,
+                     chunk: int, mesh=None, progress: Callable = lambda x, **k: x) -> list[list[list[int]]]:
+    """``num_samples`` responses per prompt, as token-id lists (stop token included).
+
+    Prompts go to the sampler ``chunk`` at a time (one progress tick each); chunk ``c`` uses
+    seed ``seed + c``, so the result depends on the seed and the chunk size only.
+    """
+    out: list[list[list[int]]] = []
+    starts = range(0, len(prompts), chunk)
+    for c, start in enumerate(progress(starts, total=len(starts))):
+        res = sampling.sample(policy, list(prompts[start:start + chunk]), max_new_tokens=max_new_tokens,
+                              temperature=temperature, top_p=top_p, top_k=top_k, eos_id=eos_id, seed=seed + c,
+                              num_samples=num_samples, pad_id=pad_id, mesh=mesh)
+        rows = [row[:n].tolist() for row, n in zip(res.tokens_BxS, res.lengths_B)]
+        out += [rows[i:i + num_samples] for i in range(0, len(rows), num_samples)]
+    return out
+
+
+# ---------------------------------------------------------------------------------- annotate
+
+
+_zermelo = jax.jit(preferences.zermelo, static_argnames=("iters", "return_log"))
+
+
+def annotate(panel, prompts: Sequence[str], responses: Sequence[Sequence[str]], *, pseudo_count: float,
+             progress=None) -> dict[str, np.ndarray]:
+    """The panel's judgements, weighted counts and Zermelo strengths of one round.
+
+    Returns ``probs_HxPxDxD`` (each member's P(i beats j)), ``counts_PxDxD`` (``n_ij + n_ji`` =
+    the panel's total weight) and ``strengths_PxD`` (geometric mean 1, ``pseudo_count`` added
+    to every count before the fit).
+    """
+    panel.reset()
+    probs = panel.probs(prompts, responses, progress=progress)
+    counts = panel.counts_from(probs)
+    strengths = np.asarray(_zermelo(counts, pseudo_count=pseudo_count), np.float64)
+    return {"probs_HxPxDxD": probs, "counts_PxDxD": counts, "strengths_PxD": strengths}
+
+
+def select(strengths_PxD: np.ndarray, mode: str) -> list[list[dict]]:
+    """Per prompt, the pairs to train on: ``[{"a": i, "b": j, "p_hat": w_i / (w_i + w_j)}]``
+    (``best_vs_worst``: strongest vs weakest; ``all_pairs``: every ``i < j``)."""
+    a, b, p = (np.asarray(x) for x in preferences.select_pairs(strengths_PxD, mode))
+    if a.ndim == 1:
+        a, b, p = a[:, None], b[:, None], p[:, None]
+    return [[{"a": int(i), "b": int(j), "p_hat": float(q)} for i, j, q in zip(*row)] for row in zip(a, b, p)]
+
+
+def round_records(round_index: int, prompt_texts: Sequence[str], prompt_ids: Sequence[Sequence[int]],
+                  responses_ids: Sequence[Sequence[Sequence[int]]], responses_text: Sequence[Sequence[str]],
+                  annotation: dict[str, np.ndarray], panel_names: Sequence[str], pairs: Sequence[Sequence[dict]],
+                  eos_id) -> list[dict]:
+    """One JSON-ready record per prompt: what the round sampled, how the panel judged it, and
+    which pairs (with ``p_hat``) the policy is taught. ``judgements[name][i][j]`` is that
+    member's P(response i beats response j)."""
+    stops = set(np.atleast_1d(eos_id).tolist()) if eos_id is not None else set()
+    probs = annotation["probs_HxPxDxD"]
+    out = []
+    for p, (text, ids) in enumerate(zip(prompt_texts, prompt_ids)):
+        out.append({
+            "round": round_index, "prompt_index": p, "prompt": text, "prompt_ids": list(map(int, ids)),
+            "responses": [{"text": t, "token_ids": list(map(int, r)), "length": len(r),
+                           "stopped": bool(r) and int(r[-1]) in stops}
+                          for t, r in zip(responses_text[p], responses_ids[p])],
+            "judgements": {name: np.round(probs[h, p], 6).tolist() for h, name in enumerate(panel_names)},
+            "counts": annotation["counts_PxDxD"][p].tolist(),
+            "strengths": annotation["strengths_PxD"][p].tolist(),
+            "pairs": list(pairs[p]),
+        })
+    return out
+
+
+# ------------------------------------------------------------------------------- train items
+
+
+def list_scores(strengths_D: Sequence[float], kind: str) -> list[float]:
+    """Scores of an online list: ``win_rate`` = 10 x mean ``p_hat`` against the others (0-10,
+    UltraFeedback's scale), ``strength`` = the Zermelo strengths themselves."""
+    w = np.asarray(strengths_D, np.float64)
+    if kind == "strength":
+        return w.tolist()
+    p = w[:, None] / (w[:, None] + w[None, :])
+    d = len(w)
+    return (10.0 * (p.sum(1) - 0.5) / (d - 1)).tolist()
+
+
+def train_items(records: Sequence[dict], cfg: IrepoConfig) -> tuple[list[dict], int]:
+    """The round's training examples in ``collate_responses``'s item format, and how many
+    selected pairs were dropped as ties.
+
+    * ``irepo``, ``soft_dpo``: each selected pair ``(a, b)`` with ``pref = p_hat``;
+    * ``dpo``, ``ipo`` (Iter-DPO / Iter-IPO): the pair oriented by the panel (the response with
+      the higher strength first, i.e. ``p_hat > 1/2``); tied pairs (``p_hat = 1/2``) carry no
+      hard label and are dropped;
+    * listwise losses (``lpo``, ``lpo_abs``, ``infonca``): all D responses with
+      :func:`list_scores`.
+    """
+    name = cfg.train.loss.name
+    objective = objectives.get(name)
+    items, ties = [], 0
+    for rec in records:
+        responses = [r["token_ids"] for r in rec["responses"]]
+        base = {"prompt_ids": rec["prompt_ids"], "scores": [], "pref": None}
+        if not objective.pairwise:
+            items.append({**base, "response_ids": responses, "scores": list_scores(rec["strengths"], cfg.loop.list_scores),
+                          "row": len(items)})
+            continue
+        for pair in rec["pairs"]:
+            a, b, p = pair["a"], pair["b"], pair["p_hat"]
+            if "pref_B" not in objective.needs:  # hard label
+                if p == 0.5:
+                    ties += 1
+                    continue
+                a, b, p = (a, b, 1.0) if p > 0.5 else (b, a, 1.0)
+            items.append({**base, "response_ids": [responses[a], responses[b]], "pref": p, "row": len(items)})
+    return items, ties
+
+
+def collate_batches(items: Sequence[dict], order: Sequence[int], *, batch_size: int, num_responses: int,
+                    seq_len: int, pad_id: int) -> list[dict[str, np.ndarray]]:
+    """``items`` in ``order``, ``batch_size`` per batch (the last one filled with masked rows),
+    every batch padded to ``seq_len`` tokens: one shape, so one compiled train step."""
+    out = []
+    for start in range(0, len(order), batch_size):
+        chunk = [items[i] for i in order[start:start + batch_size]]
+        out.append(collate_responses(chunk, batch_size=batch_size, num_responses=num_responses, buckets=(seq_len,),
+                                     pad_id=pad_id))
+    return out
+
+
+def num_batches(num_items: int, batch_size: int) -> int:
+    return math.ceil(num_items / batch_size)
