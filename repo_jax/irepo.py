@@ -14,19 +14,15 @@ from __future__ import annotations
 
 import argparse
 import sys
-from importlib import resources
 
 DEFAULT_CONFIG = "default.yaml"
 
 
 def default_config_path() -> str:
-    """``configs/default.yaml`` of the checkout, else the copy packaged with the library."""
+    """``configs/default.yaml``, from the working directory or the checkout the library runs from."""
     from repo_jax.training.state import resolve_path
 
-    path = resolve_path(f"configs/{DEFAULT_CONFIG}")
-    if path.startswith("configs/"):
-        path = str(resources.files("repo_jax") / "configs" / DEFAULT_CONFIG)
-    return path
+    return resolve_path(f"configs/{DEFAULT_CONFIG}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -130,9 +130,9 @@ def main(argv: list[str] | None = None) -> int:
     _ensure_devices(args.devices, argv)
 
     from repo_jax import config as config_lib
-    from repo_jax.training.config import RunConfig
+    from repo_jax.loop.config import IrepoConfig
 
-    cfg = config_lib.load(RunConfig, args.config, args.overrides)
+    cfg = config_lib.load(IrepoConfig, args.config, args.overrides)
     r = plan(cfg, fast_compile=args.fast_compile, name=os.path.basename(args.config))
     print(f"plan: {args.config} on {r['devices']} devices, mesh (data, fsdp, tensor) = {r['mesh']}")
     print(f"  per device: state+batch {r['argument_gib']:.2f} GiB, temporaries {r['temp_gib']:.2f} GiB, "

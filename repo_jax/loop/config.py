@@ -88,6 +88,7 @@ class AnnotatorSpec:
     scale: float = 4.0
     seed: int = 0
     model: str = ""
+    dtype: Literal["float32", "bfloat16"] = "float32"
     max_response_tokens: int = 256
     batch_size: int = 16
 
@@ -116,13 +117,15 @@ class EvalConfig:
     max_new_tokens: of the greedy answers (0 = ``sample.max_new_tokens``).
     kl_samples: responses per prompt sampled at temperature 1 from ``pi_t`` for
       ``eval/kl = mean log pi_t(y) - log pi_0(y)`` (0 disables; it keeps a copy of ``pi_0``).
-    data_path: held-out prompts when there is no task (a prompt file, like ``data.path``).
+    data_path / data_split: held-out prompts when there is no task (a file or hub name, like
+      ``data.path``; the split defaults to ``data.split``).
     """
 
     num_prompts: int = 64
     max_new_tokens: int = 0
     kl_samples: int = 1
     data_path: str = ""
+    data_split: str = ""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -40,7 +40,9 @@ def _judge(spec: AnnotatorSpec, task, where: str):
     if not spec.model:
         raise ConfigError(f"{where}.model is empty: set it to an HF folder, a .gguf file or 'smollm2'")
     path = resolve_model_path(spec.model)
-    judge = LLMJudge(models.from_pretrained(str(path)), load_tokenizer(path), max_response_tokens=spec.max_response_tokens,
+    import jax.numpy as jnp
+
+    judge = LLMJudge(models.from_pretrained(str(path), dtype=jnp.dtype(spec.dtype)), load_tokenizer(path), max_response_tokens=spec.max_response_tokens,
                      batch_size=spec.batch_size, name=spec.name or f"judge/{_stem(spec.model)}")
     return [judge]
 

@@ -210,7 +210,8 @@ class Run:
             from repo_jax.data import load_examples
             from repo_jax.data.tokenize import plain_prompt
 
-            d = dataclasses.replace(cfg.data, path=cfg.eval.data_path, schema="auto")
+            d = dataclasses.replace(cfg.data, path=cfg.eval.data_path, split=cfg.eval.data_split or cfg.data.split,
+                                    schema="auto")
             examples, _ = load_examples(d, tokenizer=self.tokenizer, log=None)
             convs = [ex["prompt"] for ex in examples[:cfg.eval.num_prompts]]
             texts = [plain_prompt(c) for c in convs]

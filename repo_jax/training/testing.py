@@ -13,9 +13,17 @@ from repo_jax.training.config import RunConfig
 TINY_YAML = Path(__file__).resolve().parents[2] / "configs" / "tiny.yaml"
 
 
+# The training-core tests' sizes and schedule (tiny.yaml itself is sized for the loop).
+CORE_TEST_OVERRIDES = ("train.seq_len=32", "train.steps=20", "optim.lr=1.0e-3", "optim.warmup_steps=2",
+                       "optim.total_steps=20", "optim.schedule=cosine", "checkpoint.every_steps=10")
+
+
 def tiny_config(*overrides: str) -> RunConfig:
-    """``configs/tiny.yaml`` with ``key.sub=value`` overrides."""
-    return config_lib.load(RunConfig, TINY_YAML, list(overrides))
+    """``configs/tiny.yaml`` (the loop's ``IrepoConfig``, a ``RunConfig``) with the core tests'
+    sizes, then ``key.sub=value`` overrides."""
+    from repo_jax.loop.config import IrepoConfig
+
+    return config_lib.load(IrepoConfig, TINY_YAML, [*CORE_TEST_OVERRIDES, *overrides])
 
 
 def random_batch(cfg: RunConfig, *, vocab: int, seed: int = 0, batch_size: int | None = None,
