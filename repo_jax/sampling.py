@@ -14,7 +14,10 @@ Layout of one call (``P`` = prompt bucket, ``N`` = new-token bucket, ``S = P + N
 * decode step ``i`` (``i = 1 .. max_new_tokens - 1``) feeds token ``i - 1`` at slot
   ``P + i - 1`` and samples token ``i``;
 * ``num_samples = K`` responses per prompt reuse one prefill: the cache and the last logits are
-  repeated along batch, so row ``r`` continues prompt ``r // K``.
+  repeated along batch, so row ``r`` continues prompt ``r // K``. Under a mesh whose batch axes do
+  not divide the prompts, each prompt is prefilled ``f`` times (``f`` divides ``K``) and each of
+  those rows repeated ``K / f`` times: the same rows in the same order, so the per-row keys
+  ``fold_in(fold_in(key(seed), step), r)`` and hence the tokens are those of one device.
 
 A sequence stops *after* emitting a stop id (the stop token is returned and counted in
 ``lengths``, like transformers' greedy output), or after ``max_new_tokens``; the loop ends as soon
@@ -161,7 +164,7 @@ class _Static:
     """Everything static in one compiled program (with the graphdef and the argument shapes)."""
 
     policy: SamplingPolicy
-    num_samples: int
+    samples_per_row: int  # decode rows per prefill row: num_samples / f
     buffer_len: int  # N
     stop_ids: tuple[int, ...]
     pad_id: int
@@ -190,9 +193,9 @@ def _row_keys(seed, step, rows_B):
 
 
 def _generate_program(state, tokens_BxT, mask_BxT, valid_B, max_new_tokens, seed, *, graphdef, static: _Static):
-    """Prefill the ``B`` prompts once, repeat to ``B*K`` rows, then decode in a ``while_loop``."""
+    """Prefill the ``B`` rows once, repeat each ``K`` times, then decode the ``B*K`` rows in a ``while_loop``."""
     model = nnx.merge(graphdef, state)
-    k, n = static.num_samples, static.buffer_len
+    k, n = static.samples_per_row, static.buffer_len
     b, p = tokens_BxT.shape
     rows = b * k
     max_len = p + n
@@ -204,7 +207,7 @@ def _generate_program(state, tokens_BxT, mask_BxT, valid_B, max_new_tokens, seed
     logits_Bx1xV, cache = model.forward_with_cache(tokens_BxT, positions_BxT, mask_BxT, cache, jnp.int32(0), last_only=True)
     last_logits_BxV = logits_Bx1xV[:, -1].astype(jnp.float32)
 
-    if k > 1:  # K samples per prompt from one prefill: repeat cache and logits along batch.
+    if k > 1:  # K samples per row from one prefill: repeat cache and logits along batch.
         axes = _cache_batch_axes(model, b, max_len, static.cache_dtype)
         cache = _repeat_rows(cache, axes, k)
         last_logits_BxV = jnp.repeat(last_logits_BxV, k, axis=0)
@@ -324,10 +327,50 @@ def _abstract(tree):
     return tuple((x.shape, str(x.dtype)) for x in jax.tree.leaves(tree))
 
 
-def _batch_multiple(mesh) -> int:
-    if mesh is None:
-        return 1
-    return int(np.prod([mesh.shape[a] for a in shd.BATCH_AXES if a in mesh.axis_names]))
+def _check_mesh(mesh) -> None:
+    """Refuses Explicit (and Manual) mesh axes: the models leave activation layouts to the
+    compiler (Auto), and under Explicit axes their gathers and einsums have no resolvable layout."""
+    if mesh is not None and any(t != jax.sharding.AxisType.Auto for t in mesh.axis_types):
+        raise ValueError(
+            f"sampling needs a mesh with Auto axis types, got {mesh.axis_types}; build it with "
+            "repo_jax.sharding.make_mesh or jax.make_mesh(..., axis_types=(AxisType.Auto,) * n)"
+        )
+
+
+def _prefill_layout(b: int, num_samples: int, mult: int) -> tuple[int, int]:
+    """``(b, f)``: ``b`` prompt slots (the bucket, grown by filler slots if needed), each prefilled
+    ``f`` times (``f`` divides ``num_samples``), so that both the ``b * f`` prefill rows and the
+    ``b * num_samples`` decode rows divide over the mesh's batch axes (``mult`` devices).
+
+    Repeating a prompt is preferred to adding filler slots: both add prefill rows (the same
+    number, up to ``mult``, with power-of-two buckets and batch axes), but every filler slot also
+    adds ``num_samples`` decode rows that each step of the loop computes although they are done.
+    Filler slots are added only where no ``f`` exists (``b * num_samples`` is not a multiple of
+    ``mult``), and then the fewest that make it one.
+    """
+    while (b * num_samples) % mult:
+        b += 1
+    f = next(f for f in range(1, num_samples + 1) if num_samples % f == 0 and (b * f) % mult == 0)
+    return b, f
+
+
+def _left_padded(prompts, b: int, p: int, pad_id: int):
+    """``(tokens_BxP, mask_BxP, valid_B)`` for ``b`` slots: the prompts left-padded to ``p``, then
+    filler slots that copy prompt 0 (any real tokens keep the prefill finite) and are not valid."""
+    tokens_BxP = np.full((b, p), pad_id, np.int32)
+    mask_BxP = np.zeros((b, p), np.int32)
+    for i in range(b):
+        row = prompts[i] if i < len(prompts) else prompts[0]
+        tokens_BxP[i, p - len(row) :] = row
+        mask_BxP[i, p - len(row) :] = 1
+    return tokens_BxP, mask_BxP, np.arange(b) < len(prompts)
+
+
+def _place(x, sharding: jax.NamedSharding) -> jax.Array:
+    """A global host array -> a ``jax.Array`` laid out by ``sharding``; each process fills only its
+    own devices' shards, from the same global ``x`` that every process holds."""
+    x = np.asarray(x)
+    return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
 
 
 def param_shardings(state, mesh, rules=shd.SAMPLE_RULES):
@@ -361,19 +404,25 @@ def sample(
       model: an NNX model with ``init_cache`` and ``forward_with_cache``.
       prompts: token-id lists (non-empty), any lengths; left-padded internally.
       eos_id: a stop id or a list of them; ``None`` never stops early.
-      mesh: optional; rows are sharded over the mesh's batch axes (``data``, ``fsdp``) and
-        parameters laid out by ``shardings`` (a pytree of NamedShardings matching
-        ``nnx.state(model)``) or, if omitted, by their logical names under ``SAMPLE_RULES``.
+      mesh: optional, with Auto axis types (``repo_jax.sharding.make_mesh``); rows are sharded
+        over the mesh's batch axes (``data``, ``fsdp``) and parameters laid out by ``shardings``
+        (a pytree of NamedShardings matching ``nnx.state(model)``) or, if omitted, by their
+        logical names under ``SAMPLE_RULES``. Any prompt count and ``num_samples`` fit any batch
+        axes (prompts are repeated or padded, see ``_prefill_layout``), with the tokens of one
+        device. With several processes, every process calls ``sample`` with the same global
+        ``prompts`` and arguments (each places its own devices' shards of them) and gets every
+        row back: the outputs are replicated.
       unstack: decode a ``CausalLM`` in its unstacked layout (``model.unstacked()``: per-layer
         weights and KV buffers, a copy of the weights). ``None``: on CPU only, where a scan over
         stacked weights copies every layer's slice per decoded token (1.5x slower per token at
         batch 16 for SmolLM2-135M); accelerators read the slices in place and keep one copy of
         the weights. A loop sampling many times can pass ``model.unstacked()`` itself.
       *_buckets: allowed sizes. Defaults: batch and new-token buffer powers of two, prompt length
-        ``2^k`` or ``3 * 2^(k-1)`` (prefill cost is linear in it); the batch bucket is also
-        rounded up to a multiple of the mesh's batch-axis size.
+        ``2^k`` or ``3 * 2^(k-1)`` (prefill cost is linear in it); under a mesh the batch bucket
+        may grow by filler slots (see ``_prefill_layout``).
     """
     global compile_count
+    _check_mesh(mesh)
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("sample() needs at least one prompt and every prompt needs at least one token")
     if num_samples < 1:
@@ -381,37 +430,31 @@ def sample(
     stop_ids = () if eos_id is None else ((int(eos_id),) if np.isscalar(eos_id) else tuple(int(e) for e in eos_id))
     policy = SamplingPolicy(float(temperature), None if top_k is None else int(top_k), None if top_p is None else float(top_p))
     n_prompts = len(prompts)
-    mult = _batch_multiple(mesh)
-    b = bucket(n_prompts, batch_buckets)
-    b = -(-b // mult) * mult if (b * num_samples) % mult else b
+    mult = 1 if mesh is None else shd.batch_size_multiple(mesh)
+    b, f = _prefill_layout(bucket(n_prompts, batch_buckets), int(num_samples), mult)
     p = bucket(max(len(x) for x in prompts), length_buckets, minimum=8, half_steps=True)
     n = bucket(max(1, max_new_tokens), new_token_buckets, minimum=8)
-
-    tokens = np.full((b, p), pad_id, np.int32)
-    mask = np.zeros((b, p), np.int32)
-    for i in range(b):
-        row = prompts[i] if i < n_prompts else prompts[0]  # filler rows copy prompt 0, are masked done
-        tokens[i, p - len(row) :] = row
-        mask[i, p - len(row) :] = 1
-    valid = np.arange(b) < n_prompts
+    # Prefill row j holds slot j // f; decode row r continues prefill row r // (K / f), i.e. prompt r // K.
+    tokens, mask, valid = (np.repeat(x, f, axis=0) for x in _left_padded(prompts, b, p, pad_id))
 
     model = decoding_model(model, unstack)
     graphdef, state = nnx.split(model)
-    static = _Static(policy, int(num_samples), n, stop_ids, int(pad_id), cache_dtype)
+    static = _Static(policy, int(num_samples) // f, n, stop_ids, int(pad_id), cache_dtype)
     args = (state, tokens, mask, valid, np.int32(max_new_tokens), np.uint32(seed))
     if mesh is not None:
-        rows_sh = jax.NamedSharding(mesh, jax.P(tuple(a for a in shd.BATCH_AXES if a in mesh.axis_names)))
         state_sh = shardings if shardings is not None else param_shardings(state, mesh)
-        repl = jax.NamedSharding(mesh, jax.P())
-        in_sh = (state_sh, rows_sh, rows_sh, rows_sh, repl, repl)
-        args = jax.device_put(args, in_sh)
-    key = (graphdef, _abstract(state), (b, p), static, mesh, None if mesh is None else _abstract_sh(args[0]))
+        rows_sh, repl = shd.batch_sharding(mesh), shd.replicated(mesh)
+        placed = map(_place, args[1:], (rows_sh, rows_sh, rows_sh, repl, repl))
+        args = (jax.device_put(state, state_sh), *placed)
+    key = (graphdef, _abstract(state), tokens.shape, static, mesh, None if mesh is None else _abstract_sh(args[0]))
 
     compile_seconds = 0.0
     compiled = _COMPILED.get(key)
     if compiled is None:
         t0 = time.perf_counter()
-        fn = jax.jit(lambda *a: _generate_program(*a, graphdef=graphdef, static=static))
+        program = lambda *a: _generate_program(*a, graphdef=graphdef, static=static)
+        # Replicated outputs under a mesh: every process can read every row (a few KB gathered).
+        fn = jax.jit(program) if mesh is None else jax.jit(program, out_shardings=shd.replicated(mesh))
         with _context(mesh):
             compiled = fn.lower(*args).compile()
         compile_seconds = time.perf_counter() - t0

@@ -14,6 +14,7 @@ import pytest
 from flax import nnx
 
 from repo_jax import sampling
+from repo_jax.sharding import MeshConfig, make_mesh
 
 V = 64
 CALLS: list[tuple[int, int]] = []  # (batch, T) of each traced forward_with_cache
@@ -214,11 +215,41 @@ def test_sharded_matches_single_device(model):
     if len(jax.devices()) < 8:
         pytest.skip("needs 8 devices")
     single = sampling.sample(model, PROMPTS, max_new_tokens=10)
-    for axis_type in (jax.sharding.AxisType.Auto,):  # Explicit needs sharding-aware model code
-        mesh = jax.make_mesh((4, 1, 2), ("data", "fsdp", "tensor"), axis_types=(axis_type,) * 3)
-        sharded = sampling.sample(model, PROMPTS, max_new_tokens=10, mesh=mesh)
-        np.testing.assert_array_equal(single.tokens_BxS, sharded.tokens_BxS)
-        np.testing.assert_allclose(single.logps_BxS, sharded.logps_BxS, atol=1e-5)
+    mesh = jax.make_mesh((4, 1, 2), ("data", "fsdp", "tensor"), axis_types=(jax.sharding.AxisType.Auto,) * 3)
+    sharded = sampling.sample(model, PROMPTS, max_new_tokens=10, mesh=mesh)
+    np.testing.assert_array_equal(single.tokens_BxS, sharded.tokens_BxS)
+    np.testing.assert_allclose(single.logps_BxS, sharded.logps_BxS, atol=1e-5)
     # parameters were laid out by their logical names (sampling layout: tensor-sharded heads)
     shardings = sampling.param_shardings(nnx.state(model), mesh)
     assert shardings["wq"].spec == jax.P(None, None, "tensor", None)
+
+
+MIXED = [[5, 9, 2, 33, 17], [1, 2], [7, 8, 9, 10, 11, 12, 3], [4], [60, 61, 62]]
+
+
+@pytest.mark.parametrize(
+    "n_prompts,num_samples,batch_buckets", [(2, 4, None), (1, 8, None), (3, 2, None), (5, 1, (5,))],
+    ids=["2x4", "1x8", "3x2", "5x1"],
+)
+def test_any_rows_fit_the_batch_axes(model, n_prompts, num_samples, batch_buckets):
+    """Prompt rows that do not divide over the batch axes (4 and 8 devices) still give one
+    device's tokens. 2x4 and 1x8 prefill each prompt 2 or 4 (4 or 8) times; 3x2 prefills its 4
+    slots (one filler) once (twice); 5x1 grows its bucket of 5 by 3 filler slots on both meshes."""
+    if len(jax.devices()) < 8:
+        pytest.skip("needs 8 devices")
+    kw = dict(max_new_tokens=6, num_samples=num_samples, temperature=0.8, top_p=0.9, seed=7, eos_id=[3, 20],
+              batch_buckets=batch_buckets)
+    one = sampling.sample(model, MIXED[:n_prompts], **kw)
+    assert len(set(one.lengths_B.tolist())) > 1  # some rows stop early
+    for cfg in (MeshConfig(data=2, fsdp=2, tensor=2), MeshConfig(data=2, fsdp=4, tensor=1)):
+        many = sampling.sample(model, MIXED[:n_prompts], **kw, mesh=make_mesh(cfg, jax.devices()[:8]))
+        np.testing.assert_array_equal(one.tokens_BxS, many.tokens_BxS)
+        np.testing.assert_array_equal(one.lengths_B, many.lengths_B)
+        np.testing.assert_allclose(one.logps_BxS, many.logps_BxS, atol=1e-5)
+        np.testing.assert_allclose(one.sample_logps_BxS, many.sample_logps_BxS, atol=1e-5)
+
+
+def test_explicit_mesh_is_refused(model):
+    mesh = jax.make_mesh((1, 1, 1), ("data", "fsdp", "tensor"))  # Explicit axes, JAX's default
+    with pytest.raises(ValueError, match="sampling needs a mesh with Auto axis types"):
+        sampling.sample(model, PROMPTS, max_new_tokens=4, mesh=mesh)
