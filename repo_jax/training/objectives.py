@@ -79,6 +79,15 @@ LOSSES: dict[str, Objective] = {
         needs=("scores_BxK",),
         pairwise=False,
     ),
+    "lpo_abs": Objective(  # LPO-abs by name (same as lpo with loss.lpo_variant=lpo_abs)
+        loss=lambda r, b, c: losses.lpo_loss(
+            r, b["scores_BxK"], _list_mask(b), beta=c.beta, variant="lpo_abs", abs_term=c.abs_term,
+            weight_norm=c.weight_norm,
+        ),
+        order=_by_scores,
+        needs=("scores_BxK",),
+        pairwise=False,
+    ),
     "infonca": Objective(
         loss=lambda r, b, c: losses.infonca_loss(r, b["scores_BxK"], _list_mask(b), beta=c.beta, alpha=c.infonca_alpha),
         order=_by_scores,

@@ -1,0 +1,244 @@
+"""The iREPO loop end to end on configs/tiny.yaml (tiny random model, toy_digits task).
+
+Runs are subprocesses of ``python -m repo_jax.irepo`` with their own device count, as a user
+runs them: one device unless a test says otherwise. One uninterrupted run (module fixture) is
+the reference the resume tests compare with.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "configs" / "tiny.yaml"
+EVAL_KEYS = ("eval/reward", "eval/accuracy", "eval/win_rate", "eval/kl", "eval/length")
+REQUIRED = ("iteration", "eval/reward", "eval/win_rate", "eval/kl", "eval/length", "eval/accuracy", "time/eval",
+            "time/round")
+ROUND_KEYS = ("train/loss", "train/reward_margin", "train/reward_accuracy", "train/calibration_error",
+              "train/nonfinite_steps", "time/sample", "time/annotate", "time/reference", "time/train")
+
+
+def _env(devices: int = 1, **extra) -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env.update(JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+               PYTHONUNBUFFERED="1", **extra)
+    return env
+
+
+def _cmd(run_dir, *overrides) -> list[str]:
+    return [sys.executable, "-m", "repo_jax.irepo", "--config", str(TINY), f"run_dir={run_dir}", *overrides]
+
+
+def run_loop(run_dir, *overrides, devices: int = 1, timeout: int = 600) -> subprocess.CompletedProcess:
+    out = subprocess.run(_cmd(run_dir, *overrides), cwd=ROOT, env=_env(devices), capture_output=True, text=True,
+                         timeout=timeout)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
+    return out
+
+
+def metrics(run_dir) -> list[dict]:
+    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def eval_values(records):
+    return [{k: r.get(k) for k in ("iteration", *EVAL_KEYS)} for r in records]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("irepo") / "ref"
+    out = run_loop(run_dir)
+    return run_dir, out
+
+
+def test_tiny_loop_end_to_end(reference):
+    run_dir, out = reference
+    recs = metrics(run_dir)
+    assert [r["iteration"] for r in recs] == [0, 1, 2, 3]
+    for r in recs:
+        assert all(k in r for k in REQUIRED), sorted(set(REQUIRED) - set(r))
+    for r in recs[1:]:
+        assert all(k in r for k in ROUND_KEYS), sorted(set(ROUND_KEYS) - set(r))
+        assert r["train/steps"] == 4 and r["train/nonfinite_steps"] == 0
+    assert recs[0]["eval/win_rate"] == 0.5 and recs[0]["eval/kl"] == 0.0
+    assert recs[-1]["eval/reward"] > recs[0]["eval/reward"]  # the toy task is learnt
+    assert recs[-1]["eval/win_rate"] > 0.5
+    for t in (1, 2, 3):
+        lines = (run_dir / "rounds" / f"round_{t:03d}.jsonl").read_text().splitlines()
+        assert len(lines) == 16
+    assert list((run_dir / "tb").glob("events.out.tfevents.*"))
+    assert (run_dir / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (run_dir / "config.yaml").is_file()
+    assert "round    reward  accuracy  win rate" in out.stdout and "report:" in out.stdout
+
+
+def test_round_file_records_what_was_taught(reference):
+    run_dir, _ = reference
+    rec = json.loads((run_dir / "rounds" / "round_001.jsonl").read_text().splitlines()[0])
+    assert len(rec["responses"]) == 4 and set(rec["judgements"]) == {"rule/digits", "simulated0", "simulated1",
+                                                                      "simulated2"}
+    counts = rec["counts"]
+    for i in range(4):  # n_ij + n_ji = H (unit weights)
+        for j in range(4):
+            if i != j:
+                assert counts[i][j] + counts[j][i] == pytest.approx(4.0, abs=1e-5)
+    (pair,) = rec["pairs"]
+    w = rec["strengths"]
+    assert w[pair["a"]] == max(w) and w[pair["b"]] == min(w)
+    assert pair["p_hat"] == pytest.approx(w[pair["a"]] / (w[pair["a"]] + w[pair["b"]]), rel=1e-5)
+
+
+def test_train_batch_rows_are_the_sampled_tokens(reference):
+    """Tokens go from the sampler to the batch as ids: the response mask covers exactly the
+    sampled tokens, up to and including EOS."""
+    import numpy as np
+
+    from repo_jax import config as config_lib
+    from repo_jax.loop import rounds
+    from repo_jax.loop.config import IrepoConfig
+
+    run_dir, _ = reference
+    cfg = config_lib.load(IrepoConfig, TINY)
+    stopped = 0
+    for t in (1, 2, 3):
+        records = [json.loads(x) for x in (run_dir / "rounds" / f"round_{t:03d}.jsonl").read_text().splitlines()]
+        items, ties = rounds.train_items(records, cfg)
+        assert len(items) + ties == 16
+        batches = rounds.collate_batches(items, range(len(items)), batch_size=8, num_responses=2,
+                                         seq_len=cfg.train.seq_len, pad_id=0)
+        pairs = [(rec, p) for rec in records for p in rec["pairs"]]
+        for n, (rec, pair) in enumerate(pairs):
+            batch, i = batches[n // 8], n % 8
+            assert batch["pref_B"][i] == np.float32(pair["p_hat"])
+            for k, idx in enumerate((pair["a"], pair["b"])):
+                resp = rec["responses"][idx]
+                ids, mask = batch["input_ids_BxKxT"][i, k], batch["loss_mask_BxKxT"][i, k]
+                assert ids[1:][mask[:-1] == 1].tolist() == resp["token_ids"]
+                assert ids[:len(rec["prompt_ids"])].tolist() == rec["prompt_ids"]
+                if resp["stopped"]:
+                    stopped += 1
+                    assert resp["token_ids"][-1] == 0  # the byte tokenizer's EOS, included
+                else:
+                    assert resp["length"] == cfg.sample.max_new_tokens
+    assert stopped > 0
+
+
+def _watch_and_kill(run_dir, marker: str, *, sig=signal.SIGKILL, wait_for_new_checkpoint=False, overrides=()):
+    """Starts the loop, sends ``sig`` once ``marker`` appears in its output (and, optionally, once
+    a checkpoint newer than the one present at that moment is complete); returns the output."""
+    proc = subprocess.Popen(_cmd(run_dir, *overrides), cwd=ROOT, env=_env(1), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, bufsize=1)
+    seen, deadline = "", time.time() + 600
+    os.set_blocking(proc.stdout.fileno(), False)
+    ckpt_dir = Path(run_dir) / "checkpoints"
+
+    def steps():
+        return {int(p.name) for p in ckpt_dir.glob("*") if p.name.isdigit()} if ckpt_dir.is_dir() else set()
+
+    before = None
+    while time.time() < deadline and proc.poll() is None:
+        chunk = proc.stdout.read() or ""
+        seen += chunk
+        if marker in seen:
+            if not wait_for_new_checkpoint:
+                break
+            before = max(steps()) if before is None else before
+            if max(steps()) > before:
+                break
+        time.sleep(0.02)
+    assert proc.poll() is None, f"the run ended before {marker!r}:\n{seen[-3000:]}"
+    proc.send_signal(sig)
+    rest, _ = proc.communicate(timeout=300)
+    return proc.returncode, seen + (rest or "")
+
+
+def test_kill_during_sampling_then_resume_equals_uninterrupted_run(reference, tmp_path):
+    ref_dir, _ = reference
+    run_dir = tmp_path / "killed"
+    rc, _ = _watch_and_kill(run_dir, "round 2: sample")
+    assert rc == -signal.SIGKILL
+    out = run_loop(run_dir)
+    assert "resuming" in out.stdout
+    assert eval_values(metrics(run_dir)) == eval_values(metrics(ref_dir))
+
+
+def test_kill_during_training_resumes_mid_round_to_the_same_metrics(reference, tmp_path):
+    ref_dir, _ = reference
+    run_dir = tmp_path / "killed"
+    rc, _ = _watch_and_kill(run_dir, "round 2: train", wait_for_new_checkpoint=True,
+                            overrides=("checkpoint.every_steps=1",))
+    assert rc == -signal.SIGKILL
+    out = run_loop(run_dir, "checkpoint.every_steps=1")
+    assert "(phase train)" in out.stdout  # it resumed inside round 2's training
+    assert "reusing" in out.stdout  # ... from the round file, without sampling again
+    assert eval_values(metrics(run_dir)) == eval_values(metrics(ref_dir))
+
+
+def test_sigterm_checkpoints_and_exits_then_resumes(reference, tmp_path):
+    ref_dir, _ = reference
+    run_dir = tmp_path / "term"
+    rc, out = _watch_and_kill(run_dir, "round 2: train", sig=signal.SIGTERM)
+    assert rc == 143, out[-3000:]
+    assert "SIGTERM: checkpoint written" in out
+    out = run_loop(run_dir)
+    assert eval_values(metrics(run_dir)) == eval_values(metrics(ref_dir))
+    again = run_loop(run_dir)  # a finished run prints its summary and exits 0
+    assert "finished (3 rounds)" in again.stdout
+    assert eval_values(metrics(run_dir)) == eval_values(metrics(ref_dir))
+
+
+def test_changed_config_on_an_existing_run_dir_names_the_key(reference):
+    run_dir, _ = reference
+    out = subprocess.run(_cmd(run_dir, "train.loss.beta=0.5"), cwd=ROOT, env=_env(1), capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 2
+    assert "train.loss.beta (0.1 -> 0.5)" in out.stderr
+
+
+@pytest.mark.parametrize("bad, message", [
+    (("train.loss.name=nope",), "choose one of ['dpo', 'infonca', 'ipo', 'irepo', 'lpo', 'lpo_abs', 'soft_dpo']"),
+    (("annotate.panel=[{kind: oracle}]",), "'oracle' is not one of"),
+    (("annotate.panel=[{kind: rule, name: nope}]",), "choose one of ['all_digits', 'digits', 'length', 'reward']"),
+])
+def test_unknown_loss_or_annotator_lists_the_valid_ones(tmp_path, bad, message):
+    out = subprocess.run(_cmd(tmp_path / "bad", *bad), cwd=ROOT, env=_env(1), capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 2 and message in out.stderr, out.stderr[-2000:]
+
+
+@pytest.mark.parametrize("loss", ["dpo", "ipo", "soft_dpo", "lpo", "lpo_abs", "infonca"])
+def test_each_baseline_runs_a_round_through_the_loop(tmp_path, loss):
+    extra = ("train.num_responses=4",) if loss in ("lpo", "lpo_abs", "infonca") else ()
+    run_dir = tmp_path / loss
+    run_loop(run_dir, f"train.loss.name={loss}", "loop.rounds=1", "loop.prompts_per_round=8", "eval.num_prompts=8",
+             "loop.epochs=1", *extra)
+    recs = metrics(run_dir)
+    assert [r["iteration"] for r in recs] == [0, 1]
+    assert recs[1]["train/steps"] >= 1 and recs[1]["train/nonfinite_steps"] == 0
+    assert all(v is None or v == v for v in recs[1].values())  # no NaN
+
+
+def test_loop_on_eight_devices_matches_one_device(tmp_path):
+    """fsdp=4 x data=2, sampling 2 prompts x 4 samples per call: the same round-1 pairs as on one
+    device, and close final metrics."""
+    short = ("loop.rounds=2", "loop.sample_batch=2", "loop.prompts_per_round=8", "eval.num_prompts=8")
+    one, eight = tmp_path / "one", tmp_path / "eight"
+    run_loop(one, *short)
+    run_loop(eight, *short, "mesh.fsdp=4", "mesh.data=2", devices=8)
+    r1 = [json.loads(x) for x in (one / "rounds" / "round_001.jsonl").read_text().splitlines()]
+    r8 = [json.loads(x) for x in (eight / "rounds" / "round_001.jsonl").read_text().splitlines()]
+    assert [r["responses"] for r in r1] == [r["responses"] for r in r8]
+    assert [[(p["a"], p["b"]) for p in r["pairs"]] for r in r1] == [[(p["a"], p["b"]) for p in r["pairs"]] for r in r8]
+    m1, m8 = metrics(one), metrics(eight)
+    for a, b in zip(m1, m8):
+        for k in ("eval/reward", "eval/win_rate", "train/loss"):
+            if k in a:
+                assert b[k] == pytest.approx(a[k], abs=0.05), (k, a[k], b[k])
