@@ -32,11 +32,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. loop.rounds=2")
     args = ap.parse_args(argv)
 
+    import jax
+
     from repo_jax import config as config_lib
+    from repo_jax.assets import cache_dir
     from repo_jax.data import DataError
     from repo_jax.loop.config import IrepoConfig
     from repo_jax.loop.runner import Preempted, run
 
+    if not jax.config.jax_compilation_cache_dir:  # a rerun or resume skips most compiles
+        jax.config.update("jax_compilation_cache_dir", str(cache_dir() / "xla"))
     try:
         cfg = config_lib.load(IrepoConfig, args.config or default_config_path(), args.overrides)
         run(cfg)

@@ -12,6 +12,8 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -26,10 +28,16 @@ ROUND_KEYS = ("train/loss", "train/reward_margin", "train/reward_accuracy", "tra
               "train/nonfinite_steps", "time/sample", "time/annotate", "time/reference", "time/train")
 
 
+# XLA's persistent compilation cache, shared by the test runs: a later run with the same
+# programs loads them instead of compiling (results are the same either way).
+XLA_CACHE = Path(tempfile.gettempdir()) / f"repo_jax_tests_xla_{os.getuid()}"
+
+
 def _env(devices: int = 1, **extra) -> dict:
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     env.update(JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-               PYTHONUNBUFFERED="1", **extra)
+               PYTHONUNBUFFERED="1", JAX_COMPILATION_CACHE_DIR=str(XLA_CACHE),
+               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", **extra)
     return env
 
 
@@ -135,29 +143,30 @@ def _watch_and_kill(run_dir, marker: str, *, sig=signal.SIGKILL, wait_for_new_ch
     """Starts the loop, sends ``sig`` once ``marker`` appears in its output (and, optionally, once
     a checkpoint newer than the one present at that moment is complete); returns the output."""
     proc = subprocess.Popen(_cmd(run_dir, *overrides), cwd=ROOT, env=_env(1), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, bufsize=1)
-    seen, deadline = "", time.time() + 600
-    os.set_blocking(proc.stdout.fileno(), False)
+                            stderr=subprocess.STDOUT)
+    chunks: list[bytes] = []
+    reader = threading.Thread(target=lambda: chunks.extend(iter(lambda: os.read(proc.stdout.fileno(), 65536), b"")),
+                              daemon=True)
+    reader.start()
     ckpt_dir = Path(run_dir) / "checkpoints"
 
-    def steps():
-        return {int(p.name) for p in ckpt_dir.glob("*") if p.name.isdigit()} if ckpt_dir.is_dir() else set()
+    def newest():
+        return max((int(p.name) for p in ckpt_dir.glob("*") if p.name.isdigit()), default=-1)
 
-    before = None
+    before, deadline = None, time.time() + 600
     while time.time() < deadline and proc.poll() is None:
-        chunk = proc.stdout.read() or ""
-        seen += chunk
-        if marker in seen:
+        if marker.encode() in b"".join(chunks):
             if not wait_for_new_checkpoint:
                 break
-            before = max(steps()) if before is None else before
-            if max(steps()) > before:
+            before = newest() if before is None else before
+            if newest() > before:
                 break
         time.sleep(0.02)
-    assert proc.poll() is None, f"the run ended before {marker!r}:\n{seen[-3000:]}"
+    assert proc.poll() is None, f"the run ended before {marker!r}:\n{b''.join(chunks).decode()[-3000:]}"
     proc.send_signal(sig)
-    rest, _ = proc.communicate(timeout=300)
-    return proc.returncode, seen + (rest or "")
+    proc.wait(timeout=300)
+    reader.join(timeout=10)
+    return proc.returncode, b"".join(chunks).decode(errors="replace")
 
 
 def test_kill_during_sampling_then_resume_equals_uninterrupted_run(reference, tmp_path):
@@ -242,3 +251,33 @@ def test_loop_on_eight_devices_matches_one_device(tmp_path):
         for k in ("eval/reward", "eval/win_rate", "train/loss"):
             if k in a:
                 assert b[k] == pytest.approx(a[k], abs=0.05), (k, a[k], b[k])
+
+
+def test_two_processes_write_the_metrics_of_one_eight_device_process(tmp_path):
+    """Several hosts for real: 2 processes x 4 CPU devices (jax.distributed over 127.0.0.1, gloo
+    collectives), started through the variables repo_jax.sharding reads."""
+    import socket
+
+    short = ("loop.rounds=1", "loop.prompts_per_round=8", "eval.num_prompts=8", "loop.progress=false")
+    single = tmp_path / "single"
+    run_loop(single, *short, devices=8)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    multi = tmp_path / "multi"
+    procs = [subprocess.Popen(_cmd(multi, *short), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              env=_env(4, JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2",
+                                       JAX_PROCESS_ID=str(i), JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo"))
+             for i in range(2)]
+    outs = [p.communicate(timeout=600)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], "\n".join(o[-3000:] for o in outs)
+    a, b = metrics(single), metrics(multi)
+    assert [r["iteration"] for r in b] == [0, 1]
+    for ra, rb in zip(a, b):
+        for k in EVAL_KEYS + ("train/loss",):
+            if k in ra:
+                assert rb[k] == pytest.approx(ra[k], abs=1e-4), (k, ra[k], rb[k])
+    r1 = (single / "rounds" / "round_001.jsonl").read_text().splitlines()
+    r2 = (multi / "rounds" / "round_001.jsonl").read_text().splitlines()
+    assert [json.loads(x)["responses"] for x in r1] == [json.loads(x)["responses"] for x in r2]
+

@@ -117,6 +117,7 @@ class EvalConfig:
     max_new_tokens: of the greedy answers (0 = ``sample.max_new_tokens``).
     kl_samples: responses per prompt sampled at temperature 1 from ``pi_t`` for
       ``eval/kl = mean log pi_t(y) - log pi_0(y)`` (0 disables; it keeps a copy of ``pi_0``).
+    kl_prompts: the first ``kl_prompts`` held-out prompts get KL samples (0 = all of them).
     data_path / data_split: held-out prompts when there is no task (a file or hub name, like
       ``data.path``; the split defaults to ``data.split``).
     """
@@ -124,6 +125,7 @@ class EvalConfig:
     num_prompts: int = 64
     max_new_tokens: int = 0
     kl_samples: int = 1
+    kl_prompts: int = 0
     data_path: str = ""
     data_split: str = ""
 

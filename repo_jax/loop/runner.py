@@ -294,12 +294,13 @@ def evaluate(run: Run, iteration: int) -> tuple[dict, list[str]]:
     out["eval/length"] = float(np.mean([len(r) for r in ids]))
     out["eval/kl"] = 0.0
     if cfg.eval.kl_samples and iteration > 0:
+        kl_ids = run.eval_ids[:cfg.eval.kl_prompts or None]
         samples = rounds.sample_responses(
-            run.policy, run.eval_ids, num_samples=cfg.eval.kl_samples, max_new_tokens=cfg.eval_max_new_tokens,
+            run.policy, kl_ids, num_samples=cfg.eval.kl_samples, max_new_tokens=cfg.eval_max_new_tokens,
             temperature=1.0, top_p=None, top_k=None, eos_id=run.eos_id, pad_id=run.pad_id,
             seed=run.seed(iteration, 2), chunk=cfg.loop.sample_batch, mesh=run.sampler_mesh(),
             progress=lambda x, **k: run.bar(x, desc=f"eval {iteration}: KL samples", unit="batch", **k))
-        flat = [(run.eval_ids[i], r) for i, rows in enumerate(samples) for r in rows]
+        flat = [(kl_ids[i], r) for i, rows in enumerate(samples) for r in rows]
         out["eval/kl"] = kl_estimate(run.ref_logprobs, run.state.params, run.pi0, [p for p, _ in flat],
                                      [r for _, r in flat], batch_size=cfg.train.batch_size,
                                      num_responses=cfg.train.num_responses, seq_len=cfg.train.seq_len,
