@@ -271,3 +271,38 @@ def test_hf_reward_model_from_a_tiny_random_checkpoint(tok, tmp_path):
         np.testing.assert_allclose(s, ref, atol=1e-4)
     np.testing.assert_allclose(rm([QUESTION], [ANSWERS])[0], bt_probs(scores[None], 0.5)[0], atol=1e-6)
     assert rm.scored == 4
+
+
+def test_panel_weights_scale_the_counts_and_a_failing_member_names_itself():
+    from repo_jax.annotators import AnnotatorError, Panel, RuleAnnotator
+
+    long_wins = RuleAnnotator(lambda p, r: len(r), temperature=0.0, name="long")
+    short_wins = RuleAnnotator(lambda p, r: -len(r), temperature=0.0, name="short")
+    panel = Panel([long_wins, short_wins], weights=[3.0, 1.0])
+    counts = panel.counts(["q"], [["a", "bbb"]])
+    assert counts[0, 1, 0] == 3.0 and counts[0, 0, 1] == 1.0  # n_ij + n_ji = total weight 4
+
+    def broken(p, r):
+        raise RuntimeError("no connection")
+
+    with pytest.raises(AnnotatorError, match="annotator 'remote' failed: RuntimeError: no connection"):
+        Panel([long_wins, RuleAnnotator(broken, name="remote")]).probs(["q"], [["a", "b"]])
+    with pytest.raises(ValueError, match="2 annotators needs as many non-negative weights"):
+        Panel([long_wins, short_wins], weights=[1.0])
+
+
+def test_panel_from_config_builds_named_weighted_members():
+    from repo_jax.config import ConfigError
+    from repo_jax.loop.config import AnnotatorSpec
+    from repo_jax.loop.panels import build_panel
+    from repo_jax.tasks import get_task
+
+    task = get_task("arithmetic")
+    panel = build_panel((AnnotatorSpec(kind="rule", name="correct", weight=2.0),
+                         AnnotatorSpec(kind="simulated", count=3, seed=1)), task)
+    assert panel.names == ["rule/correct", "simulated0", "simulated1", "simulated2"]
+    assert panel.weights.tolist() == [2.0, 1.0, 1.0, 1.0]
+    with pytest.raises(ConfigError, match=r"annotate.panel\[0\]: rule 'nope' is not a scorer.*'correct', 'format'"):
+        build_panel((AnnotatorSpec(kind="rule", name="nope"),), task)
+    with pytest.raises(ConfigError, match="two members named 'rule/correct'"):
+        build_panel((AnnotatorSpec(kind="rule", name="correct"), AnnotatorSpec(kind="rule", name="correct")), task)
