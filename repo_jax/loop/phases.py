@@ -1,0 +1,160 @@
+"""The phases of a round on a built :class:`~repo_jax.loop.state.Run`: sample and annotate
+(or reuse the round file), reference log-probs, train, evaluate. See :mod:`repo_jax.loop.runner`."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import jax
+import numpy as np
+
+from repo_jax import reporting
+from repo_jax.data import unpad_prompts
+from repo_jax.loop import rounds
+from repo_jax.loop.evaluate import greedy_answers, kl_estimate, win_rate
+from repo_jax.loop.state import Preempted, Run
+from repo_jax.training import objectives
+from repo_jax.training import step as sp
+
+TRAIN_METRICS = ("loss", "reward_margin", "reward_accuracy", "calibration_error")
+
+def evaluate(run: Run, iteration: int) -> tuple[dict, list[str]]:
+    """``eval/*`` of the current policy (``run.policy``); also writes the answers file."""
+    cfg, t0 = run.cfg, time.perf_counter()
+    chunk = cfg.loop.sample_batch * cfg.loop.num_responses
+    ids = greedy_answers(run.policy, run.eval_ids, max_new_tokens=cfg.eval_max_new_tokens, eos_id=run.eos_id,
+                         pad_id=run.pad_id, chunk=chunk, mesh=run.sampler_mesh(),
+                         progress=lambda x, **k: run.bar(x, desc=f"eval {iteration}: answers", unit="batch", **k))
+    texts = [run.decode(r) for r in ids]
+    first = texts if iteration == 0 else run.progress.baseline_answers
+    out: dict[str, Any] = {}
+    if run.task is not None:
+        out["eval/reward"] = float(np.mean([run.task.reward(p, a) for p, a in zip(run.eval_texts, texts)]))
+        per = [run.task.metrics(p, a) for p, a in zip(run.eval_texts, texts)]
+        out.update({f"eval/{k}": float(np.mean([m[k] for m in per])) for k in per[0]})
+    out["eval/win_rate"] = win_rate(run.panel, run.eval_texts, texts, first)
+    out["eval/length"] = float(np.mean([len(r) for r in ids]))
+    out["eval/kl"] = 0.0
+    if cfg.eval.kl_samples and iteration > 0:
+        kl_ids = run.eval_ids[:cfg.eval.kl_prompts or None]
+        samples = rounds.sample_responses(
+            run.policy, kl_ids, num_samples=cfg.eval.kl_samples, max_new_tokens=cfg.eval_max_new_tokens,
+            temperature=1.0, top_p=None, top_k=None, eos_id=run.eos_id, pad_id=run.pad_id,
+            seed=run.seed(iteration, 2), chunk=cfg.loop.sample_batch, mesh=run.sampler_mesh(),
+            progress=lambda x, **k: run.bar(x, desc=f"eval {iteration}: KL samples", unit="batch", **k))
+        flat = [(kl_ids[i], r) for i, rows in enumerate(samples) for r in rows]
+        out["eval/kl"] = kl_estimate(run.ref_logprobs, run.state.params, run.pi0, [p for p, _ in flat],
+                                     [r for _, r in flat], batch_size=cfg.train.batch_size,
+                                     num_responses=cfg.train.num_responses, seq_len=cfg.train.seq_len,
+                                     pad_id=run.pad_id, to_device=run.to_device, to_host=run.to_host)
+    if run.main:
+        reporting.write_jsonl_atomic(run.run_dir / "eval" / f"answers_{iteration:03d}.jsonl", [
+            {"iteration": iteration, "prompt": p, "answer": a, "tokens": len(r)}
+            for p, a, r in zip(run.eval_texts, texts, ids)])
+    out["time/eval"] = time.perf_counter() - t0
+    return out, texts
+
+
+def sample_and_annotate(run: Run, t: int, batch: dict) -> tuple[list[dict], dict]:
+    """Round ``t``'s records: from its round file when a previous attempt wrote it, else by
+    sampling ``D`` responses per prompt and annotating them (then the file is written)."""
+    cfg, times = run.cfg, {}
+    valid = batch["example_mask_B"]
+    prompt_ids = unpad_prompts(batch["prompt_ids_BxT"], batch["prompt_len_B"], valid)
+    prompt_texts = [str(x) for x, v in zip(batch["prompt_text_B"], valid) if v]
+    path = run.run_dir / "rounds" / f"round_{t:03d}.jsonl"
+    if path.is_file():
+        records = reporting.read_jsonl(path)
+        if [r["prompt_ids"] for r in records] == prompt_ids:
+            run.log(f"round {t}: reusing {path} (no re-sampling)")
+            run.policy = None
+            return records, {"time/sample": 0.0, "time/annotate": 0.0}
+        run.log(f"round {t}: {path} holds other prompts; sampling again")
+    t0 = time.perf_counter()
+    s = cfg.sample
+    run.policy = run.policy or run.make_policy()
+    responses = rounds.sample_responses(
+        run.policy, prompt_ids, num_samples=cfg.loop.num_responses, max_new_tokens=s.max_new_tokens,
+        temperature=s.temperature, top_p=s.top_p, top_k=s.top_k, eos_id=run.eos_id, pad_id=run.pad_id,
+        seed=run.seed(t, 1), chunk=cfg.loop.sample_batch, mesh=run.sampler_mesh(),
+        progress=lambda x, **k: run.bar(x, desc=f"round {t}: sample", unit="batch", **k))
+    run.policy = None  # free the sampling copy before training
+    times["time/sample"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    texts = [[run.decode(r) for r in rows] for rows in responses]
+    ann = rounds.annotate(run.panel, prompt_texts, texts, pseudo_count=cfg.annotate.pseudo_count,
+                          progress=lambda x: run.bar(x, desc=f"round {t}: annotate", unit="annotator"))
+    pairs = rounds.select(ann["strengths_PxD"], cfg.loop.pairs)
+    records = rounds.round_records(t, prompt_texts, prompt_ids, responses, texts, ann, run.panel.names, pairs,
+                                   run.eos_id)
+    if run.main:
+        reporting.write_jsonl_atomic(path, records)
+    times["time/annotate"] = time.perf_counter() - t0
+    return records, times
+
+
+def reference_logps(run: Run, items: list[dict]) -> np.ndarray:
+    """``log pi_ref`` of every response of the round's items, ``[M, K]``, with the round's
+    starting parameters (before any update)."""
+    cfg = run.cfg
+    batches = rounds.collate_batches(items, range(len(items)), batch_size=cfg.train.batch_size,
+                                     num_responses=cfg.train.num_responses, seq_len=cfg.train.seq_len,
+                                     pad_id=run.pad_id)
+    out = [run.to_host(run.ref_logprobs(run.state.params, run.to_device(b)))
+           for b in run.bar(batches, desc="reference log-probs", unit="batch")]
+    return np.concatenate(out)[:len(items)] if out else np.zeros((0, cfg.train.num_responses), np.float32)
+
+
+def train(run: Run, t: int, items: list[dict], ref_MxK: np.ndarray, stop) -> dict:
+    """``loop.epochs`` epochs over the round's items from ``run.progress.train_pos``; saves mid-round
+    every ``checkpoint.every_steps`` steps and when ``stop()`` says so (then raises Preempted)."""
+    cfg = run.cfg
+    b = cfg.train.batch_size
+    per_epoch = rounds.num_batches(len(items), b)
+    total = per_epoch * cfg.loop.epochs
+    sums = dict(run.progress.train_sums) or {k: 0.0 for k in (*TRAIN_METRICS, "examples", "nonfinite", "steps")}
+    bar = run.bar(total=total, desc=f"round {t}: train", unit="step")
+    bar.update(run.progress.train_pos)
+    for pos in range(run.progress.train_pos, total):
+        epoch, j = divmod(pos, per_epoch)
+        order = np.random.default_rng(run.seed(t, 3, epoch)).permutation(len(items))[j * b:(j + 1) * b]
+        host = rounds.collate_batches(items, order, batch_size=b, num_responses=cfg.train.num_responses,
+                                      seq_len=cfg.train.seq_len, pad_id=run.pad_id)[0]
+        host["ref_logps_BxK"] = np.zeros(host["list_mask_BxK"].shape, np.float32)
+        host["ref_logps_BxK"][:len(order)] = ref_MxK[order]
+        run.state, m = run.train_step(run.state, run.to_device(host))
+        m = jax.device_get(m)
+        sp.check_finite(m, cfg.train.max_nonfinite_in_a_row)
+        n = float(m["examples"])
+        for k in TRAIN_METRICS:
+            sums[k] += float(m.get(k, 0.0)) * n
+        sums["examples"] += n
+        sums["nonfinite"] += float(m["skipped"])
+        sums["steps"] += 1
+        bar.set_postfix(loss=f"{float(m['loss']):.4f}")
+        bar.update(1)
+        run.progress.global_steps += 1
+        done = pos + 1
+        if stop() or (done < total and run.progress.global_steps % cfg.checkpoint.every_steps == 0):
+            run.save(phase="train", train_pos=done, train_sums=sums, ref_logps=ref_MxK.tolist())
+            if stop():
+                raise Preempted(f"round {t}, train step {done} of {total}")
+    bar.close()
+    return sums
+
+
+def train_record(sums: dict, items: list[dict], ties: int, records: list[dict], run: Run) -> dict:
+    """The round's ``train/*`` figures (example-weighted means over its steps) and the mean
+    task reward of what it sampled (``round/sample_reward``)."""
+    ex = max(sums["examples"], 1.0)
+    keys = [k for k in TRAIN_METRICS if k != "calibration_error" or "pref_B" in objectives.get(run.cfg.train.loss.name).needs]
+    out = {f"train/{k}": sums[k] / ex for k in keys}
+    out.update({"train/steps": int(sums["steps"]), "train/nonfinite_steps": int(sums["nonfinite"]),
+                "train/examples": len(items), "train/ties_dropped": ties})
+    if run.task is not None:
+        rewards = [run.task.reward(r["prompt"], x["text"]) for r in records for x in r["responses"]]
+        out["round/sample_reward"] = float(np.mean(rewards))
+    return out
+
+

@@ -1,0 +1,244 @@
+"""What a run builds once and where it stands: the run folder, ``Progress``, ``Run``.
+
+``Run`` holds the model's train state and programs (train step, reference pass, optimiser
+reset), the prompt iterator, the held-out prompts, the panel and the Orbax checkpointer;
+``Progress`` is the JSON ``loop`` item of every checkpoint (iteration, phase, metric records,
+iteration 0's answers, and inside a round the train position, reference log-probs and the
+prompt iterator's position before the round). See :mod:`repo_jax.loop.runner`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import yaml
+from flax import nnx
+
+from repo_jax import config as config_lib
+from repo_jax import reporting, sampling
+from repo_jax import sharding as shd
+from repo_jax.data import DataConfig, make_pipeline
+from repo_jax.data.tokenize import Formatter
+from repo_jax.loop.config import IrepoConfig, check
+from repo_jax.loop.panels import build_panel
+from repo_jax.training import batch as bt
+from repo_jax.training import optim
+from repo_jax.training import state as st
+from repo_jax.training import step as sp
+from repo_jax.training.checkpoint import Checkpointer
+
+RESUMABLE_KEYS = ("loop.rounds", "loop.progress")
+
+
+class Preempted(Exception):
+    """SIGTERM arrived; a checkpoint was written (or the last one is current)."""
+
+
+class ConfigMismatch(config_lib.ConfigError):
+    pass
+
+
+# ------------------------------------------------------------------------ run folder, config
+
+
+def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        out.update(_flatten(v, key + ".") if isinstance(v, dict) else {key: v})
+    return out
+
+
+def _plain(x):
+    if isinstance(x, (list, tuple)):
+        return [_plain(v) for v in x]
+    if isinstance(x, dict):
+        return {k: _plain(v) for k, v in x.items()}
+    return x
+
+
+def prepare_run_dir(cfg: IrepoConfig) -> Path:
+    """Creates ``run_dir``, writes ``config.yaml``, or checks it against the saved one."""
+    run_dir = Path(cfg.run_dir)
+    resolved = _plain(config_lib.to_dict(cfg))
+    saved_path = run_dir / "config.yaml"
+    if saved_path.is_file():
+        saved = yaml.safe_load(saved_path.read_text()) or {}
+        a, b = _flatten(saved), _flatten(resolved)
+        diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k) and k not in RESUMABLE_KEYS)
+        if diff:
+            shown = ", ".join(f"{k} ({a.get(k)!r} -> {b.get(k)!r})" for k in diff[:5])
+            raise ConfigMismatch(f"{run_dir} holds a run with another config: {shown}"
+                                 f"{' ...' if len(diff) > 5 else ''}; use a new run_dir or the saved config")
+    if jax.process_index() == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        tmp = saved_path.with_suffix(".yaml.tmp")
+        tmp.write_text(yaml.safe_dump(resolved, sort_keys=False))
+        tmp.replace(saved_path)
+    return run_dir
+
+
+def load_tokenizer_for(section):
+    """The tokenizer of a ``model`` section (``model.tokenizer``, else from ``model.weights``)."""
+    from repo_jax.assets import load_tokenizer
+
+    source = section.tokenizer or section.weights
+    if source == "bytes":
+        from repo_jax.data.byte_tokenizer import ByteTokenizer
+
+        return ByteTokenizer()
+    if not source:
+        raise config_lib.ConfigError("model.tokenizer and model.weights are both empty: a random-init model needs "
+                                     "model.tokenizer (bytes, an HF folder or a .gguf)")
+    return load_tokenizer(st.resolve_path(source))
+
+
+# ------------------------------------------------------------------------------ the run
+
+
+@dataclasses.dataclass
+class Progress:
+    """Where the run stands (the ``loop`` item of a checkpoint)."""
+
+    iteration: int = -1          # the last evaluated policy (-1: not even pi_0 yet)
+    phase: str = "done"          # "done" (iteration complete) or "train" (inside round iteration + 1)
+    records: list = dataclasses.field(default_factory=list)
+    baseline_answers: list = dataclasses.field(default_factory=list)
+    saves: int = 0
+    train_pos: int = 0
+    ref_logps: list = dataclasses.field(default_factory=list)
+    train_sums: dict = dataclasses.field(default_factory=dict)
+    times: dict = dataclasses.field(default_factory=dict)
+    global_steps: int = 0
+    data_state: dict = dataclasses.field(default_factory=dict)  # prompt iterator before this phase's round
+
+
+class Run:
+    """Everything built once per run (model, optimiser, programs, data, panel)."""
+
+    def __init__(self, cfg: IrepoConfig, log=print):
+        from repo_jax.tasks import get_task
+
+        check(cfg)
+        self.cfg, self.log = cfg, log
+        self.main = jax.process_index() == 0
+        self.run_dir = prepare_run_dir(cfg)
+        self.mesh = shd.make_mesh(cfg.mesh)
+        self.task = get_task(cfg.task) if cfg.task else None
+        self.tokenizer = load_tokenizer_for(cfg.model)
+        self.formatter = Formatter(self.tokenizer, chat_template=cfg.data.chat_template)
+        self.eos_id = self.tokenizer.eos_token_id
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        self.panel = build_panel(cfg.annotate.panel, self.task)
+
+        model = self._start_model()
+        self.tx = optim.make_optimizer(cfg.optim)
+        self.graphdef, state, self.shardings = st.state_from_model(model, self.tx, cfg.train, self.mesh)
+        del model
+        self.abstract = jax.eval_shape(lambda s: s, state)
+        self.state = state
+        self.pi0 = jax.tree.map(jnp.copy, state.params) if cfg.eval.kl_samples else None
+        self.train_step = sp.make_train_step(self.graphdef, cfg, self.mesh, self.shardings)
+        self.ref_logprobs = sp.make_reference_logprobs(self.graphdef, cfg.train, self.mesh, self.shardings.params)
+        tx, sh = self.tx, self.shardings
+        self._reset_opt = jax.jit(lambda s: s.replace(opt_state=tx.init(s.params)), in_shardings=(sh,),
+                                  out_shardings=sh, donate_argnums=0)
+
+        data = self._prompt_data_config()
+        self.prompts = make_pipeline(data, self.tokenizer, kind="prompt", run_dir=self.run_dir if self.main else None,
+                                     log=log if self.main else None)
+        self.iterator = self.prompts.iterator()
+        self.eval_texts, self.eval_ids = self._eval_prompts()
+        self.checkpointer = Checkpointer(cfg.checkpoint_dir, dataclasses.replace(cfg.checkpoint, every_steps=1))
+        self.progress = Progress()
+        self.policy = None  # the sampling copy of the current policy (decoding layout)
+
+    # ---- construction helpers
+    def _start_model(self):
+        m = self.cfg.model
+        if m.weights:
+            return st.pretrained_model(m, self.mesh)
+        return st.model_factory(m, seed=self.cfg.train.seed)()
+
+    def _prompt_data_config(self) -> DataConfig:
+        d = self.cfg.data
+        path = d.path or (self.task.prompts_file("train") if self.task else "")
+        if not path:
+            raise config_lib.ConfigError("data.path is empty and there is no task to take prompts from")
+        return dataclasses.replace(d, path=path, batch_size=self.cfg.loop.prompts_per_round, shard_index=0,
+                                   shard_count=1)
+
+    def _eval_prompts(self):
+        cfg = self.cfg
+        if cfg.eval.data_path:
+            from repo_jax.data import load_examples
+            from repo_jax.data.tokenize import plain_prompt
+
+            d = dataclasses.replace(cfg.data, path=cfg.eval.data_path, split=cfg.eval.data_split or cfg.data.split,
+                                    schema="auto")
+            examples, _ = load_examples(d, tokenizer=self.tokenizer, log=None)
+            convs = [ex["prompt"] for ex in examples[:cfg.eval.num_prompts]]
+            texts = [plain_prompt(c) for c in convs]
+        else:
+            texts = self.task.prompts("eval")[:cfg.eval.num_prompts]
+            convs = [[{"role": "user", "content": t}] for t in texts]
+        ids = [self.formatter.prompt_ids(c)[-cfg.data.max_prompt_len:] for c in convs]
+        return texts, ids
+
+    # ---- small utilities
+    def bar(self, iterable=None, *, desc: str, total=None, unit="it"):
+        return reporting.progress(iterable, total=total, desc=desc, unit=unit,
+                                  enabled=self.cfg.loop.progress and self.main)
+
+    def to_device(self, host_batch: dict) -> dict:
+        b = bt.cast(host_batch)
+        rows = shd.process_batch_slice(len(b["input_ids_BxKxT"]))
+        return shd.global_batch({k: v[rows] for k, v in b.items()}, self.mesh)
+
+    @staticmethod
+    def to_host(x) -> np.ndarray:
+        if jax.process_count() > 1 and not x.is_fully_addressable:
+            from jax.experimental import multihost_utils
+
+            return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+        return np.asarray(jax.device_get(x))
+
+    def decode(self, ids) -> str:
+        return self.tokenizer.decode(list(ids), skip_special_tokens=True).strip()
+
+    def make_policy(self):
+        """The current parameters in the sampling layout (one copy per round, see the sampler)."""
+        model = sampling.decoding_model(nnx.merge(self.graphdef, self.state.params, self.state.buffers))
+        if self.mesh.size > 1:
+            state = nnx.state(model)
+            nnx.update(model, jax.device_put(state, sampling.param_shardings(state, self.mesh)))
+        return model
+
+    def sampler_mesh(self):
+        return self.mesh if self.mesh.size > 1 else None
+
+    def seed(self, *parts: int) -> int:
+        return int(np.random.SeedSequence([self.cfg.train.seed, *parts]).generate_state(1)[0] % (2**31 - 64))
+
+    # ---- checkpoints
+    def save(self, **changes) -> None:
+        p = dataclasses.replace(self.progress, **changes, saves=self.progress.saves + 1)
+        self.checkpointer.save(p.saves, self.state, loop=dataclasses.asdict(p), force=True)
+        self.progress = p
+
+    def restore(self) -> bool:
+        if self.checkpointer.latest_step() is None:
+            return False
+        self.state, loop = self.checkpointer.restore(self.abstract, self.shardings)
+        known = {f.name for f in dataclasses.fields(Progress)}
+        self.progress = Progress(**{k: v for k, v in loop.items() if k in known})
+        if self.progress.data_state:
+            self.iterator.set_state(self.progress.data_state)
+        return True
+
+
