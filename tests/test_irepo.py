@@ -79,6 +79,7 @@ def test_tiny_loop_end_to_end(reference):
     assert recs[0]["eval/win_rate"] == 0.5 and recs[0]["eval/kl"] == 0.0
     assert recs[-1]["eval/reward"] > recs[0]["eval/reward"]  # the toy task is learnt
     assert recs[-1]["eval/win_rate"] > 0.5
+    assert recs[-1]["eval/kl"] > 0  # the policy moved away from pi_0
     for t in (1, 2, 3):
         lines = (run_dir / "rounds" / f"round_{t:03d}.jsonl").read_text().splitlines()
         assert len(lines) == 16
@@ -137,6 +138,19 @@ def test_train_batch_rows_are_the_sampled_tokens(reference):
                 else:
                     assert resp["length"] == cfg.sample.max_new_tokens
     assert stopped > 0
+
+
+def test_win_rate_counts_ties_as_half_and_cancels_position_bias():
+    from repo_jax.annotators import Panel, RuleAnnotator, SimulatedAnnotator
+    from repo_jax.loop.evaluate import win_rate
+
+    digits = RuleAnnotator(lambda p, r: sum(c.isdigit() for c in r), temperature=0.0, name="digits")
+    prompts, first = ["a", "b", "c", "d"], ["x", "1", "22", "x"]
+    current = ["1", "11", "2", "x"]  # better, better, worse, tie
+    assert win_rate(Panel([digits]), prompts, current, first) == pytest.approx((1 + 1 + 0 + 0.5) / 4)
+    # a rater that always prefers the response shown first: half the prompts show it first
+    biased = SimulatedAnnotator(lambda p, r: 0.0, bias=50.0, name="first")
+    assert win_rate(Panel([biased]), prompts, ["p", "q", "r", "s"], ["t", "u", "v", "w"]) == pytest.approx(0.5)
 
 
 def _watch_and_kill(run_dir, marker: str, *, sig=signal.SIGKILL, wait_for_new_checkpoint=False, overrides=()):
