@@ -135,7 +135,7 @@ def _generate_program(state, tokens_BxT, mask_BxT, valid_B, max_new_tokens, seed
     stop_ids = jnp.asarray(static.stop_ids or (-1,), jnp.int32)
 
     def record(s: DecodeState, logits_BxV) -> DecodeState:
-        token_B, logp_B, sample_logp_B = choose_tokens(logits_BxV, _row_keys(seed, s.step, rows_B), static.policy)
+        token_B, logp_B, sample_logp_B = choose_tokens(logits_BxV, _row_keys(seed, s.step, rows_B), static.policy, ~s.done_B)
         live_B = ~s.done_B
         token_B = jnp.where(live_B, token_B, static.pad_id)
         col_1xN = (jnp.arange(n) == s.step)[None, :] & live_B[:, None]
