@@ -22,6 +22,11 @@ Layout of one call (``P`` = prompt bucket, ``N`` = new-token bucket, ``S = P + N
 A sequence stops *after* emitting a stop id (the stop token is returned and counted in
 ``lengths``, like transformers' greedy output), or after ``max_new_tokens``; the loop ends as soon
 as every row has stopped.  Everything after a row's end is ``pad_id`` (log-probs 0).
+
+Finished rows stop costing steps: once no more than half the decode batch is live, the live rows
+(with their cache) are gathered into a batch of half the size and decoding goes on there, up to
+``max_compactions`` times per call (each size is one more loop body in the same program). Each
+decoded row remembers its output row, which keys its random stream, so the tokens do not change.
 """
 
 from __future__ import annotations
@@ -51,29 +56,34 @@ __all__ = ["DecodeState", "SampleOutput", "SamplingPolicy", "bucket", "choose_to
 
 @flax.struct.dataclass
 class DecodeState:
-    """Carry of the decode ``while_loop``; ``B`` = rows (prompts x samples), ``N`` = token buffer.
+    """Carry of the decode ``while_loop``s. ``B`` = the rows being decoded (all ``R = prompts x
+    samples`` rows, then fewer after each compaction), ``N`` = the token buffer.
 
     Attributes:
       step: int32 []: tokens sampled so far per row (the prefill's token counts as one).
-      cache: the model's KV cache with ``S = P + N`` slots; step ``i`` writes slot ``P + i - 1``.
+      cache: the model's KV cache for the ``B`` rows, ``S = P + N`` slots; step ``i`` writes
+        slot ``P + i - 1``.
+      row_B: int32 [B]: the output row (``0 .. R-1``) each decoded row fills; it keys the row's
+        random stream, so compaction never changes a row's tokens.
       last_token_B: int32 [B]: the most recent token, fed to the next decode step.
       position_B: int32 [B]: that token's position (prompt length + step - 1).
       done_B: bool [B]: the row has emitted a stop id, reached ``max_new_tokens``, or is padding.
-      tokens_BxN: int32: new tokens, ``pad_id`` after a row's end.
-      logps_BxN: float32: their log-probs under the unmodified model (0 after the end).
-      sample_logps_BxN: float32: their log-probs under the sampling distribution (0 greedy / after).
-      lengths_B: int32 [B]: new tokens per row, stop token included.
+      tokens_RxN: int32: new tokens of every output row, ``pad_id`` after a row's end.
+      logps_RxN: float32: their log-probs under the unmodified model (0 after the end).
+      sample_logps_RxN: float32: their log-probs under the sampling distribution (0 greedy / after).
+      lengths_R: int32 [R]: new tokens per output row, stop token included.
     """
 
     step: jax.Array
     cache: Any
+    row_B: jax.Array
     last_token_B: jax.Array
     position_B: jax.Array
     done_B: jax.Array
-    tokens_BxN: jax.Array
-    logps_BxN: jax.Array
-    sample_logps_BxN: jax.Array
-    lengths_B: jax.Array
+    tokens_RxN: jax.Array
+    logps_RxN: jax.Array
+    sample_logps_RxN: jax.Array
+    lengths_R: jax.Array
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,10 +96,32 @@ class _Static:
     stop_ids: tuple[int, ...]
     pad_id: int
     cache_dtype: Any
+    stages: tuple[int, ...]  # decode batch sizes: all rows, then the compactions (see _stage_rows)
+
+
+def _stage_rows(rows: int, mult: int, *, min_rows: int, max_compactions: int) -> tuple[int, ...]:
+    """Decode batch sizes of one call: ``rows``, then halves (at most ``max_compactions``) while a
+    half keeps at least ``min_rows`` rows and still divides over the ``mult`` batch devices.
+
+    Once no more live rows remain than the next size, the live rows are gathered into that many
+    (:func:`_compact`) and decoding goes on with the smaller batch: finished rows stop costing
+    model steps, at the price of one more compiled loop body per size.
+    """
+    sizes = [rows]
+    while len(sizes) <= max_compactions:
+        half = sizes[-1] // 2
+        if sizes[-1] % 2 or half < max(min_rows, mult) or half % mult:
+            break
+        sizes.append(half)
+    return tuple(sizes)
 
 
 def _repeat_rows(tree, batch_axes, k: int):
     return jax.tree.map(lambda x, ax: x if ax is None else jnp.repeat(x, k, axis=ax), tree, batch_axes)
+
+
+def _take_rows(tree, batch_axes, rows_B):
+    return jax.tree.map(lambda x, ax: x if ax is None else jnp.take(x, rows_B, axis=ax), tree, batch_axes)
 
 
 def _cache_batch_axes(model, batch: int, max_len: int, dtype):
@@ -109,8 +141,18 @@ def _row_keys(seed, step, rows_B):
     return jax.vmap(lambda r: jax.random.fold_in(base, r))(rows_B)
 
 
+def _compact(s: DecodeState, size: int, cache_axes) -> DecodeState:
+    """The first ``size`` rows after a stable sort on ``done``: every live row (the caller ensures
+    there are at most ``size``), then finished rows as filler (they write only padding)."""
+    keep_B = jnp.argsort(s.done_B, stable=True)[:size]
+    take = lambda x_B: jnp.take(x_B, keep_B, axis=0)
+    return s.replace(cache=_take_rows(s.cache, cache_axes, keep_B), row_B=take(s.row_B),
+                     last_token_B=take(s.last_token_B), position_B=take(s.position_B), done_B=take(s.done_B))
+
+
 def _generate_program(state, tokens_BxT, mask_BxT, valid_B, max_new_tokens, seed, *, graphdef, static: _Static):
-    """Prefill the ``B`` rows once, repeat each ``K`` times, then decode the ``B*K`` rows in a ``while_loop``."""
+    """Prefill the ``B`` rows once, repeat each ``K`` times, then decode the ``B*K`` rows in
+    ``while_loop``s, one per stage size (finished rows compacted away between stages)."""
     model = nnx.merge(graphdef, state)
     k, n = static.samples_per_row, static.buffer_len
     b, p = tokens_BxT.shape
@@ -124,63 +166,67 @@ def _generate_program(state, tokens_BxT, mask_BxT, valid_B, max_new_tokens, seed
     logits_Bx1xV, cache = model.forward_with_cache(tokens_BxT, positions_BxT, mask_BxT, cache, jnp.int32(0), last_only=True)
     last_logits_BxV = logits_Bx1xV[:, -1].astype(jnp.float32)
 
+    axes = _cache_batch_axes(model, b, max_len, static.cache_dtype)
     if k > 1:  # K samples per row from one prefill: repeat cache and logits along batch.
-        axes = _cache_batch_axes(model, b, max_len, static.cache_dtype)
         cache = _repeat_rows(cache, axes, k)
         last_logits_BxV = jnp.repeat(last_logits_BxV, k, axis=0)
         prompt_len_B = jnp.repeat(prompt_len_B, k, axis=0)
         valid_B = jnp.repeat(valid_B, k, axis=0)
 
-    rows_B = jnp.arange(rows, dtype=jnp.int32)
     stop_ids = jnp.asarray(static.stop_ids or (-1,), jnp.int32)
 
     def record(s: DecodeState, logits_BxV) -> DecodeState:
-        token_B, logp_B, sample_logp_B = choose_tokens(logits_BxV, _row_keys(seed, s.step, rows_B), static.policy, ~s.done_B)
         live_B = ~s.done_B
+        token_B, logp_B, sample_logp_B = choose_tokens(logits_BxV, _row_keys(seed, s.step, s.row_B), static.policy, live_B)
         token_B = jnp.where(live_B, token_B, static.pad_id)
-        col_1xN = (jnp.arange(n) == s.step)[None, :] & live_B[:, None]
-        lengths_B = s.lengths_B + live_B.astype(jnp.int32)
+        # Finished rows write padding (and 0) after their end: what the buffers already hold there.
+        put = lambda out_RxN, x_B: out_RxN.at[s.row_B, s.step].set(x_B, mode="drop")
+        lengths_R = s.lengths_R.at[s.row_B].add(live_B.astype(jnp.int32))
         stopped_B = jnp.isin(token_B, stop_ids) if static.stop_ids else jnp.zeros_like(live_B)
         return s.replace(
             step=s.step + 1,
             last_token_B=token_B,
-            tokens_BxN=jnp.where(col_1xN, token_B[:, None], s.tokens_BxN),
-            logps_BxN=jnp.where(col_1xN, logp_B[:, None], s.logps_BxN),
-            sample_logps_BxN=jnp.where(col_1xN, sample_logp_B[:, None], s.sample_logps_BxN),
-            lengths_B=lengths_B,
-            done_B=s.done_B | (live_B & stopped_B) | (lengths_B >= max_new_tokens),
+            tokens_RxN=put(s.tokens_RxN, token_B),
+            logps_RxN=put(s.logps_RxN, jnp.where(live_B, logp_B, 0.0)),
+            sample_logps_RxN=put(s.sample_logps_RxN, jnp.where(live_B, sample_logp_B, 0.0)),
+            lengths_R=lengths_R,
+            done_B=s.done_B | (live_B & stopped_B) | (lengths_R[s.row_B] >= max_new_tokens),
         )
 
-    state0 = DecodeState(
+    s = DecodeState(
         step=jnp.int32(0),
         cache=cache,
+        row_B=jnp.arange(rows, dtype=jnp.int32),
         last_token_B=jnp.zeros((rows,), jnp.int32),
         position_B=prompt_len_B - 1,
         done_B=~valid_B | (max_new_tokens <= 0),
-        tokens_BxN=jnp.full((rows, n), static.pad_id, jnp.int32),
-        logps_BxN=jnp.zeros((rows, n), jnp.float32),
-        sample_logps_BxN=jnp.zeros((rows, n), jnp.float32),
-        lengths_B=jnp.zeros((rows,), jnp.int32),
+        tokens_RxN=jnp.full((rows, n), static.pad_id, jnp.int32),
+        logps_RxN=jnp.zeros((rows, n), jnp.float32),
+        sample_logps_RxN=jnp.zeros((rows, n), jnp.float32),
+        lengths_R=jnp.zeros((rows,), jnp.int32),
     )
-    state0 = record(state0, last_logits_BxV)
-
-    def cond(s: DecodeState):
-        return (s.step < jnp.minimum(max_new_tokens, n)) & ~jnp.all(s.done_B)
+    s = record(s, last_logits_BxV)
 
     def body(s: DecodeState):
         position_B = s.position_B + 1
         logits_Bx1xV, cache = model.forward_with_cache(
-            s.last_token_B[:, None], position_B[:, None], jnp.ones((rows, 1), jnp.int32), s.cache, p + s.step - 1
+            s.last_token_B[:, None], position_B[:, None], jnp.ones((s.row_B.shape[0], 1), jnp.int32), s.cache,
+            p + s.step - 1,
         )
         return record(s.replace(cache=cache, position_B=position_B), logits_Bx1xV[:, 0])
 
-    final = jax.lax.while_loop(cond, body, state0)
+    limit = jnp.minimum(max_new_tokens, n)
+    for i, size in enumerate(static.stages):
+        if i:
+            s = _compact(s, size, axes)
+        after = static.stages[i + 1] if i + 1 < len(static.stages) else 0  # move on at <= `after` live rows
+        s = jax.lax.while_loop(lambda s, after=after: (s.step < limit) & ((~s.done_B).sum() > after), body, s)
     return {
-        "tokens_BxN": final.tokens_BxN,
-        "logps_BxN": final.logps_BxN,
-        "sample_logps_BxN": final.sample_logps_BxN,
-        "lengths_B": final.lengths_B,
-        "num_steps": final.step - 1,
+        "tokens_BxN": s.tokens_RxN,
+        "logps_BxN": s.logps_RxN,
+        "sample_logps_BxN": s.sample_logps_RxN,
+        "lengths_B": s.lengths_R,
+        "num_steps": s.step - 1,
     }
 
 
@@ -230,6 +276,8 @@ class SampleOutput:
     compile_seconds: float = flax.struct.field(pytree_node=False)
     run_seconds: float = flax.struct.field(pytree_node=False)
 
+
+COMPACT_MIN_ROWS = 16  # no decode batch is compacted below this many rows
 
 _COMPILED: collections.OrderedDict = collections.OrderedDict()
 _MAX_COMPILED = 32
@@ -314,6 +362,7 @@ def sample(
     new_token_buckets: Sequence[int] | None = None,
     cache_dtype=None,
     unstack: bool | None = None,
+    max_compactions: int = 3,
 ) -> SampleOutput:
     """Samples ``num_samples`` continuations of each prompt; see the module docstring.
 
@@ -334,6 +383,10 @@ def sample(
         stacked weights copies every layer's slice per decoded token (1.5x slower per token at
         batch 16 for SmolLM2-135M); accelerators read the slices in place and keep one copy of
         the weights. A loop sampling many times can pass ``model.unstacked()`` itself.
+      max_compactions: how many times the decode batch may halve once half its rows have
+        finished (live rows gathered, see ``_stage_rows``; batches under ``2 * COMPACT_MIN_ROWS``
+        rows never compact). Each size is one more compiled loop body; 0 turns it off. The tokens
+        are those of an uncompacted call.
       *_buckets: allowed sizes. Defaults: batch and new-token buffer powers of two, prompt length
         ``2^k`` or ``3 * 2^(k-1)`` (prefill cost is linear in it); under a mesh the batch bucket
         may grow by filler slots (see ``_prefill_layout``).
@@ -356,7 +409,8 @@ def sample(
 
     model = decoding_model(model, unstack)
     graphdef, state = nnx.split(model)
-    static = _Static(policy, int(num_samples) // f, n, stop_ids, int(pad_id), cache_dtype)
+    stages = _stage_rows(b * int(num_samples), mult, min_rows=COMPACT_MIN_ROWS, max_compactions=max_compactions)
+    static = _Static(policy, int(num_samples) // f, n, stop_ids, int(pad_id), cache_dtype, stages)
     args = (state, tokens, mask, valid, np.int32(max_new_tokens), np.uint32(seed))
     if mesh is not None:
         state_sh = shardings if shardings is not None else param_shardings(state, mesh)

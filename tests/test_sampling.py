@@ -253,3 +253,27 @@ def test_explicit_mesh_is_refused(model):
     mesh = jax.make_mesh((1, 1, 1), ("data", "fsdp", "tensor"))  # Explicit axes, JAX's default
     with pytest.raises(ValueError, match="sampling needs a mesh with Auto axis types"):
         sampling.sample(model, PROMPTS, max_new_tokens=4, mesh=mesh)
+
+
+@pytest.mark.parametrize("mesh_data", [None, 8])
+def test_compacting_finished_rows_keeps_every_token(model, mesh_data):
+    """64 rows of which most stop early: the decode batch halves (64 -> 32 -> 16) as rows finish,
+    on one device and with the rows over 8 devices, and every row's tokens, lengths and log-probs
+    are those of the uncompacted call."""
+    if mesh_data and len(jax.devices()) < 8:
+        pytest.skip("needs 8 devices")
+    mesh = None if not mesh_data else make_mesh(MeshConfig(data=mesh_data, fsdp=1, tensor=1), jax.devices()[:8])
+    assert sampling._stage_rows(64, 8, min_rows=16, max_compactions=3) == (64, 32, 16)
+    kw = dict(max_new_tokens=24, num_samples=8, temperature=1.0, seed=5, eos_id=[3, 20, 40, 41, 42], mesh=mesh)
+    CALLS.clear()
+    full = sampling.sample(model, MIXED[:4] + MIXED[:4], max_compactions=0, **kw)
+    assert {c[0] for c in CALLS if c[1] == 1} == {64}
+    CALLS.clear()
+    packed = sampling.sample(model, MIXED[:4] + MIXED[:4], **kw)
+    assert {c[0] for c in CALLS if c[1] == 1} == {64, 32, 16}  # one decode body per stage size
+    lengths = np.sort(full.lengths_B)
+    assert lengths[32] < 24 and lengths[-1] == 24  # half the rows end early, some run to the end
+    np.testing.assert_array_equal(full.tokens_BxS, packed.tokens_BxS)
+    np.testing.assert_array_equal(full.lengths_B, packed.lengths_B)
+    np.testing.assert_allclose(full.logps_BxS, packed.logps_BxS, atol=1e-5)
+    np.testing.assert_allclose(full.sample_logps_BxS, packed.sample_logps_BxS, atol=1e-5)

