@@ -153,30 +153,35 @@ def _from_candidates(vals_BxC, idx_BxC, lse_B, u_B, policy: SamplingPolicy, voca
     """Draw from the kept set when it lies inside the candidates (``vals`` sorted, descending).
 
     Returns ``(token_B, logp_B, ok_B)``; ``ok`` is false where the kept set may reach past the
-    candidates (then token and logp are meaningless).
+    candidates (then token and logp are meaningless). ``lax.top_k``'s outputs are only combined
+    elementwise and reduced, never sliced or gathered: XLA:CPU rewrites a TopK whose outputs are
+    sliced into a full sort of the rows (100x slower).
     """
     c = vals_BxC.shape[-1]
+    col_1xC = jnp.arange(c)[None, :]
+    upper_CxC = (col_1xC.T <= col_1xC).astype(jnp.float32)
+    cumsum = lambda w_BxC: jnp.einsum("BC,CK->BK", w_BxC, upper_CxC)  # no scan: no slices (see above)
+    at = lambda x_BxC, pos_B: jnp.where(col_1xC == pos_B[:, None], x_BxC, 0).sum(axis=-1)  # x[b, pos[b]]
+    max_B, last_B = vals_BxC.max(axis=-1), vals_BxC.min(axis=-1)  # first and last candidate
     keep_BxC = jnp.ones(vals_BxC.shape, bool)
     ok_B = jnp.ones(vals_BxC.shape[:1], bool)
-    last_B = vals_BxC[:, c - 1]
     if policy.top_k is not None and policy.top_k < vocab:
-        kth_B = vals_BxC[:, policy.top_k - 1]
+        kth_B = jnp.where(col_1xC < policy.top_k, vals_BxC, jnp.inf).min(axis=-1)
         keep_BxC = vals_BxC >= kth_B[:, None]
         ok_B &= last_B < kth_B  # no tie with the k-th value outside the candidates
         lse_B = logprobs.logsumexp(jnp.where(keep_BxC, vals_BxC, -jnp.inf))
     if policy.top_p is not None and policy.top_p < 1.0:
-        cum_BxC = jnp.cumsum(jnp.where(keep_BxC, jnp.exp(vals_BxC - lse_B[:, None]), 0.0), axis=-1)
+        cum_BxC = cumsum(jnp.where(keep_BxC, jnp.exp(vals_BxC - lse_B[:, None]), 0.0))
         reach_BxC = cum_BxC >= policy.top_p
-        cut_B = jnp.take_along_axis(vals_BxC, jnp.argmax(reach_BxC, axis=-1)[:, None], axis=1)[:, 0]
+        cut_B = jnp.where(reach_BxC, vals_BxC, -jnp.inf).max(axis=-1)  # the value where p is reached
         keep_BxC &= vals_BxC >= cut_B[:, None]
-        ok_B &= reach_BxC[:, -1] & (last_B < cut_B)
-    w_BxC = jnp.where(keep_BxC, jnp.exp(vals_BxC - vals_BxC[:, :1]), 0.0)
-    cum_BxC = jnp.cumsum(w_BxC, axis=-1)
-    total_B = cum_BxC[:, -1]
-    pos_B = _first_past(cum_BxC, u_B * total_B, _last_positive(w_BxC))
-    pick = lambda x_BxC: jnp.take_along_axis(x_BxC, pos_B[:, None], axis=1)[:, 0]
-    logp_B = pick(vals_BxC) - vals_BxC[:, 0] - jnp.log(total_B)
-    return pick(idx_BxC).astype(jnp.int32), logp_B, ok_B
+        ok_B &= reach_BxC.any(axis=-1) & (last_B < cut_B)
+    w_BxC = jnp.where(keep_BxC, jnp.exp(vals_BxC - max_B[:, None]), 0.0)
+    cum_BxC = cumsum(w_BxC)
+    total_B = cum_BxC.max(axis=-1)
+    pos_B = _first_past(cum_BxC, u_B * total_B, keep_BxC.sum(axis=-1) - 1)
+    logp_B = at(vals_BxC, pos_B) - max_B - jnp.log(total_B)
+    return at(idx_BxC, pos_B).astype(jnp.int32), logp_B, ok_B
 
 
 def _exact_truncated(z_BxV, u_B, policy: SamplingPolicy):
@@ -189,9 +194,7 @@ def _truncated(logits_BxV, u_B, live_B, policy: SamplingPolicy):
     b, v = logits_BxV.shape
     c = min(v, max(CANDIDATES, (policy.top_k or 0) + 1))
     inv_t = 1.0 / policy.temperature  # z = logits / T: top_k on the raw logits, same order
-    # The barrier keeps XLA:CPU's TopK custom call: slicing its values (``vals[:, :1]`` below)
-    # otherwise lets the simplifier rewrite it into a full sort of the rows (100x slower).
-    vals_BxC, idx_BxC = jax.lax.optimization_barrier(jax.lax.top_k(logits_BxV, c))
+    vals_BxC, idx_BxC = jax.lax.top_k(logits_BxV, c)
     lse_B = logprobs.logsumexp(logits_BxV * inv_t)
     token_B, logp_B, ok_B = _from_candidates(vals_BxC * inv_t, idx_BxC, lse_B, u_B, policy, v)
     if c == v:  # the candidates are the whole vocabulary

@@ -277,3 +277,24 @@ def test_compacting_finished_rows_keeps_every_token(model, mesh_data):
     np.testing.assert_array_equal(full.lengths_B, packed.lengths_B)
     np.testing.assert_allclose(full.logps_BxS, packed.logps_BxS, atol=1e-5)
     np.testing.assert_allclose(full.sample_logps_BxS, packed.sample_logps_BxS, atol=1e-5)
+
+
+def test_nucleus_past_the_candidates_same_tokens_on_a_mesh(model, monkeypatch):
+    """With 4 candidates per row most nuclei of the tiny model reach past them: rows take the
+    exact path (alone, on a gathered subset or all together, as the step's rows demand), and one
+    device and 8 devices still give the same tokens."""
+    if len(jax.devices()) < 8:
+        pytest.skip("needs 8 devices")
+    from repo_jax import sampling_policies
+
+    monkeypatch.setattr(sampling_policies, "CANDIDATES", 4)
+    sampling.clear_cache()
+    kw = dict(max_new_tokens=8, num_samples=4, temperature=1.0, top_p=0.9, seed=11, eos_id=[3])
+    try:
+        one = sampling.sample(model, MIXED, **kw)
+        many = sampling.sample(model, MIXED, **kw, mesh=make_mesh(MeshConfig(data=4, fsdp=2, tensor=1), jax.devices()[:8]))
+    finally:
+        sampling.clear_cache()
+    np.testing.assert_array_equal(one.tokens_BxS, many.tokens_BxS)
+    np.testing.assert_allclose(one.sample_logps_BxS, many.sample_logps_BxS, atol=1e-5)
+    assert (one.sample_logps_BxS <= 1e-6).all() and (one.sample_logps_BxS >= one.logps_BxS - 1e-5).all()
