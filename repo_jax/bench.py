@@ -12,6 +12,7 @@ import sys
 
 BENCHES = {
     "logprobs": "repo_jax.benchmarks.logprobs",
+    "round": "repo_jax.benchmarks.round",
     "sample": "repo_jax.benchmarks.sample",
     "train": "repo_jax.benchmarks.train",
 }
