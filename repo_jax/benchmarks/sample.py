@@ -23,7 +23,6 @@ import argparse
 import tempfile
 
 import jax.numpy as jnp
-import numpy as np
 
 from repo_jax import sampling
 from repo_jax.assets import load_tokenizer, smollm2_gguf_path
