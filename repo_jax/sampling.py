@@ -381,7 +381,7 @@ def sample(
         program = lambda *a: _generate_program(*a, graphdef=graphdef, static=static)
         # Replicated outputs under a mesh: every process can read every row (a few KB gathered).
         fn = jax.jit(program) if mesh is None else jax.jit(program, out_shardings=shd.replicated(mesh))
-        with _context(mesh):
+        with shd.mesh_rules(mesh, shd.SAMPLE_RULES):
             compiled = fn.lower(*args).compile()
         compile_seconds = time.perf_counter() - t0
         compile_count += 1
@@ -392,7 +392,7 @@ def sample(
         _COMPILED.move_to_end(key)
 
     t0 = time.perf_counter()
-    with _context(mesh):
+    with shd.mesh_rules(mesh, shd.SAMPLE_RULES):
         out = jax.block_until_ready(compiled(*args))
     run_seconds = time.perf_counter() - t0
     out = jax.device_get(out)
@@ -420,26 +420,18 @@ def decoding_model(model, unstack: bool | None = None):
     return model.unstacked() if unstack else model
 
 
+def sampling_copy(model, mesh: jax.sharding.Mesh | None = None):
+    """:func:`decoding_model` of ``model`` with its parameters laid out for :func:`sample` on
+    ``mesh`` (:func:`param_shardings`) when the mesh has more than one device."""
+    model = decoding_model(model)
+    if mesh is not None and mesh.size > 1:
+        state = nnx.state(model)
+        nnx.update(model, jax.device_put(state, param_shardings(state, mesh)))
+    return model
+
+
 def _abstract_sh(state):
     return tuple(getattr(x, "sharding", None) for x in jax.tree.leaves(state))
-
-
-class _context:
-    """``jax.set_mesh`` + the sampling rules table when a mesh is given; nothing otherwise."""
-
-    def __init__(self, mesh):
-        self.mesh = mesh
-        self._stack = []
-
-    def __enter__(self):
-        if self.mesh is not None:
-            for cm in (jax.set_mesh(self.mesh), shd.use_rules(shd.SAMPLE_RULES)):
-                cm.__enter__()
-                self._stack.append(cm)
-
-    def __exit__(self, *exc):
-        while self._stack:
-            self._stack.pop().__exit__(*exc)
 
 
 def generate(

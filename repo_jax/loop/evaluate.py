@@ -33,6 +33,12 @@ def greedy_answers(policy, prompt_ids, *, max_new_tokens: int, eos_id, pad_id: i
 
 def win_rate(panel, prompts: Sequence[str], current: Sequence[str], first: Sequence[str]) -> float:
     """Mean over prompts of the panel's weighted vote share for ``current`` over ``first``."""
+    return float(np.mean(win_scores(panel, prompts, current, first)))
+
+
+def win_scores(panel, prompts: Sequence[str], current: Sequence[str], first: Sequence[str]) -> np.ndarray:
+    """Per prompt, the panel's weighted vote share for ``current`` over ``first`` (``[P]`` in
+    ``[0, 1]``; 1/2 a tie), the current answer shown first on even prompts, second on odd ones."""
     flip = np.arange(len(prompts)) % 2 == 1
     pairs = [[b, a] if f else [a, b] for a, b, f in zip(current, first, flip)]
     panel.reset()
@@ -40,7 +46,7 @@ def win_rate(panel, prompts: Sequence[str], current: Sequence[str], first: Seque
     cur = np.where(flip, 1, 0)
     idx = np.arange(len(prompts))
     wins, losses = counts[idx, cur, 1 - cur], counts[idx, 1 - cur, cur]
-    return float(np.mean(wins / np.maximum(wins + losses, 1e-12)))
+    return wins / np.maximum(wins + losses, 1e-12)
 
 
 def kl_estimate(ref_logprobs: Callable, params_t, params_0, prompt_ids, responses, *, batch_size: int,

@@ -213,11 +213,7 @@ class Run:
 
     def make_policy(self):
         """The current parameters in the sampling layout (one copy per round, see the sampler)."""
-        model = sampling.decoding_model(nnx.merge(self.graphdef, self.state.params, self.state.buffers))
-        if self.mesh.size > 1:
-            state = nnx.state(model)
-            nnx.update(model, jax.device_put(state, sampling.param_shardings(state, self.mesh)))
-        return model
+        return sampling.sampling_copy(nnx.merge(self.graphdef, self.state.params, self.state.buffers), self.mesh)
 
     def sampler_mesh(self):
         return self.mesh if self.mesh.size > 1 else None

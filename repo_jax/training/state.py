@@ -89,7 +89,7 @@ def init_state(model_factory: Callable[[], nnx.Module], tx, train: TrainConfig, 
         _, params, buffers = split_model(model_factory())
         return create(params, buffers, tx, seed=train.seed, with_reference=train.reference == "params")
 
-    with jax.set_mesh(mesh), shd.use_rules(rules):
+    with shd.mesh_rules(mesh, rules):
         state = jax.jit(build, out_shardings=shardings, compiler_options=compiler_options)()
     return graphdef, state, shardings
 

@@ -228,11 +228,11 @@ class Jitted:
     def __call__(self, *args):
         if self.check is not None:
             self.check(args[-1])
-        with jax.set_mesh(self.mesh), shd.use_rules(self.rules):
+        with shd.mesh_rules(self.mesh, self.rules):
             return self.fn(*args)
 
     def lower(self, *args):
-        with jax.set_mesh(self.mesh), shd.use_rules(self.rules):
+        with shd.mesh_rules(self.mesh, self.rules):
             return self.fn.lower(*args)
 
 
