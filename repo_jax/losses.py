@@ -73,9 +73,11 @@ def _safe_div(num: Array, den: Array) -> Array:
 
 
 def lpo_pair_weights(
-    scores: ArrayLike, mask: ArrayLike, *, weight_norm: Literal["none", "mean", "sum"] = "none"
+    scores: ArrayLike, mask: ArrayLike, *, weight_norm: Literal["none", "mean", "sum"] = "none",
+    weight: Literal["squared", "linear"] = "squared",
 ) -> Array:
-    """``m_BxKxK[b, i, j] = |s_i^2 - s_j^2|`` where ``s_i > s_j`` and both are present, else 0.
+    """``m_BxKxK[b, i, j] = |s_i^2 - s_j^2|`` (``weight="linear"``: ``|s_i - s_j|``) where
+    ``s_i > s_j`` and both are present, else 0.
 
     ``weight_norm``: ``none`` as printed in the paper; ``sum`` divides each row's weights by their
     sum (they add up to 1); ``mean`` divides by their mean over the row's ordered pairs (they
@@ -84,7 +86,13 @@ def lpo_pair_weights(
     mask_BxK = jnp.asarray(mask, bool)
     s_BxK = jnp.where(mask_BxK, _f32(scores), 0.0)
     ordered_BxKxK = (s_BxK[:, :, None] > s_BxK[:, None, :]) & mask_BxK[:, :, None] & mask_BxK[:, None, :]
-    m_BxKxK = jnp.where(ordered_BxKxK, jnp.abs(s_BxK[:, :, None] ** 2 - s_BxK[:, None, :] ** 2), 0.0)
+    if weight == "squared":
+        gap_BxKxK = s_BxK[:, :, None] ** 2 - s_BxK[:, None, :] ** 2
+    elif weight == "linear":
+        gap_BxKxK = s_BxK[:, :, None] - s_BxK[:, None, :]
+    else:
+        raise ValueError(f"weight must be 'squared' or 'linear'; got {weight!r}")
+    m_BxKxK = jnp.where(ordered_BxKxK, jnp.abs(gap_BxKxK), 0.0)
     if weight_norm == "none":
         return m_BxKxK
     total_B = m_BxKxK.sum(axis=(1, 2))
@@ -105,8 +113,10 @@ def lpo_loss(
     variant: Literal["lpo", "lpo_abs"] = "lpo",
     abs_term: Literal["sigmoid", "logsigmoid"] = "sigmoid",
     weight_norm: Literal["none", "mean", "sum"] = "none",
+    weight: Literal["squared", "linear"] = "squared",
 ) -> Array:
-    """Listwise LPO: ``-sum_{i,j: s_i > s_j} m_ij log sigma(beta (rho_i - rho_j))`` per prompt.
+    """Listwise LPO: ``-sum_{i,j: s_i > s_j} m_ij log sigma(beta (rho_i - rho_j))`` per prompt,
+    ``m_ij = |s_i^2 - s_j^2|`` (``weight="linear"``: ``|s_i - s_j|``; see :func:`lpo_pair_weights`).
 
     ``logratios``, ``scores``: ``[B, K]``; ``mask``: ``[B, K]`` bool (False for the padding of
     ragged lists; masked entries may hold any value, NaN included). ``variant="lpo_abs"`` adds
@@ -117,7 +127,7 @@ def lpo_loss(
         raise ValueError(f"variant must be 'lpo' or 'lpo_abs'; got {variant!r}")
     mask_BxK = jnp.asarray(mask, bool)
     r_BxK = beta * jnp.where(mask_BxK, _f32(logratios), 0.0)  # implicit rewards
-    m_BxKxK = lpo_pair_weights(scores, mask_BxK, weight_norm=weight_norm)
+    m_BxKxK = lpo_pair_weights(scores, mask_BxK, weight_norm=weight_norm, weight=weight)
     z_BxKxK = r_BxK[:, :, None] - r_BxK[:, None, :]
     loss_B = -jnp.einsum("BIJ,BIJ->B", m_BxKxK, jax.nn.log_sigmoid(z_BxKxK))
     if variant == "lpo":
@@ -142,3 +152,36 @@ def infonca_loss(logratios: ArrayLike, scores: ArrayLike, mask: ArrayLike, *, be
     target_BxK = jnp.where(mask_BxK, target_BxK, 0.0)
     logq_BxK = jax.nn.log_softmax(jnp.where(mask_BxK, beta * _f32(logratios), _NEG), axis=-1)
     return -jnp.einsum("BK,BK->B", target_BxK, jnp.where(mask_BxK, logq_BxK, 0.0))
+
+
+def lipo_lambda_loss(logratios: ArrayLike, scores: ArrayLike, mask: ArrayLike, *, beta: float) -> Array:
+    """LiPO-lambda (Liu et al. 2024): ``-sum_{i,j: s_i > s_j} Delta_ij log sigma(z_i - z_j)``, ``z = beta rho``.
+
+    ``Delta_ij = |G_i - G_j| |1/D(tau_i) - 1/D(tau_j)|`` with gains ``G = 2^s' - 1`` of the
+    scores rescaled to ``[0, 1]`` per list (``s' = (s - min) / (max - min)``, 0 for a constant
+    list), discount ``D(tau) = log2(1 + tau)`` and ``tau_i`` the rank of ``z_i`` among the
+    present responses (1 = highest; ties broken by position). ``Delta`` is held constant in
+    the gradient (``stop_gradient``), as LambdaRank's weights are.
+    """
+    mask_BxK = jnp.asarray(mask, bool)
+    z_BxK = beta * jnp.where(mask_BxK, _f32(logratios), 0.0)
+    s_BxK = _f32(scores)
+    lo_B = jnp.min(jnp.where(mask_BxK, s_BxK, jnp.inf), axis=1)
+    hi_B = jnp.max(jnp.where(mask_BxK, s_BxK, -jnp.inf), axis=1)
+    span_B = jnp.where(jnp.isfinite(hi_B - lo_B), hi_B - lo_B, 0.0)
+    s01_BxK = jnp.where(mask_BxK, _safe_div(s_BxK - lo_B[:, None], span_B[:, None]), 0.0)
+    gain_BxK = jnp.exp2(s01_BxK) - 1.0
+    # rank among present responses: 1 + how many present responses have a higher z (earlier index wins ties)
+    zs_BxK = jax.lax.stop_gradient(z_BxK)
+    k = z_BxK.shape[1]
+    earlier_KxK = jnp.arange(k)[None, :] < jnp.arange(k)[:, None]  # [i, j]: j before i
+    above_BxKxK = ((zs_BxK[:, None, :] > zs_BxK[:, :, None]) | ((zs_BxK[:, None, :] == zs_BxK[:, :, None]) & earlier_KxK))
+    rank_BxK = 1.0 + jnp.sum(above_BxKxK & mask_BxK[:, None, :], axis=2).astype(jnp.float32)
+    inv_disc_BxK = 1.0 / jnp.log2(1.0 + rank_BxK)
+    s_m = jnp.where(mask_BxK, s_BxK, 0.0)
+    ordered_BxKxK = (s_m[:, :, None] > s_m[:, None, :]) & mask_BxK[:, :, None] & mask_BxK[:, None, :]
+    delta_BxKxK = (jnp.abs(gain_BxK[:, :, None] - gain_BxK[:, None, :])
+                   * jnp.abs(inv_disc_BxK[:, :, None] - inv_disc_BxK[:, None, :]))
+    delta_BxKxK = jax.lax.stop_gradient(jnp.where(ordered_BxKxK, delta_BxKxK, 0.0))
+    log_sig_BxKxK = jax.nn.log_sigmoid(z_BxK[:, :, None] - z_BxK[:, None, :])
+    return -jnp.einsum("BIJ,BIJ->B", delta_BxKxK, log_sig_BxKxK)

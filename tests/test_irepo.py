@@ -89,6 +89,27 @@ def test_tiny_loop_end_to_end(reference):
     assert "round    reward  accuracy  win rate" in out.stdout and "report:" in out.stdout
 
 
+def test_exported_policy_reproduces_the_last_iteration_s_answers(reference):
+    """``run_dir/policy`` (loop.export) is the final policy: loaded back, its greedy answers to
+    the held-out prompts are the last iteration's answers file, token for token."""
+    from repo_jax import models
+    from repo_jax.data.byte_tokenizer import ByteTokenizer
+    from repo_jax.data.tokenize import Formatter
+    from repo_jax.loop.evaluate import greedy_answers
+
+    run_dir, _ = reference
+    assert (run_dir / "policy" / "config.json").is_file()
+    rows = [json.loads(x) for x in (run_dir / "eval" / "answers_003.jsonl").read_text().splitlines()]
+    tok = ByteTokenizer()
+    fmt = Formatter(tok)
+    ids = [fmt.prompt_ids([{"role": "user", "content": r["prompt"]}])[-48:] for r in rows]
+    policy = models.from_pretrained(str(run_dir / "policy"))
+    got = greedy_answers(policy, ids, max_new_tokens=16, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id,
+                         chunk=64, mesh=None, progress=lambda x, **k: x)
+    assert [len(g) for g in got] == [r["tokens"] for r in rows]
+    assert [tok.decode(g, skip_special_tokens=True).strip() for g in got] == [r["answer"] for r in rows]
+
+
 def test_round_file_records_what_was_taught(reference):
     run_dir, _ = reference
     rec = json.loads((run_dir / "rounds" / "round_001.jsonl").read_text().splitlines()[0])
@@ -138,6 +159,31 @@ def test_train_batch_rows_are_the_sampled_tokens(reference):
                 else:
                     assert resp["length"] == cfg.sample.max_new_tokens
     assert stopped > 0
+
+
+def test_sampler_reference_equals_a_forward_pass(tmp_path):
+    """loop.reference=sampler: the round's reference log-probs are the sampler's own (saved in the
+    round file), equal to the forward pass of loop.reference=forward up to float rounding."""
+    import numpy as np
+
+    from repo_jax import config as config_lib
+    from repo_jax.loop import phases, rounds
+    from repo_jax.loop.config import IrepoConfig
+    from repo_jax.loop.state import Run
+
+    cfg = config_lib.load(IrepoConfig, TINY, [f"run_dir={tmp_path / 'run'}", "loop.reference=sampler",
+                                              "loop.progress=false"])
+    run = Run(cfg, log=lambda *a, **k: None)
+    try:
+        records, _ = phases.sample_and_annotate(run, 1, next(run.iterator))
+        assert all(isinstance(r["logp"], float) for rec in records for r in rec["responses"])
+        items, _ = rounds.train_items(records, cfg)
+        from_sampler = phases.reference_logps(run, items)
+        forward = phases.reference_logps(run, [{**it, "ref_logps": [None]} for it in items])
+    finally:
+        run.checkpointer.close()
+    assert from_sampler.shape == forward.shape == (len(items), 2) and np.abs(forward).min() > 1.0
+    np.testing.assert_allclose(from_sampler, forward, rtol=1e-4, atol=1e-3)
 
 
 def test_win_rate_counts_ties_as_half_and_cancels_position_bias():
@@ -227,7 +273,7 @@ def test_changed_config_on_an_existing_run_dir_names_the_key(reference):
 
 
 @pytest.mark.parametrize("bad, message", [
-    (("train.loss.name=nope",), "choose one of ['dpo', 'infonca', 'ipo', 'irepo', 'lpo', 'lpo_abs', 'soft_dpo']"),
+    (("train.loss.name=nope",), "choose one of ['dpo', 'infonca', 'ipo', 'irepo', 'lipo_lambda', 'lpo', 'lpo_abs', 'soft_dpo']"),
     (("annotate.panel=[{kind: oracle}]",), "'oracle' is not one of"),
     (("annotate.panel=[{kind: rule, name: nope}]",), "choose one of ['all_digits', 'digits', 'length', 'reward']"),
 ])
@@ -237,9 +283,9 @@ def test_unknown_loss_or_annotator_lists_the_valid_ones(tmp_path, bad, message):
     assert out.returncode == 2 and message in out.stderr, out.stderr[-2000:]
 
 
-@pytest.mark.parametrize("loss", ["dpo", "ipo", "soft_dpo", "lpo", "lpo_abs", "infonca"])
+@pytest.mark.parametrize("loss", ["dpo", "ipo", "soft_dpo", "lpo", "lpo_abs", "infonca", "lipo_lambda"])
 def test_each_baseline_runs_a_round_through_the_loop(tmp_path, loss):
-    extra = ("train.num_responses=4",) if loss in ("lpo", "lpo_abs", "infonca") else ()
+    extra = ("train.num_responses=4",) if loss in ("lpo", "lpo_abs", "infonca", "lipo_lambda") else ()
     run_dir = tmp_path / loss
     run_loop(run_dir, f"train.loss.name={loss}", "loop.rounds=1", "loop.prompts_per_round=8", "eval.num_prompts=8",
              "loop.epochs=1", *extra)

@@ -137,3 +137,17 @@ def test_smollm2_loglikelihood_matches_direct_logprobs(tok):
     lm = JaxLM.load("smollm2", batch_size=4, max_length=128)
     _check_loglikelihood(lm, [("Question: What is 2 plus 3?\nAnswer:", " 5"), ("The sky is", " blue"),
                               ("Question: What is 2 plus 3?\nAnswer:", " 6")])
+
+
+def test_under_an_eight_device_mesh_results_match_one_device(tiny_lm, tok):
+    from repo_jax import sharding as shd
+
+    assert len(jax.devices()) == 8
+    mesh = shd.make_mesh(shd.MeshConfig(fsdp=-1))
+    sharded = JaxLM(tiny_lm.model, tok, batch_size=4, max_length=64, max_gen_toks=8, mesh=mesh)
+    pairs = [("The capital of France is", " Paris"), ("2 + 2 =", " 4"), ("One two", " three four five")]
+    reqs = [_req("loglikelihood", c, x) for c, x in pairs]
+    for (a, ga), (b, gb) in zip(tiny_lm.loglikelihood(reqs), sharded.loglikelihood(reqs)):
+        assert a == pytest.approx(b, abs=1e-4) and ga == gb
+    gen = [_req("generate_until", "Count: 1 2 3", {"until": ["\n"], "max_gen_toks": 8})]
+    assert sharded.generate_until(gen) == tiny_lm.generate_until(gen)

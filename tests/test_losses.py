@@ -235,3 +235,63 @@ def test_bfloat16_inputs_compute_in_float32():
 def test_check_grads(fn):
     a, b = jnp.array([0.3, -0.2], jnp.float32), jnp.array([-0.1, 0.5], jnp.float32)
     check_grads(lambda x, y: fn(x, y).sum(), (a, b), order=2, modes=["rev", "fwd"], atol=1e-2, rtol=1e-2, eps=1e-3)
+
+
+def test_lpo_linear_weight_hand_values():
+    rho = jnp.array([[0.5, -0.2, 0.1]])
+    s = jnp.array([[3.0, 1.0, 2.0]])
+    mask = jnp.ones((1, 3), bool)
+    lsig = lambda z: math.log(1 / (1 + math.exp(-z)))
+    b = 0.5
+    # pairs (0 > 1): |3-1| = 2, (0 > 2): 1, (2 > 1): 1
+    want = -(2 * lsig(b * 0.7) + 1 * lsig(b * 0.4) + 1 * lsig(b * 0.3))
+    got = losses.lpo_loss(rho, s, mask, beta=b, weight="linear")
+    assert float(got[0]) == pytest.approx(want, rel=1e-6)
+    with pytest.raises(ValueError, match="weight"):
+        losses.lpo_loss(rho, s, mask, beta=b, weight="cubic")
+
+
+def _lipo_lambda_loop(rho, s, mask, beta):
+    """LiPO-lambda by a direct loop over the present responses' ordered pairs."""
+    idx = [i for i in range(len(rho)) if mask[i]]
+    z = {i: beta * rho[i] for i in idx}
+    lo, hi = min(s[i] for i in idx), max(s[i] for i in idx)
+    g = {i: 2 ** ((s[i] - lo) / (hi - lo) if hi > lo else 0.0) - 1 for i in idx}
+    order = sorted(idx, key=lambda i: (-z[i], i))  # rank 1 = highest z, earlier index first on ties
+    rank = {i: order.index(i) + 1 for i in idx}
+    total = 0.0
+    for i in idx:
+        for j in idx:
+            if s[i] > s[j]:
+                delta = abs(g[i] - g[j]) * abs(1 / math.log2(1 + rank[i]) - 1 / math.log2(1 + rank[j]))
+                total -= delta * math.log(1 / (1 + math.exp(-(z[i] - z[j]))))
+    return total
+
+
+@pytest.mark.parametrize("case", [
+    ([0.3, -0.1, 0.8, 0.2], [7.0, 2.0, 5.0, 5.0], [1, 1, 1, 1]),   # a tie in the scores
+    ([0.3, 0.3, -0.4, 9e9], [1.0, 4.0, 2.0, 0.0], [1, 1, 1, 0]),   # a tie in z; a masked response
+    ([0.1, 0.2, 0.3, 0.4], [3.0, 3.0, 3.0, 3.0], [1, 1, 1, 1]),    # all tied: no pair
+])
+def test_lipo_lambda_matches_a_loop_over_pairs(case):
+    rho, s, m = case
+    got = losses.lipo_lambda_loss(jnp.array([rho]), jnp.array([s]), jnp.array([m], bool), beta=0.7)
+    assert float(got[0]) == pytest.approx(_lipo_lambda_loop(rho, s, m, 0.7), rel=1e-5, abs=1e-7)
+
+
+def test_lipo_lambda_gradient_holds_the_weights_constant():
+    rho = jnp.array([[0.3, -0.1, 0.8]])
+    s = jnp.array([[7.0, 2.0, 5.0]])
+    mask = jnp.ones((1, 3), bool)
+    beta = 0.7
+    # the weights at this point, frozen: the gradient is that of a fixed-weight pairwise sum
+    z = np.asarray(beta * rho[0])
+    rank = 1 + np.array([(z > z[i]).sum() for i in range(3)])
+    g = 2 ** ((np.asarray(s[0]) - 2.0) / 5.0) - 1
+    inv = 1 / np.log2(1 + rank)
+    w = np.array([[abs(g[i] - g[j]) * abs(inv[i] - inv[j]) if s[0, i] > s[0, j] else 0.0 for j in range(3)]
+                  for i in range(3)])
+    fixed = lambda r: -jnp.sum(w * jax.nn.log_sigmoid(beta * (r[:, :, None] - r[:, None, :]))[0])
+    got = jax.grad(lambda r: losses.lipo_lambda_loss(r, s, mask, beta=beta).sum())(rho)
+    np.testing.assert_allclose(got, jax.grad(fixed)(rho), rtol=1e-5)
+    assert float(jnp.abs(got).sum()) > 0

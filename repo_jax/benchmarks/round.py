@@ -8,7 +8,8 @@ the task's rule reward as the only judge, reference log-probs, and one epoch of 
 ``--batch`` B pairs (N / B updates, AdamW at 1e-5, beta 0.1, clip 1.0, constant rate).
 
 * ours: the iREPO loop's own phases (``repo_jax.loop.phases``) on ``configs/default.yaml`` with
-  ``loop.num_responses=2`` and the panel ``[{kind: rule, name: reward}]``; one warm-up round
+  ``loop.num_responses=2`` and the panel ``[{kind: rule, name: reward}]`` (reference log-probs
+  from the sampler, the default config's ``loop.reference=sampler``); one warm-up round
   (compiles), then the next round, on fresh prompts, is timed phase by phase (sample,
   annotate, reference, train; the held-out evaluation is not part of it);
 * TRL: ``trl.experimental.online_dpo.OnlineDPOTrainer`` with ``reward_funcs`` = the same task

@@ -43,6 +43,15 @@ class LoopConfig:
       counts one round's steps) or ``carry`` (one optimiser over the whole run).
     sample_batch: prompts per sampler call (a progress-bar tick; rows = this x num_responses).
     progress: progress bars on stderr.
+    reference: how the round's reference log-probs (``pi_ref = pi_{t-1}``, the policy that
+      sampled the round) are obtained: ``forward`` (a forward pass over the round's train rows
+      before any update, in the train step's shapes) or ``sampler`` (the log-probs the sampler
+      computed under the unmodified model while drawing them, summed per response: no extra
+      pass; equal to ``forward`` up to float rounding of the KV-cache decode, ~1e-5 per token in
+      float32). Saved in the round file (``responses[].logp``).
+    export: at the end, write the final policy to ``run_dir/policy`` as an HF folder
+      (``config.json``, safetensors, the tokenizer when it has ``save_pretrained``), which
+      ``transformers`` and every ``--model`` of this project load (one process only).
     """
 
     rounds: int = 3
@@ -54,6 +63,8 @@ class LoopConfig:
     optimizer: Literal["reset", "carry"] = "reset"
     sample_batch: int = 16
     progress: bool = True
+    reference: Literal["forward", "sampler"] = "forward"
+    export: bool = True
 
 
 @dataclasses.dataclass(frozen=True)

@@ -74,7 +74,7 @@ def sample_and_annotate(run: Run, t: int, batch: dict) -> tuple[list[dict], dict
     t0 = time.perf_counter()
     s = cfg.sample
     run.policy = run.policy or run.make_policy()
-    responses = rounds.sample_responses(
+    responses, logps = rounds.sample_with_logps(
         run.policy, prompt_ids, num_samples=cfg.loop.num_responses, max_new_tokens=s.max_new_tokens,
         temperature=s.temperature, top_p=s.top_p, top_k=s.top_k, eos_id=run.eos_id, pad_id=run.pad_id,
         seed=run.seed(t, 1), chunk=cfg.loop.sample_batch, mesh=run.sampler_mesh(),
@@ -87,7 +87,7 @@ def sample_and_annotate(run: Run, t: int, batch: dict) -> tuple[list[dict], dict
                           progress=lambda x: run.bar(x, desc=f"round {t}: annotate", unit="annotator"))
     pairs = rounds.select(ann["strengths_PxD"], cfg.loop.pairs)
     records = rounds.round_records(t, prompt_texts, prompt_ids, responses, texts, ann, run.panel.names, pairs,
-                                   run.eos_id)
+                                   run.eos_id, logps=logps if cfg.loop.reference == "sampler" else None)
     if run.main:
         reporting.write_jsonl_atomic(path, records)
     times["time/annotate"] = time.perf_counter() - t0
@@ -96,8 +96,12 @@ def sample_and_annotate(run: Run, t: int, batch: dict) -> tuple[list[dict], dict
 
 def reference_logps(run: Run, items: list[dict]) -> np.ndarray:
     """``log pi_ref`` of every response of the round's items, ``[M, K]``, with the round's
-    starting parameters (before any update)."""
+    starting parameters (before any update): the sampler's own log-probs with
+    ``loop.reference=sampler`` (padding of a ragged list: 0), else a forward pass."""
     cfg = run.cfg
+    if cfg.loop.reference == "sampler" and items and all(None not in it["ref_logps"] for it in items):
+        k = cfg.train.num_responses
+        return np.array([list(it["ref_logps"]) + [0.0] * (k - len(it["ref_logps"])) for it in items], np.float32)
     batches = rounds.collate_batches(items, range(len(items)), batch_size=cfg.train.batch_size,
                                      num_responses=cfg.train.num_responses, seq_len=cfg.train.seq_len,
                                      pad_id=run.pad_id)

@@ -39,15 +39,30 @@ def sample_responses(policy, prompts: Sequence[Sequence[int]], *, num_samples: i
     Prompts go to the sampler ``chunk`` at a time (one progress tick each); chunk ``c`` uses
     seed ``seed + c``, so the result depends on the seed and the chunk size only.
     """
+    return sample_with_logps(policy, prompts, num_samples=num_samples, max_new_tokens=max_new_tokens,
+                             temperature=temperature, top_p=top_p, top_k=top_k, eos_id=eos_id, pad_id=pad_id,
+                             seed=seed, chunk=chunk, mesh=mesh, progress=progress)[0]
+
+
+def sample_with_logps(policy, prompts: Sequence[Sequence[int]], *, num_samples: int, max_new_tokens: int,
+                      temperature: float, top_p: float | None, top_k: int | None, eos_id, pad_id: int, seed: int,
+                      chunk: int, mesh=None, progress: Callable = lambda x, **k: x
+                      ) -> tuple[list[list[list[int]]], list[list[float]]]:
+    """:func:`sample_responses` and, per response, ``log policy(response | prompt)`` under the
+    unmodified model (temperature 1, no filtering: the sampler's ``logps_BxS`` summed over the
+    response's tokens), float64 sums of the float32 per-token values."""
     out: list[list[list[int]]] = []
+    logps: list[list[float]] = []
     starts = range(0, len(prompts), chunk)
     for c, start in enumerate(progress(starts, total=len(starts))):
         res = sampling.sample(policy, list(prompts[start:start + chunk]), max_new_tokens=max_new_tokens,
                               temperature=temperature, top_p=top_p, top_k=top_k, eos_id=eos_id, seed=seed + c,
                               num_samples=num_samples, pad_id=pad_id, mesh=mesh)
         rows = [row[:n].tolist() for row, n in zip(res.tokens_BxS, res.lengths_B)]
+        sums = [float(np.sum(lp[:n], dtype=np.float64)) for lp, n in zip(res.logps_BxS, res.lengths_B)]
         out += [rows[i:i + num_samples] for i in range(0, len(rows), num_samples)]
-    return out
+        logps += [sums[i:i + num_samples] for i in range(0, len(sums), num_samples)]
+    return out, logps
 
 
 # ---------------------------------------------------------------------------------- annotate
@@ -83,10 +98,11 @@ def select(strengths_PxD: np.ndarray, mode: str) -> list[list[dict]]:
 def round_records(round_index: int, prompt_texts: Sequence[str], prompt_ids: Sequence[Sequence[int]],
                   responses_ids: Sequence[Sequence[Sequence[int]]], responses_text: Sequence[Sequence[str]],
                   annotation: dict[str, np.ndarray], panel_names: Sequence[str], pairs: Sequence[Sequence[dict]],
-                  eos_id) -> list[dict]:
+                  eos_id, logps: Sequence[Sequence[float]] | None = None) -> list[dict]:
     """One JSON-ready record per prompt: what the round sampled, how the panel judged it, and
     which pairs (with ``p_hat``) the policy is taught. ``judgements[name][i][j]`` is that
-    member's P(response i beats response j)."""
+    member's P(response i beats response j); with ``logps``, each response also carries
+    ``logp``, its log-prob under the sampling policy (the round's reference)."""
     stops = set(np.atleast_1d(eos_id).tolist()) if eos_id is not None else set()
     probs = annotation["probs_HxPxDxD"]
     out = []
@@ -94,8 +110,9 @@ def round_records(round_index: int, prompt_texts: Sequence[str], prompt_ids: Seq
         out.append({
             "round": round_index, "prompt_index": p, "prompt": text, "prompt_ids": list(map(int, ids)),
             "responses": [{"text": t, "token_ids": list(map(int, r)), "length": len(r),
-                           "stopped": bool(r) and int(r[-1]) in stops}
-                          for t, r in zip(responses_text[p], responses_ids[p])],
+                           "stopped": bool(r) and int(r[-1]) in stops,
+                           **({} if logps is None else {"logp": float(logps[p][d])})}
+                          for d, (t, r) in enumerate(zip(responses_text[p], responses_ids[p]))],
             "judgements": {name: np.round(probs[h, p], 6).tolist() for h, name in enumerate(panel_names)},
             "counts": annotation["counts_PxDxD"][p].tolist(),
             "strengths": annotation["strengths_PxD"][p].tolist(),
@@ -134,10 +151,11 @@ def train_items(records: Sequence[dict], cfg: IrepoConfig) -> tuple[list[dict], 
     items, ties = [], 0
     for rec in records:
         responses = [r["token_ids"] for r in rec["responses"]]
+        logp = [r.get("logp") for r in rec["responses"]]
         base = {"prompt_ids": rec["prompt_ids"], "scores": [], "pref": None}
         if not objective.pairwise:
             items.append({**base, "response_ids": responses, "scores": list_scores(rec["strengths"], cfg.loop.list_scores),
-                          "row": len(items)})
+                          "row": len(items), "ref_logps": logp})
             continue
         for pair in rec["pairs"]:
             a, b, p = pair["a"], pair["b"], pair["p_hat"]
@@ -146,7 +164,8 @@ def train_items(records: Sequence[dict], cfg: IrepoConfig) -> tuple[list[dict], 
                     ties += 1
                     continue
                 a, b, p = (a, b, 1.0) if p > 0.5 else (b, a, 1.0)
-            items.append({**base, "response_ids": [responses[a], responses[b]], "pref": p, "row": len(items)})
+            items.append({**base, "response_ids": [responses[a], responses[b]], "pref": p, "row": len(items),
+                          "ref_logps": [logp[a], logp[b]]})
     return items, ties
 
 

@@ -83,6 +83,8 @@ def _loop(r: Run, stop) -> list[dict]:
         reporting.write_jsonl_atomic(r.run_dir / "metrics.jsonl", r.progress.records)
     done = r.progress.iteration
     if done >= cfg.loop.rounds and r.progress.phase == "done":
+        if cfg.loop.export and not (r.run_dir / "policy" / "config.json").is_file():
+            export_policy(r)  # killed after the last checkpoint, before the export
         r.log(f"{r.run_dir}: finished ({done} rounds)\n" + reporting.summary_table(r.progress.records))
         return r.progress.records
     if resumed:
@@ -102,8 +104,27 @@ def _loop(r: Run, stop) -> list[dict]:
     finally:
         if tb is not None:
             tb.close()
+    if cfg.loop.export:
+        export_policy(r)
     r.log(f"report: {r.run_dir / 'report.png'}   metrics: {r.run_dir / 'metrics.jsonl'}")
     return r.progress.records
+
+
+def export_policy(r: Run) -> None:
+    """``run_dir/policy``: the final parameters as an HF folder (see ``LoopConfig.export``)."""
+    import jax
+    from flax import nnx
+
+    from repo_jax import models
+
+    if jax.process_count() > 1:
+        r.log("loop.export: skipped (several processes; restore the checkpoint on one host to export)")
+        return
+    out = r.run_dir / "policy"
+    models.save_pretrained(nnx.merge(r.graphdef, r.state.params, r.state.buffers), out)
+    if hasattr(r.tokenizer, "save_pretrained"):
+        r.tokenizer.save_pretrained(out)
+    r.log(f"policy: {out} (python -m repo_jax.evaluate ... --model {out})")
 
 
 def _round(r: Run, t: int, stop, tb) -> None:

@@ -46,7 +46,9 @@ class LossConfig:
     """The objective, by registry name (``repo_jax.training.objectives.LOSSES``), and its knobs.
 
     Only the knobs of the chosen loss are read: ``pref_eps`` (iREPO), ``label_smoothing`` (DPO),
-    ``lpo_variant``/``abs_term``/``weight_norm`` (LPO), ``infonca_alpha`` (InfoNCA).
+    ``lpo_variant``/``abs_term``/``weight``/``weight_norm`` (LPO: ``weight`` is the pair weight
+    ``squared`` ``|s_i^2 - s_j^2|`` or ``linear`` ``|s_i - s_j|``), ``infonca_alpha`` (InfoNCA);
+    ``lipo_lambda`` has only ``beta``.
     """
 
     name: str = "irepo"
@@ -55,6 +57,7 @@ class LossConfig:
     label_smoothing: float = 0.0
     lpo_variant: Literal["lpo", "lpo_abs"] = "lpo"
     abs_term: Literal["sigmoid", "logsigmoid"] = "sigmoid"
+    weight: Literal["squared", "linear"] = "squared"
     weight_norm: Literal["none", "mean", "sum"] = "none"
     infonca_alpha: float = 1.0
 

@@ -73,7 +73,7 @@ LOSSES: dict[str, Objective] = {
     "lpo": Objective(
         loss=lambda r, b, c: losses.lpo_loss(
             r, b["scores_BxK"], _list_mask(b), beta=c.beta, variant=c.lpo_variant, abs_term=c.abs_term,
-            weight_norm=c.weight_norm,
+            weight_norm=c.weight_norm, weight=c.weight,
         ),
         order=_by_scores,
         needs=("scores_BxK",),
@@ -82,8 +82,14 @@ LOSSES: dict[str, Objective] = {
     "lpo_abs": Objective(  # LPO-abs by name (same as lpo with loss.lpo_variant=lpo_abs)
         loss=lambda r, b, c: losses.lpo_loss(
             r, b["scores_BxK"], _list_mask(b), beta=c.beta, variant="lpo_abs", abs_term=c.abs_term,
-            weight_norm=c.weight_norm,
+            weight_norm=c.weight_norm, weight=c.weight,
         ),
+        order=_by_scores,
+        needs=("scores_BxK",),
+        pairwise=False,
+    ),
+    "lipo_lambda": Objective(
+        loss=lambda r, b, c: losses.lipo_lambda_loss(r, b["scores_BxK"], _list_mask(b), beta=c.beta),
         order=_by_scores,
         needs=("scores_BxK",),
         pairwise=False,

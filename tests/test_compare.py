@@ -1,0 +1,46 @@
+"""``python -m repo_jax.compare``: runs grouped by a config key, final/best with 95% intervals over seeds."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import yaml
+
+from repo_jax import compare
+
+
+def _run(path, loss, seed, rewards):
+    path.mkdir(parents=True)
+    (path / "config.yaml").write_text(yaml.safe_dump({"train": {"loss": {"name": loss}, "seed": seed}}))
+    (path / "metrics.jsonl").write_text("".join(
+        json.dumps({"iteration": i, "eval/reward": r, "eval/kl": 0.1 * i}) + "\n" for i, r in enumerate(rewards)))
+    return str(path)
+
+
+def test_groups_final_and_best_with_student_t_intervals(tmp_path, capsys):
+    runs = [_run(tmp_path / f"irepo{s}", "irepo", s, [0.5, 0.6 + 0.1 * s, 0.55 + 0.1 * s]) for s in range(3)]
+    runs += [_run(tmp_path / f"dpo{s}", "dpo", s, [0.5, 0.52, 0.5 + 0.01 * s]) for s in range(3)]
+    out = tmp_path / "cmp" / "compare.png"
+    assert compare.main([*runs, "--by", "loss.name", "--metrics", "eval/reward,eval/kl", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "irepo" in text and "dpo" in text
+    rows = {(r["group"], r["metric"]): r for r in json.loads(out.with_suffix(".json").read_text())["rows"]}
+    r = rows[("irepo", "eval/reward")]
+    finals = [0.55, 0.65, 0.75]
+    sd = math.sqrt(sum((x - 0.65) ** 2 for x in finals) / 2)
+    assert r["runs"] == 3 and r["final_mean"] == pytest.approx(0.65)
+    assert r["final_ci95"] == pytest.approx(4.303 * sd / math.sqrt(3))
+    assert r["best"] == pytest.approx([0.6, 0.7, 0.8])  # the max over trained iterations
+    assert rows[("dpo", "eval/kl")]["best_mean"] == pytest.approx(0.1)  # lower is better for KL
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_folder_that_is_not_a_run_is_one_clear_error(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    assert compare.main([str(tmp_path / "empty"), "--out", str(tmp_path / "c.png")]) == 2
+    assert "has no config.yaml" in capsys.readouterr().err
+    run = _run(tmp_path / "r", "irepo", 0, [0.5])
+    assert compare.main([run, "--by", "train.nope", "--out", str(tmp_path / "c.png")]) == 2
+    assert "no key 'train.nope'" in capsys.readouterr().err
