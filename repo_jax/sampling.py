@@ -422,11 +422,11 @@ def decoding_model(model, unstack: bool | None = None):
 
 def sampling_copy(model, mesh: jax.sharding.Mesh | None = None):
     """:func:`decoding_model` of ``model`` with its parameters laid out for :func:`sample` on
-    ``mesh`` (:func:`param_shardings`) when the mesh has more than one device."""
+    ``mesh`` (:func:`param_shardings`, in a new model) when the mesh has more than one device."""
     model = decoding_model(model)
-    if mesh is not None and mesh.size > 1:
-        state = nnx.state(model)
-        nnx.update(model, jax.device_put(state, param_shardings(state, mesh)))
+    if mesh is not None and mesh.size > 1:  # a new model: the caller's keeps its own placement
+        graphdef, state = nnx.split(model)
+        model = nnx.merge(graphdef, jax.device_put(state, param_shardings(state, mesh)))
     return model
 
 
