@@ -98,11 +98,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         result = programs.COMMANDS[args.command](args)
-    except (ValueError, FileNotFoundError, KeyError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except ImportError as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (ValueError, FileNotFoundError, KeyError, ImportError) as e:
+        print(f"error: {e.args[0] if isinstance(e, KeyError) and e.args else e}", file=sys.stderr)
         return 2
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
