@@ -101,6 +101,18 @@ def _chunked_bwd(chunk, residuals, g_BxT):
 _chunked_token_logprobs.defvjp(_chunked_fwd, _chunked_bwd)
 
 
+def _pad_to_chunks(hidden: Array, targets: Array, chunk_size: int) -> tuple[Array, Array, int]:
+    """``hidden``/``targets`` padded along T to a multiple of the chunk (``min(chunk_size, T)``)."""
+    t = hidden.shape[1]
+    chunk = max(1, min(int(chunk_size), t))
+    pad = (-t) % chunk
+    targets = targets.astype(jnp.int32)
+    if pad:
+        hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
+        targets = jnp.pad(targets, ((0, 0), (0, pad)))
+    return hidden, targets, chunk
+
+
 def token_logprobs(
     hidden: Array, unembed: Array, targets: Array, bias: Array | None = None, *, chunk_size: int = 128
 ) -> Array:
@@ -109,13 +121,8 @@ def token_logprobs(
     ``hidden``: ``[B, T, D]``; ``unembed``: ``[D, V]``; ``targets``: int ``[B, T]``; ``bias``:
     ``[V]`` or None. ``chunk_size`` need not divide T (the tail is padded and sliced off).
     """
-    b, t, _ = hidden.shape
-    chunk = max(1, min(int(chunk_size), t))
-    pad = (-t) % chunk
-    targets = targets.astype(jnp.int32)
-    if pad:
-        hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
-        targets = jnp.pad(targets, ((0, 0), (0, pad)))
+    t = hidden.shape[1]
+    hidden, targets, chunk = _pad_to_chunks(hidden, targets, chunk_size)
     out_BxT = _chunked_token_logprobs(hidden, unembed, bias, targets, chunk)
     return out_BxT[:, :t]
 
@@ -125,13 +132,8 @@ def token_logprobs_greedy(
 ) -> tuple[Array, Array]:
     """Forward only (evaluation): per-token float32 log-probs ``[B, T]`` as :func:`token_logprobs`,
     and whether each target is an argmax of its logits (``bool [B, T]``, ties count as greedy)."""
-    b, t, _ = hidden.shape
-    chunk = max(1, min(int(chunk_size), t))
-    pad = (-t) % chunk
-    targets = targets.astype(jnp.int32)
-    if pad:
-        hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
-        targets = jnp.pad(targets, ((0, 0), (0, pad)))
+    t = hidden.shape[1]
+    hidden, targets, chunk = _pad_to_chunks(hidden, targets, chunk_size)
 
     def body(_, xs):
         h_BxCxD, tgt_BxC = xs
