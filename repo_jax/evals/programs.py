@@ -177,16 +177,27 @@ def win_rate_command(args) -> dict:
 # ------------------------------------------------------------------------------ answer files
 
 
+def _policy(args) -> Policy:
+    return Policy(args.model, dtype=args.dtype, mesh=parse_mesh(args.mesh), batch_size=args.batch_size)
+
+
+def _chat(policy: Policy, max_new_tokens: int) -> answers.Generate:
+    return lambda convs, temp: policy.chat(convs, max_new_tokens=max_new_tokens, temperature=temp)
+
+
+def _write(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
 def mt_bench_command(args) -> dict:
     questions = answers.read_questions(args.questions)
-    policy = Policy(args.model, dtype=args.dtype, mesh=parse_mesh(args.mesh), batch_size=args.batch_size)
+    policy = _policy(args)
     model_id = args.model_id or policy.name
     rows = answers.mt_bench_answers(
-        questions, lambda convs, temp: policy.chat(convs, max_new_tokens=args.max_new_tokens, temperature=temp),
-        model_id=model_id)
-    out = Path(args.out) / "model_answer" / f"{model_id}.jsonl"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        questions, _chat(policy, args.max_new_tokens), model_id=model_id)
+    out = _write(Path(args.out) / "model_answer" / f"{model_id}.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
     turns = [len(r["choices"][0]["turns"]) for r in rows]
     _print_table("MT-Bench answers", [("questions", str(len(rows))), ("turns", str(sum(turns))), ("written", str(out))])
     return {"model_id": model_id, "questions": len(rows), "turns": sum(turns), "answers": str(out)}
@@ -194,14 +205,11 @@ def mt_bench_command(args) -> dict:
 
 def alpaca_eval_command(args) -> dict:
     rows = answers.read_instructions(args.instructions)
-    policy = Policy(args.model, dtype=args.dtype, mesh=parse_mesh(args.mesh), batch_size=args.batch_size)
+    policy = _policy(args)
     generator = args.generator or policy.name
     outs = answers.alpaca_eval_outputs(
-        rows, lambda convs, temp: policy.chat(convs, max_new_tokens=args.max_new_tokens, temperature=temp),
-        generator=generator, temperature=args.temperature)
-    out = Path(args.out) / f"alpaca_eval_{generator}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(outs, indent=2) + "\n")
+        rows, _chat(policy, args.max_new_tokens), generator=generator, temperature=args.temperature)
+    out = _write(Path(args.out) / f"alpaca_eval_{generator}.json", json.dumps(outs, indent=2) + "\n")
     _print_table("AlpacaEval outputs", [("instructions", str(len(outs))), ("written", str(out))])
     return {"generator": generator, "instructions": len(outs), "outputs": str(out)}
 
@@ -217,7 +225,7 @@ def pass_at_k_command(args) -> dict:
         raise ValueError(f"--k {args.k}: every k must lie in 1..--n ({args.n})")
     task = get_task(args.task)
     prompts = task.prompts("eval")[:args.prompts or None]
-    policy = Policy(args.model, dtype=args.dtype, mesh=parse_mesh(args.mesh), batch_size=args.batch_size)
+    policy = _policy(args)
     ids = [policy.formatter.prompt_ids([{"role": "user", "content": p}]) for p in prompts]
     samples = policy.complete(ids, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                               top_p=args.top_p, num_samples=args.n, seed=args.seed)
