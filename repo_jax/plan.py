@@ -17,6 +17,7 @@ column (``repo_jax.models.flops_per_token``) is the whole step.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 
@@ -129,10 +130,16 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     _ensure_devices(args.devices, argv)
 
-    from repo_jax import config as config_lib
-    from repo_jax.loop.config import IrepoConfig
+    import yaml
 
-    cfg = config_lib.load(IrepoConfig, args.config, args.overrides)
+    from repo_jax import config as config_lib
+    from repo_jax.offline.config import OfflineConfig, config_class, planned_train
+
+    with open(args.config) as f:
+        cls = config_class(yaml.safe_load(f) or {})
+    cfg = config_lib.load(cls, args.config, args.overrides)
+    if isinstance(cfg, OfflineConfig):  # the offline programs' batch shape comes from the data section
+        cfg = dataclasses.replace(cfg, train=planned_train(cfg))
     r = plan(cfg, fast_compile=args.fast_compile, name=os.path.basename(args.config))
     print(f"plan: {args.config} on {r['devices']} devices, mesh (data, fsdp, tensor) = {r['mesh']}")
     print(f"  per device: state+batch {r['argument_gib']:.2f} GiB, temporaries {r['temp_gib']:.2f} GiB, "

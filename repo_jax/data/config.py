@@ -12,7 +12,7 @@ import dataclasses
 from typing import Literal
 
 Format = Literal["auto", "jsonl", "json", "parquet", "arrow", "hub"]
-Schema = Literal["auto", "prompt", "pairwise", "listwise", "ultrafeedback", "ultrafeedback_binarized", "hh_rlhf"]
+Schema = Literal["auto", "prompt", "sft", "pairwise", "listwise", "ultrafeedback", "ultrafeedback_binarized", "hh_rlhf"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,8 +27,10 @@ class DataConfig:
     schema: how to read one row; ``auto`` detects it from the keys of the first row of each
       source (``instruction`` + ``completions`` -> ultrafeedback, ``chosen``/``rejected`` with
       ``prompt`` -> pairwise (this includes ultrafeedback_binarized), without ``prompt`` ->
-      hh_rlhf, ``response_a`` -> pairwise, ``responses`` -> listwise, ``prompt``/``messages``
-      -> prompt).
+      hh_rlhf, ``response_a`` -> pairwise, ``responses`` -> listwise, ``prompt`` with
+      ``response``/``completion`` -> sft, ``prompt``/``messages`` -> prompt). ``sft``: one
+      demonstration per row (``prompt`` + ``response``/``completion``/``chosen``, or ``messages``
+      ending with the assistant's turn); ``python -m repo_jax.sft`` reads ``auto`` as ``sft``.
     max_prompt_len / max_response_len: token budgets; prompts keep their last tokens, responses
       their first (``prompt_overflow=reject`` rejects over-long prompts instead).
     length_buckets: allowed padded lengths ``T``; empty = 16, 24, 32, 48, 64, ... capped at

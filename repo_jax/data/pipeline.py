@@ -29,7 +29,7 @@ from repo_jax.data.sources import DataError
 from repo_jax.data.tokenize import Formatter, collate_prompts, collate_responses, default_buckets, plain_prompt, truncate
 from repo_jax.data.validate import LoadReport, load_examples
 
-Kind = Literal["prompt", "pair", "list"]
+Kind = Literal["prompt", "pair", "list", "sft"]
 
 
 def _features():
@@ -53,6 +53,10 @@ def check_kind(examples: list[dict], kind: Kind) -> None:
         if kind == "list" and not ex["scores"]:
             raise DataError(f"{ex['source']}:{ex['line']}: this program needs scored responses but the row has no "
                             "scores")
+        if kind == "sft" and len(ex["responses"]) != 1:
+            raise DataError(f"{ex['source']}:{ex['line']}: this program needs one response per prompt (prompt + "
+                            f"response, or messages ending with the assistant's) but the row has "
+                            f"{len(ex['responses'])}; set data.schema=sft")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,16 +125,24 @@ def make_pipeline(cfg: DataConfig, tokenizer, *, kind: Kind, run_dir=None,
     """Loads and checks ``cfg.path`` (rejects to ``run_dir/rejects.jsonl``) and builds batches.
 
     ``kind``: ``prompt`` (left-padded prompts for sampling, see ``collate_prompts``), ``pair``
-    (K = 2, ``pref_B`` = P(response 0 beats response 1)) or ``list`` (K = ``data.num_responses``
-    or the most in the data, ``scores_BxK`` and ``list_mask_BxK``); layouts in
+    (K = 2, ``pref_B`` = P(response 0 beats response 1)), ``list`` (K = ``data.num_responses``
+    or the most in the data, ``scores_BxK`` and ``list_mask_BxK``) or ``sft`` (K = 1); layouts in
     :mod:`repo_jax.data.tokenize`.
     """
+    examples, report = load_examples(cfg, tokenizer=tokenizer, run_dir=run_dir, log=log)
+    return pipeline_from_examples(cfg, tokenizer, examples, report, kind=kind)
+
+
+def pipeline_from_examples(cfg: DataConfig, tokenizer, examples: list[dict], report: LoadReport, *,
+                           kind: Kind) -> Pipeline:
+    """:func:`make_pipeline` on examples already loaded (and perhaps split or turned into pairs);
+    ``row_B`` of a batch indexes ``examples``."""
     import datasets
 
-    examples, report = load_examples(cfg, tokenizer=tokenizer, run_dir=run_dir, log=log)
     check_kind(examples, kind)
-    k = 0 if kind == "prompt" else 2 if kind == "pair" else cfg.num_responses or max(len(e["responses"]) for e in examples)
-    table = datasets.Dataset.from_list(examples, features=_features())
+    fixed = {"prompt": 0, "pair": 2, "sft": 1}
+    k = fixed[kind] if kind in fixed else cfg.num_responses or max(len(e["responses"]) for e in examples)
+    table = datasets.Dataset.from_list([{f: e[f] for f in _features()} for e in examples], features=_features())
     del examples
     longest = cfg.max_prompt_len + (0 if kind == "prompt" else cfg.max_response_len)
     buckets = tuple(sorted(cfg.length_buckets)) or default_buckets(longest)

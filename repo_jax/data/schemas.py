@@ -18,7 +18,7 @@ import math
 import re
 from typing import Any
 
-SCHEMAS = ("prompt", "pairwise", "listwise", "ultrafeedback", "ultrafeedback_binarized", "hh_rlhf")
+SCHEMAS = ("prompt", "sft", "pairwise", "listwise", "ultrafeedback", "ultrafeedback_binarized", "hh_rlhf")
 
 
 class BadRow(ValueError):
@@ -40,6 +40,8 @@ def detect_schema(row: Any) -> str:
         return "pairwise"
     if "responses" in keys:
         return "listwise"
+    if "prompt" in keys and keys & {"response", "completion"}:
+        return "sft"
     if "prompt" in keys or "messages" in keys:
         return "prompt"
     raise BadRow("unknown_schema", f"cannot tell the schema from the keys {sorted(keys)}; set data.schema")
@@ -136,6 +138,20 @@ def _adapt_prompt(row: dict) -> dict:
     return _example(_prompt(_get(row, key), key), [])
 
 
+def _adapt_sft(row: dict) -> dict:
+    """One demonstration: ``prompt`` + ``response`` (or ``completion``, or the ``chosen`` of a
+    preference row), or ``messages`` whose last message is the assistant's (the earlier turns are
+    the prompt)."""
+    if row.get("prompt") is None and row.get("messages") is not None:
+        prefix, text = _response(row["messages"], "messages")
+        if not prefix:
+            raise BadRow("missing_field", "'messages' holds only the assistant's message: no prompt")
+        return _example(prefix, [text])
+    key = next((k for k in ("response", "completion", "chosen") if row.get(k) is not None), "response")
+    prefix, text = _response(_get(row, key), key)
+    return _example(prefix or _prompt(_get(row, "prompt"), "prompt"), [text])
+
+
 def _pair_prompt(row: dict, prefixes: list) -> list[dict]:
     """The conversation of a pair: the one the responses continue, else the ``prompt`` field."""
     given = [p for p in prefixes if p]
@@ -227,6 +243,7 @@ def _adapt_hh(row: dict) -> dict:
 
 _ADAPTERS = {
     "prompt": _adapt_prompt,
+    "sft": _adapt_sft,
     "pairwise": _adapt_pairwise,
     "ultrafeedback_binarized": lambda row: _adapt_pairwise(row, need_scores=True),
     "listwise": _adapt_listwise,

@@ -112,19 +112,13 @@ def _loop(r: Run, stop) -> list[dict]:
 
 def export_policy(r: Run) -> None:
     """``run_dir/policy``: the final parameters as an HF folder (see ``LoopConfig.export``)."""
-    import jax
-    from flax import nnx
+    from repo_jax.training.state import export_policy as export
 
-    from repo_jax import models
-
-    if jax.process_count() > 1:
-        r.log("loop.export: skipped (several processes; restore the checkpoint on one host to export)")
-        return
     out = r.run_dir / "policy"
-    models.save_pretrained(nnx.merge(r.graphdef, r.state.params, r.state.buffers), out)
-    if hasattr(r.tokenizer, "save_pretrained"):
-        r.tokenizer.save_pretrained(out)
-    r.log(f"policy: {out} (python -m repo_jax.evaluate ... --model {out})")
+    if export(r.graphdef, r.state, r.tokenizer, out):
+        r.log(f"policy: {out} (python -m repo_jax.evaluate ... --model {out})")
+    else:
+        r.log("loop.export: skipped (several processes; restore the checkpoint on one host to export)")
 
 
 def _round(r: Run, t: int, stop, tb) -> None:

@@ -13,6 +13,14 @@ Files:
   ragged) written in styles the task reward separates: worked and correct, terse and correct,
   worked but wrong, long-winded and correct, no answer. ``overall_score = 1 + 9 * reward /
   MAX_REWARD``, rounded to 2 decimals.
+* ``arithmetic_sft.jsonl`` (300 other train prompts): ``{prompt, response}`` demonstrations in
+  the worked-and-correct style (``python -m repo_jax.sft``).
+* ``toy_digits_sft.jsonl`` (the 400 toy_digits train prompts): ``{prompt, response}`` with each
+  letter of the word as its alphabet index mod 10 (``"Digits for abc"`` -> ``"012"``), what
+  ``configs/tiny_sft.yaml`` teaches a tiny random model.
+
+``--listwise N --out-dir DIR`` also writes ``arithmetic_listwise_N.jsonl`` (N train prompts,
+``N <= 1000``) for a larger offline study; it is not committed.
 """
 
 from __future__ import annotations
@@ -65,6 +73,20 @@ def listwise_rows(problems: list[Problem], seed: int) -> list[dict]:
     return rows
 
 
+def sft_rows(problems: list[Problem]) -> list[dict]:
+    return [{"prompt": p.prompt, "response": f"{p.expression} = {p.answer}. Answer: {p.answer}"} for p in problems]
+
+
+def toy_sft_rows() -> list[dict]:
+    from repo_jax.tasks.toy import LETTERS, ToyDigitsTask
+
+    rows = []
+    for prompt in ToyDigitsTask().prompts("train"):
+        word = prompt.removeprefix("Digits for ")
+        rows.append({"prompt": prompt, "response": "".join(str(LETTERS.index(c) % 10) for c in word)})
+    return rows
+
+
 def build() -> dict[str, str]:
     """File name -> contents of every generated file."""
     train = generate(N_TRAIN, TRAIN_SEED, prefix="train")
@@ -75,7 +97,17 @@ def build() -> dict[str, str]:
         "arithmetic_eval.jsonl": lines(p.to_json() for p in evals),
         "arithmetic_listwise.jsonl": lines(json.dumps(r, ensure_ascii=False)
                                            for r in listwise_rows(train[:N_LIST], LIST_SEED)),
+        "arithmetic_sft.jsonl": lines(json.dumps(r) for r in sft_rows(train[N_LIST:2 * N_LIST])),
+        "toy_digits_sft.jsonl": lines(json.dumps(r) for r in toy_sft_rows()),
     }
+
+
+def larger_listwise(n: int) -> str:
+    """``arithmetic_listwise_N.jsonl``'s contents: the first ``n`` train prompts as lists."""
+    if not 0 < n <= N_TRAIN:
+        raise ValueError(f"--listwise must be in 1..{N_TRAIN}, got {n}")
+    train = generate(N_TRAIN, TRAIN_SEED, prefix="train")
+    return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in listwise_rows(train[:n], LIST_SEED))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -83,9 +115,13 @@ def main(argv: list[str] | None = None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out-dir", type=Path, default=DATA_DIR)
     ap.add_argument("--check", action="store_true", help="compare with the files in --out-dir instead of writing")
+    ap.add_argument("--listwise", type=int, default=0, help="also write arithmetic_listwise_N.jsonl with N lists")
     args = ap.parse_args(argv)
     stale = []
-    for name, text in build().items():
+    files = build()
+    if args.listwise:
+        files[f"arithmetic_listwise_{args.listwise}.jsonl"] = larger_listwise(args.listwise)
+    for name, text in files.items():
         path = args.out_dir / name
         if args.check:
             if not path.is_file() or path.read_text() != text:

@@ -5,6 +5,9 @@ listwise, how to call the kernel, and which ordered pairs ``(i, j)`` count as "`
 beat ``j``" (for the implicit-reward margin and accuracy metrics). Adding a loss is adding an
 entry; no kernel ever sees a loss name.
 
+``sft`` (``python -m repo_jax.sft``) is the mean negative log-likelihood per response token of
+each example (one response, ``K = 1``, reference log-probs 0), averaged over examples.
+
 Conventions (see ``batch.py``): pairwise batches hold response ``a``/chosen at ``k = 0`` and
 ``b``/rejected at ``k = 1``; ``pref_B`` is P(a beats b).
 """
@@ -33,8 +36,22 @@ class Objective:
 
 
 def _list_mask(batch) -> jax.Array:
+    if "list_mask_BxK" in batch:
+        return jnp.asarray(batch["list_mask_BxK"], bool)
     b, k = batch["input_ids_BxKxT"].shape[:2]
-    return jnp.asarray(batch.get("list_mask_BxK", jnp.ones((b, k), bool)), bool)
+    return jnp.ones((b, k), bool)
+
+
+def _no_pairs(batch) -> jax.Array:
+    b, k = batch["input_ids_BxKxT"].shape[:2]
+    return jnp.zeros((b, k, k), bool)
+
+
+def _nll_per_token(logps_BxK, batch) -> jax.Array:
+    """SFT: minus the response's log-likelihood over its token count (``K = 1``; with
+    ``ref_logps = 0`` the log-ratio is the log-likelihood)."""
+    tokens_B = jnp.sum(batch["loss_mask_BxKxT"][:, 0], -1).astype(jnp.float32)
+    return -logps_BxK[:, 0] / jnp.maximum(tokens_B, 1.0)
 
 
 def _chosen_first(batch) -> jax.Array:
@@ -100,6 +117,7 @@ LOSSES: dict[str, Objective] = {
         needs=("scores_BxK",),
         pairwise=False,
     ),
+    "sft": Objective(loss=lambda r, b, c: _nll_per_token(r, b), order=_no_pairs, pairwise=False),
 }
 
 

@@ -159,3 +159,18 @@ def pretrained_model(section, mesh=None, rules=shd.TRAIN_RULES) -> nnx.Module:
         resolve_path(section.weights), dtype=jnp.dtype(section.param_dtype), compute_dtype=jnp.dtype(section.dtype),
         mesh=mesh, rules=rules, remat=section.remat, **section.overrides,
     )
+
+
+def export_policy(graphdef, state: TrainState, tokenizer, out) -> bool:
+    """Writes ``state``'s parameters to the folder ``out`` as an HF checkpoint (``config.json``,
+    safetensors, the tokenizer when it has ``save_pretrained``), which ``transformers`` and every
+    ``--model`` of this project load. One process only: returns False (writing nothing) when
+    there are several."""
+    from repo_jax import models
+
+    if jax.process_count() > 1:
+        return False
+    models.save_pretrained(nnx.merge(graphdef, state.params, state.buffers), out)
+    if hasattr(tokenizer, "save_pretrained"):
+        tokenizer.save_pretrained(out)
+    return True

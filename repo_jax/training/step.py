@@ -94,7 +94,7 @@ def loss_sums(h_RxTxD, w_DxV, b_V, batch, ref_logps_BxK, *, mesh, train: TrainCo
         bl, k, t = ids_BxKxT.shape
         logps_R = _local_logps(h, w, b, ids_BxKxT.reshape(bl * k, t), mask_BxKxT.reshape(bl * k, t), train.logprob_chunk)
         rho_BxK = logps_R.reshape(bl, k) - ref_BxK
-        local_batch = {"input_ids_BxKxT": ids_BxKxT, **fields}
+        local_batch = {"input_ids_BxKxT": ids_BxKxT, "loss_mask_BxKxT": mask_BxKxT, **fields}
         sums = objectives.metric_sums(objective, rho_BxK, local_batch, train.loss, bt.example_mask(local_batch))
         return jax.lax.psum(sums, ba)
 
