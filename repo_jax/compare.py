@@ -1,8 +1,9 @@
 """``python -m repo_jax.compare RUN_DIR... [--by KEY] [--metrics K1,K2] [--out compare.png]``.
 
 Reads each run's ``metrics.jsonl`` and ``config.yaml``, groups the runs by a config key
-(``--by``, a dotted path into the saved config; default ``train.loss.name``; ``loss.name`` is
-read as ``train.loss.name``), and prints per group and metric the **final** value (the last
+(``--by``, a dotted path into the saved config, or several comma-separated, e.g.
+``--by loss.name,pairs.mode``; default ``train.loss.name``; ``loss.name`` is read as
+``train.loss.name``), and prints per group and metric the **final** value (the last
 iteration) and the **best** value (the maximum over iterations; the minimum for ``kl``/``loss``
 keys) as the mean over the group's runs (seeds) with a 95% Student-t interval, then plots every
 group's mean curve with its interval band (``compare.png``, one panel per metric).
@@ -72,11 +73,15 @@ def group_runs(run_dirs: Sequence[str], by: str) -> dict[str, list[tuple[str, li
     groups: dict[str, list[tuple[str, list[dict]]]] = {}
     for run in run_dirs:
         cfg, records = load_run(run)
-        try:
-            value = lookup(cfg, by)
-        except KeyError:
-            raise KeyError(f"{run}/config.yaml has no key {by!r} (--by takes a dotted config key)") from None
-        groups.setdefault(json.dumps(value) if not isinstance(value, str) else value, []).append((run, records))
+        label = []
+        for key in by.split(","):
+            try:
+                value = lookup(cfg, key.strip())
+            except KeyError:
+                raise KeyError(f"{run}/config.yaml has no key {key.strip()!r} (--by takes dotted config keys, "
+                               "comma-separated)") from None
+            label.append(json.dumps(value) if not isinstance(value, str) else value)
+        groups.setdefault("/".join(label), []).append((run, records))
     return groups
 
 

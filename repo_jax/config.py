@@ -57,6 +57,11 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         return value
     if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
+    if tp is float:  # YAML 1.1 reads "2e-5" (no dot) as a string
+        try:
+            return float(value) if isinstance(value, str) else _not_a_number(value, where)
+        except ValueError:
+            _not_a_number(value, where)
     if tp is int and isinstance(value, bool):
         raise ConfigError(f"{where}: expected an integer, got {value!r}")
     if tp in (int, str, bool) and not isinstance(value, tp):
@@ -64,6 +69,10 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             return str(value)
         raise ConfigError(f"{where}: expected {tp.__name__}, got {value!r}")
     return value
+
+
+def _not_a_number(value: Any, where: str):
+    raise ConfigError(f"{where}: expected a number, got {value!r}")
 
 
 def _build(cls: type[C], raw: dict[str, Any], where: str = "") -> C:

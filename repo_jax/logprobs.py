@@ -151,17 +151,3 @@ def sequence_logprobs(
     """``sum_t mask[b, t] * log p(targets[b, t] | hidden[b, t])`` as float32 ``[B]``, chunked."""
     logp_BxT = token_logprobs(hidden, unembed, targets, bias, chunk_size=chunk_size)
     return jnp.einsum("BT,BT->B", logp_BxT, mask.astype(jnp.float32))
-
-
-def token_logprobs_naive(hidden: Array, unembed: Array, targets: Array, bias: Array | None = None) -> Array:
-    """Reference: full ``[B, T, V]`` float32 logits, ``log_softmax``, gather."""
-    logits_BxTxV = _chunk_logits(hidden, unembed, bias)
-    return _target_logit(jax.nn.log_softmax(logits_BxTxV, axis=-1), targets.astype(jnp.int32))
-
-
-def sequence_logprobs_naive(
-    hidden: Array, unembed: Array, targets: Array, mask: Array, bias: Array | None = None
-) -> Array:
-    """Reference for :func:`sequence_logprobs` (materialises the full logits)."""
-    logp_BxT = token_logprobs_naive(hidden, unembed, targets, bias)
-    return jnp.einsum("BT,BT->B", logp_BxT, mask.astype(jnp.float32))

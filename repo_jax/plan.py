@@ -56,8 +56,6 @@ def batch_fields(cfg) -> tuple[str, ...]:
 
 def plan(cfg, *, fast_compile: bool = False, name: str = "") -> dict:
     """Compiles ``cfg``'s train step on the current devices; returns the figures as a dict."""
-    import jax
-
     from repo_jax import models
     from repo_jax import sharding as shd
     from repo_jax.training import batch as bt

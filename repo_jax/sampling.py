@@ -44,6 +44,7 @@ import numpy as np
 from flax import nnx
 
 from repo_jax import sharding as shd
+from repo_jax.padding import positions_from_mask, round_up
 from repo_jax.sampling_policies import SamplingPolicy, choose_tokens, filter_logits
 from repo_jax.sampling_rows import _cache_batch_axes, _compact, _repeat_rows, _stage_rows  # noqa: F401
 
@@ -115,7 +116,7 @@ def _generate_program(state, tokens_BxT, mask_BxT, valid_B, max_new_tokens, seed
     max_len = p + n
 
     # Prefill: positions count real tokens, so left padding does not shift them.
-    positions_BxT = jnp.maximum(jnp.cumsum(mask_BxT.astype(jnp.int32), axis=1) - 1, 0)
+    positions_BxT = positions_from_mask(mask_BxT)
     prompt_len_B = mask_BxT.astype(jnp.int32).sum(axis=1)
     cache = model.init_cache(b, max_len, dtype=static.cache_dtype)
     logits_Bx1xV, cache = model.forward_with_cache(tokens_BxT, positions_BxT, mask_BxT, cache, jnp.int32(0), last_only=True)
@@ -191,18 +192,8 @@ def _generate_program(state, tokens_BxT, mask_BxT, valid_B, max_new_tokens, seed
 
 
 def bucket(n: int, buckets: Sequence[int] | None = None, *, minimum: int = 1, half_steps: bool = False) -> int:
-    """Smallest configured bucket ``>= n``; if none are configured, the next power of two (or,
-    with ``half_steps``, the next of ``2^k`` and ``3 * 2^(k-1)``: 8, 12, 16, 24, 32, 48, ...),
-    at least ``minimum``."""
-    if buckets:
-        for b in sorted(buckets):
-            if b >= n:
-                return int(b)
-        raise ValueError(f"size {n} exceeds the largest configured bucket {max(buckets)}")
-    p2 = 1 << max(0, int(n) - 1).bit_length()
-    if half_steps and p2 >= 4 and 3 * p2 // 4 >= n:
-        p2 = 3 * p2 // 4
-    return max(minimum, p2)
+    """The sampler's shape buckets: :func:`repo_jax.padding.round_up`."""
+    return round_up(n, buckets, minimum=minimum, half_steps=half_steps)
 
 
 @flax.struct.dataclass

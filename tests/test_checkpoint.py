@@ -16,7 +16,7 @@ from repo_jax.training import state as st
 from repo_jax.training import step as sp
 from repo_jax.training.checkpoint import Checkpointer
 from repo_jax.training.config import CheckpointConfig
-from repo_jax.training.testing import tiny_config
+from helpers import tiny_config
 
 FAST = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 CFG = tiny_config("train.reference=params", "optim.lr=3.0e-3")

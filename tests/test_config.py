@@ -29,6 +29,7 @@ def test_defaults_yaml_then_overrides(tmp_path):
     cfg = config.load(Run, path, ["optim.warmup_steps=7", "loss=dpo", "seed=3"])
     assert cfg == Run(beta=0.5, loss="dpo", buckets=(8, 16), optim=Optim(lr=3.0, warmup_steps=7), seed=3)
     assert isinstance(cfg.optim.lr, float)
+    assert config.load(Run, None, ["optim.lr=2e-5"]).optim.lr == 2e-5  # YAML 1.1 reads it as a string
 
 
 def test_unknown_key_names_it_and_lists_valid_keys(tmp_path):
@@ -45,6 +46,8 @@ def test_unknown_key_names_it_and_lists_valid_keys(tmp_path):
 def test_bad_values_are_errors(tmp_path):
     with pytest.raises(config.ConfigError, match="optim.warmup_steps: expected int"):
         config.load(Run, None, ["optim.warmup_steps=abc"])
+    with pytest.raises(config.ConfigError, match="optim.lr: expected a number, got 'fast'"):
+        config.load(Run, None, ["optim.lr=fast"])
     with pytest.raises(config.ConfigError, match="not of the form"):
         config.load(Run, None, ["beta"])
     with pytest.raises(config.ConfigError, match="does not exist"):

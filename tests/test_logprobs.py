@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from repo_jax import logprobs
+from repo_jax.benchmarks.logprobs import sequence_logprobs_naive
 
 B, T, D, V = 3, 10, 16, 37
 
@@ -36,11 +37,11 @@ def test_values_and_gradients_match_naive(chunk, with_bias):
     chunked = lambda h, w, t, m, b: logprobs.sequence_logprobs(h, w, t, m, b, chunk_size=chunk)
     got, got_g = jax.value_and_grad(lambda *a: loss(chunked, *a), argnums=(0, 1, 2) if with_bias else (0, 1))(h, w, b)
     want, want_g = jax.value_and_grad(
-        lambda *a: loss(logprobs.sequence_logprobs_naive, *a), argnums=(0, 1, 2) if with_bias else (0, 1)
+        lambda *a: loss(sequence_logprobs_naive, *a), argnums=(0, 1, 2) if with_bias else (0, 1)
     )(h, w, b)
     np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
     np.testing.assert_allclose(
-        chunked(h, w, targets, mask, b), logprobs.sequence_logprobs_naive(h, w, targets, mask, b), atol=1e-5, rtol=1e-6
+        chunked(h, w, targets, mask, b), sequence_logprobs_naive(h, w, targets, mask, b), atol=1e-5, rtol=1e-6
     )
     for g1, g2 in zip(got_g, want_g):
         np.testing.assert_allclose(g1, g2, atol=1e-5, rtol=1e-5)
@@ -65,7 +66,7 @@ def test_jit_and_bfloat16_inputs():
     f = jax.jit(jax.value_and_grad(lambda h, w: logprobs.sequence_logprobs(h, w, targets, mask, b, chunk_size=4).sum(), (0, 1)))
     val, (gh, gw) = f(h, w)
     assert gh.dtype == jnp.bfloat16 and gw.dtype == jnp.bfloat16 and val.dtype == jnp.float32
-    ref = logprobs.sequence_logprobs_naive(h.astype(jnp.float32), w.astype(jnp.float32), targets, mask, b.astype(jnp.float32))
+    ref = sequence_logprobs_naive(h.astype(jnp.float32), w.astype(jnp.float32), targets, mask, b.astype(jnp.float32))
     np.testing.assert_allclose(val, ref.sum(), rtol=2e-2)
 
 
@@ -83,7 +84,7 @@ def test_chunked_peak_memory_is_smaller():
         return jax.jit(jax.grad(lambda h, w, tg, m: fn(h, w, tg, m).sum(), argnums=(0, 1)))
 
     chunked = grad_of(lambda *a: logprobs.sequence_logprobs(*a, chunk_size=16)).lower(*args).compile()
-    naive = grad_of(logprobs.sequence_logprobs_naive).lower(*args).compile()
+    naive = grad_of(sequence_logprobs_naive).lower(*args).compile()
     mem_c = chunked.memory_analysis().temp_size_in_bytes
     mem_n = naive.memory_analysis().temp_size_in_bytes
     assert mem_c * 4 < mem_n, (mem_c, mem_n)

@@ -16,7 +16,7 @@ from repo_jax.training import objectives, optim
 from repo_jax.training import state as st
 from repo_jax.training import step as sp
 from repo_jax.training.config import LossConfig, OptimConfig
-from repo_jax.training.testing import random_batch, tiny_config
+from helpers import random_batch, tiny_config
 
 CFG = tiny_config()
 V = CFG.model.overrides["vocab_size"]

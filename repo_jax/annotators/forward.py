@@ -19,11 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from repo_jax.data.tokenize import bucket_length, default_buckets, positions_from_mask
-
-
-def _pow2(n: int) -> int:
-    return 1 << max(0, n - 1).bit_length()
+from repo_jax.padding import fit, ladder, positions_from_mask, round_up
 
 
 class BucketedForward:
@@ -36,7 +32,7 @@ class BucketedForward:
     def __init__(self, model: nnx.Module, fn: Callable, *, batch_size: int = 16, max_len: int = 2048,
                  pad_id: int = 0, length_buckets: Sequence[int] = ()):
         self.batch_size, self.max_len, self.pad_id = int(batch_size), int(max_len), int(pad_id)
-        self.buckets = tuple(sorted(length_buckets)) or default_buckets(self.max_len)
+        self.buckets = tuple(sorted(length_buckets)) or ladder(self.max_len)
         self.shapes: set[tuple[int, int]] = set()  # (batch, length) buckets run so far
         self.update(model)
         graphdef = self._graphdef
@@ -67,8 +63,8 @@ class BucketedForward:
         outs: list[np.ndarray] = [None] * len(seqs)  # type: ignore[list-item]
         for start in range(0, len(order), self.batch_size):
             idx = order[start:start + self.batch_size]
-            t = bucket_length(max(len(seqs[i]) for i in idx), self.buckets)
-            b = min(_pow2(len(idx)), self.batch_size)
+            t = fit(max(len(seqs[i]) for i in idx), self.buckets)
+            b = min(round_up(len(idx)), self.batch_size)
             ids = np.full((b, t), self.pad_id, np.int32)
             mask = np.zeros((b, t), np.int32)
             for r, i in enumerate(idx):

@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from repo_jax import padding
 from repo_jax.assets import load_tokenizer, smollm2_gguf_path
 from repo_jax.benchmarks.common import emit, wall_times
 
@@ -143,7 +144,7 @@ def batch_from_trl_rows(rows: list[dict], seq_len: int) -> dict[str, np.ndarray]
             seq = (p + list(r[name]))[:seq_len]
             ids[i, k, : len(seq)] = seq
             attn[i, k, : len(seq)] = 1
-            loss[i, k, len(p) - 1 : len(seq) - 1] = 1  # targets t + 1 in the completion
+            padding.mark_response(loss[i, k], len(p), len(seq))
     return {"input_ids_BxKxT": ids, "loss_mask_BxKxT": loss, "attention_mask_BxKxT": attn}
 
 

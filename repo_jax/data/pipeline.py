@@ -26,7 +26,8 @@ import numpy as np
 
 from repo_jax.data.config import DataConfig
 from repo_jax.data.sources import DataError
-from repo_jax.data.tokenize import Formatter, collate_prompts, collate_responses, default_buckets, plain_prompt, truncate
+from repo_jax.data.tokenize import Formatter, collate_prompts, collate_responses, plain_prompt, truncate
+from repo_jax.padding import ladder
 from repo_jax.data.validate import LoadReport, load_examples
 
 Kind = Literal["prompt", "pair", "list", "sft"]
@@ -145,7 +146,7 @@ def pipeline_from_examples(cfg: DataConfig, tokenizer, examples: list[dict], rep
     table = datasets.Dataset.from_list([{f: e[f] for f in _features()} for e in examples], features=_features())
     del examples
     longest = cfg.max_prompt_len + (0 if kind == "prompt" else cfg.max_response_len)
-    buckets = tuple(sorted(cfg.length_buckets)) or default_buckets(longest)
+    buckets = tuple(sorted(cfg.length_buckets)) or ladder(longest)
     if buckets[-1] < longest:
         raise ValueError(f"data.length_buckets tops out at {buckets[-1]}, below the longest sequence {longest} "
                          "(max_prompt_len + max_response_len); add a bucket of at least that length")

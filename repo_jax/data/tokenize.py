@@ -24,6 +24,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from repo_jax import padding
+
 ROLE_NAMES = {"user": "Human", "assistant": "Assistant"}
 
 
@@ -75,30 +77,6 @@ def truncate(prompt_ids: Sequence[int], responses_ids: Sequence[Sequence[int]], 
     return list(prompt_ids[-max_prompt_len:]), [list(r[:max_response_len]) for r in responses_ids]
 
 
-def default_buckets(max_len: int, minimum: int = 16) -> tuple[int, ...]:
-    """16, 24, 32, 48, 64, 96, ... below ``max_len``, then ``max_len`` itself."""
-    out, p = [], minimum
-    while p < max_len:
-        out.append(p)
-        if p + p // 2 < max_len and p >= 16:
-            out.append(p + p // 2)
-        p *= 2
-    return tuple(sorted(set(out))) + (max_len,)
-
-
-def bucket_length(n: int, buckets: Sequence[int]) -> int:
-    """The smallest bucket ``>= n``."""
-    for b in sorted(buckets):
-        if b >= n:
-            return int(b)
-    raise ValueError(f"a sequence of {n} tokens exceeds the largest length bucket {max(buckets)}")
-
-
-def positions_from_mask(mask: np.ndarray) -> np.ndarray:
-    """``max(cumsum(mask) - 1, 0)`` along the last axis: padding never shifts positions."""
-    return np.maximum(np.cumsum(mask, axis=-1) - 1, 0).astype(np.int32)
-
-
 def collate_responses(items: Sequence[dict | None], *, batch_size: int, num_responses: int,
                       buckets: Sequence[int], pad_id: int = 0) -> dict[str, np.ndarray]:
     """Pads encoded examples into one batch (layout in the module docstring).
@@ -109,7 +87,7 @@ def collate_responses(items: Sequence[dict | None], *, batch_size: int, num_resp
     """
     b, k = batch_size, num_responses
     seqs = [(it["prompt_ids"], r) for it in items if it for r in it["response_ids"]]
-    t = bucket_length(max([len(p) + len(r) for p, r in seqs] or [1]), buckets)
+    t = padding.fit(max([len(p) + len(r) for p, r in seqs] or [1]), buckets)
     ids = np.full((b, k, t), pad_id, np.int32)
     attn = np.zeros((b, k, t), np.int32)
     loss = np.zeros((b, k, t), np.int32)
@@ -131,10 +109,10 @@ def collate_responses(items: Sequence[dict | None], *, batch_size: int, num_resp
             n = len(p) + len(r)
             ids[i, j, :n] = list(p) + list(r)
             attn[i, j, :n] = 1
-            loss[i, j, len(p) - 1:n - 1] = 1  # target t+1 in the response <=> t in [len(p)-1, n-1)
+            padding.mark_response(loss[i, j], len(p), n)
             list_mask[i, j] = True
     return {
-        "input_ids_BxKxT": ids, "attention_mask_BxKxT": attn, "positions_BxKxT": positions_from_mask(attn),
+        "input_ids_BxKxT": ids, "attention_mask_BxKxT": attn, "positions_BxKxT": padding.positions_from_mask(attn),
         "loss_mask_BxKxT": loss, "scores_BxK": scores, "list_mask_BxK": list_mask, "pref_B": pref,
         "example_mask_B": ex_mask, "row_B": row,
     }
@@ -149,7 +127,7 @@ def collate_prompts(items: Sequence[dict | None], *, batch_size: int, buckets: S
     annotators; an object array, so keep it off the device).
     """
     b = batch_size
-    t = bucket_length(max([len(it["prompt_ids"]) for it in items if it] or [1]), buckets)
+    t = padding.fit(max([len(it["prompt_ids"]) for it in items if it] or [1]), buckets)
     ids = np.full((b, t), pad_id, np.int32)
     attn = np.zeros((b, t), np.int32)
     lens = np.zeros((b,), np.int32)
@@ -162,7 +140,7 @@ def collate_prompts(items: Sequence[dict | None], *, batch_size: int, buckets: S
         p = it["prompt_ids"]
         ids[i, t - len(p):], attn[i, t - len(p):] = p, 1
         lens[i], ex_mask[i], row[i], text[i] = len(p), True, it["row"], it["prompt_text"]
-    return {"prompt_ids_BxT": ids, "attention_mask_BxT": attn, "positions_BxT": positions_from_mask(attn),
+    return {"prompt_ids_BxT": ids, "attention_mask_BxT": attn, "positions_BxT": padding.positions_from_mask(attn),
             "prompt_len_B": lens, "example_mask_B": ex_mask, "row_B": row, "prompt_text_B": text}
 
 

@@ -36,6 +36,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from repo_jax import sharding as shd
+from repo_jax.padding import positions_from_mask
 from repo_jax.models import layers, mistral, phi
 from repo_jax.models.config import ModelConfig
 from repo_jax.models.spec import ParamSpec
@@ -193,7 +194,7 @@ def _defaults(input_ids_BxT, positions_BxT, attention_mask_BxT):
     if attention_mask_BxT is None:
         attention_mask_BxT = jnp.ones(input_ids_BxT.shape, jnp.int32)
     if positions_BxT is None:
-        positions_BxT = jnp.maximum(jnp.cumsum(attention_mask_BxT.astype(jnp.int32), axis=1) - 1, 0)
+        positions_BxT = positions_from_mask(attention_mask_BxT)
     return attention_mask_BxT, positions_BxT
 
 

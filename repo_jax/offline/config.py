@@ -123,10 +123,10 @@ def planned_train(cfg: OfflineConfig):
     """``train`` with the shape of the largest batch the run will see (for ``python -m
     repo_jax.plan``): ``seq_len`` = the longest length bucket, ``num_responses`` = 1 (SFT),
     2 (a pair mode) or the list length (``data.num_responses``, else 4)."""
-    from repo_jax.data.tokenize import default_buckets
+    from repo_jax.padding import ladder
 
     d = cfg.data
-    t = max(d.length_buckets or default_buckets(d.max_prompt_len + d.max_response_len))
+    t = max(d.length_buckets or ladder(d.max_prompt_len + d.max_response_len))
     k = 1 if isinstance(cfg, SftConfig) else 2 if pair_mode(cfg) != "list" else d.num_responses or 4
     return dataclasses.replace(cfg.train, seq_len=t, num_responses=k)
 

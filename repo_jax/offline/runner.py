@@ -8,8 +8,9 @@ log-probs once -> train steps with held-out evaluations -> checkpoints -> export
    (``eval.holdout`` lists, or ``eval.data_path``) and, in a pair mode, turns each training list
    into the mode's pairs (:mod:`repo_jax.offline.pairs`; ties dropped and counted);
 2. computes, with the starting model and before any update, the reference log-probs of every
-   training and held-out response (``run_dir/reference/{train,eval}.npy``, indexed by the
-   pipeline's ``row_B``; SFT needs none);
+   training and held-out response, one pass over the lists (a pair takes its two responses'
+   values from its list): ``run_dir/reference/{train,eval}.npy``, indexed by the training
+   pipeline's ``row_B``; SFT needs none;
 3. trains ``train.steps`` steps (or until ``data.num_epochs`` passes end) on the grain
    pipeline's shuffled, per-host, length-bucketed batches, dispatching step ``n + 1`` before
    reading step ``n``'s metrics;
@@ -129,10 +130,11 @@ class OfflineRun:
         train_ex, eval_ex = self._split(examples, data)
         if not train_ex:
             raise DataError(f"{cfg.data.path}: no training examples left after eval.holdout={cfg.eval.holdout}")
-        self.ties = 0
+        self.ties, lists, self.pair_map = 0, train_ex, None
         kind = "sft" if self.sft else "list"
         if self.mode not in ("list", "sft"):
             train_ex, self.ties = pairs_lib.pair_examples(train_ex, self.mode, seed=cfg.pairs.seed)
+            self.pair_map = np.array([(e["list_row"], *e["pair"]) for e in train_ex], np.int64).reshape(-1, 3)
             kind = "pair"
             if not train_ex:
                 raise DataError(f"{cfg.data.path}: pairs.mode={self.mode} built no pairs (every list is tied)")
@@ -146,7 +148,9 @@ class OfflineRun:
         self.iterator = self.pipeline.iterator()
         one_pass = dataclasses.replace(data, batch_size=cfg.eval.batch_size or cfg.train.batch_size, shuffle=False,
                                        num_epochs=1, shard_index=0, shard_count=1)
-        self.reference_pipeline = pipeline_from_examples(one_pass, self.tokenizer, train_ex, report, kind=kind)
+        # the reference pass reads each list once (a pair mode's pairs look their two responses up)
+        self.reference_pipeline = pipeline_from_examples(one_pass, self.tokenizer, lists, report,
+                                                         kind="sft" if self.sft else "list")
         self.eval_pipeline = (pipeline_from_examples(one_pass, self.tokenizer, eval_ex, report,
                                                      kind="sft" if self.sft else "list") if eval_ex else None)
         epochs = cfg.data.num_epochs
@@ -231,6 +235,9 @@ class OfflineRun:
             self.ref_eval = np.load(paths["eval"]) if self.eval_pipeline is not None else None
             return
         self.ref_train = self.logps_by_row(self.reference_pipeline, self.state.params, "reference: train")["logps"]
+        if self.pair_map is not None:  # [lists, K] -> [pairs, 2]: (chosen, rejected) of each pair's list
+            n, i, j = self.pair_map.T
+            self.ref_train = np.stack([self.ref_train[n, i], self.ref_train[n, j]], axis=1)
         if self.eval_pipeline is not None:
             self.ref_eval = self.logps_by_row(self.eval_pipeline, self.state.params, "reference: held out")["logps"]
         if self.main:

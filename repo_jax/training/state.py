@@ -119,13 +119,21 @@ def state_from_model(model: nnx.Module, tx, train: TrainConfig, mesh, rules=shd.
 
 
 def resolve_path(path: str) -> str:
-    """A relative path that does not exist from the working directory is tried from the
-    checkout's root (where ``configs/`` lives), so shipped configs work from anywhere."""
+    """A relative path that does not exist from the working directory: ``repo_jax/...`` is the
+    package's own file wherever it is installed (``importlib.resources``); anything else (e.g.
+    ``configs/...``) is tried from the checkout the package runs from, so shipped configs work
+    from any directory."""
+    from importlib import resources
+
     p = Path(path)
     if p.is_absolute() or p.exists():
         return path
-    alt = Path(__file__).resolve().parents[2] / p
-    return str(alt) if alt.exists() else path
+    package = resources.files("repo_jax")
+    if p.parts[:1] == ("repo_jax",):
+        alt = package.joinpath(*p.parts[1:])
+    else:
+        alt = Path(str(package)).parent / p
+    return str(alt) if alt.is_file() or alt.is_dir() else path
 
 
 def model_config(section):

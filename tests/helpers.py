@@ -1,4 +1,4 @@
-"""Helpers for tests and benchmarks: the tiny run config and random batches of each layout."""
+"""Test helpers (not part of the library): the tiny run config and random batches of each layout."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import numpy as np
 from repo_jax import config as config_lib
 from repo_jax.training.config import RunConfig
 
-TINY_YAML = Path(__file__).resolve().parents[2] / "configs" / "tiny.yaml"
+TINY_YAML = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
 
 
 # The training-core tests' sizes and schedule (tiny.yaml itself is sized for the loop).
