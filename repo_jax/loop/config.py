@@ -159,10 +159,11 @@ class IrepoConfig(RunConfig):
 def check(cfg: IrepoConfig) -> None:
     """Raises ``ConfigError`` naming the key when the sections do not fit together."""
     loop, train = cfg.loop, cfg.train
-    if train.loss.name not in LOSSES:
-        raise ConfigError(f"train.loss.name={train.loss.name!r} is not a loss; choose one of {sorted(LOSSES)}")
     if train.loss.name == "sft":
         raise ConfigError("train.loss.name=sft is python -m repo_jax.sft's loss, not a preference loss")
+    if train.loss.name not in LOSSES:
+        valid = sorted(n for n in LOSSES if n != "sft")
+        raise ConfigError(f"train.loss.name={train.loss.name!r} is not a loss; choose one of {valid}")
     if loop.rounds < 0 or loop.prompts_per_round < 1 or loop.epochs < 1 or loop.sample_batch < 1:
         raise ConfigError("loop.rounds must be >= 0 and loop.prompts_per_round, loop.epochs, loop.sample_batch >= 1")
     if loop.num_responses < 2:

@@ -90,9 +90,10 @@ def pair_mode(cfg: OfflineConfig) -> str:
 def check(cfg: OfflineConfig) -> None:
     """Raises ``ConfigError`` naming the key when the sections do not fit together."""
     name, mode = cfg.train.loss.name, pair_mode(cfg)
-    if name not in LOSSES:
-        raise ConfigError(f"train.loss.name={name!r} is not a loss; choose one of {sorted(LOSSES)}")
     sft = isinstance(cfg, SftConfig)
+    if name not in LOSSES:
+        valid = ["sft"] if sft else sorted(n for n in LOSSES if n != "sft")
+        raise ConfigError(f"train.loss.name={name!r} is not a loss; choose one of {valid}")
     if sft and name != "sft":
         raise ConfigError(f"train.loss.name={name!r}: python -m repo_jax.sft trains train.loss.name=sft")
     if not sft and name == "sft":
