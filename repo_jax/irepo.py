@@ -12,45 +12,25 @@ Exit status: 0 when the run finished (or had finished), 2 for a bad config or in
 
 from __future__ import annotations
 
-import argparse
 import sys
 
-DEFAULT_CONFIG = "default.yaml"
+DEFAULT_CONFIG = "configs/default.yaml"
 
 
 def default_config_path() -> str:
     """``configs/default.yaml``, from the working directory or the checkout the library runs from."""
     from repo_jax.training.state import resolve_path
 
-    return resolve_path(f"configs/{DEFAULT_CONFIG}")
+    return resolve_path(DEFAULT_CONFIG)
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m repo_jax.irepo", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", default=None, help="a YAML config (default: configs/default.yaml)")
-    ap.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. loop.rounds=2")
-    args = ap.parse_args(argv)
-
-    import jax
-
-    from repo_jax import config as config_lib
-    from repo_jax.assets import cache_dir
-    from repo_jax.data import DataError
     from repo_jax.loop.config import IrepoConfig
-    from repo_jax.loop.runner import Preempted, run
+    from repo_jax.loop.runner import run
+    from repo_jax.runs import program_main
 
-    if not jax.config.jax_compilation_cache_dir:  # a rerun or resume skips most compiles
-        jax.config.update("jax_compilation_cache_dir", str(cache_dir() / "xla"))
-    try:
-        cfg = config_lib.load(IrepoConfig, args.config or default_config_path(), args.overrides)
-        run(cfg)
-    except (config_lib.ConfigError, DataError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except Preempted:
-        return 143
-    return 0
+    return program_main(IrepoConfig, run, argv, prog="python -m repo_jax.irepo", doc=__doc__,
+                        default_config=DEFAULT_CONFIG, example="loop.rounds=2")
 
 
 if __name__ == "__main__":

@@ -6,14 +6,14 @@ from __future__ import annotations
 import time
 from typing import Any
 
-import jax
 import numpy as np
 
 from repo_jax import reporting
 from repo_jax.data import unpad_prompts
 from repo_jax.loop import rounds
 from repo_jax.loop.evaluate import greedy_answers, kl_estimate, win_rate
-from repo_jax.loop.state import Preempted, Run
+from repo_jax.loop.state import Run
+from repo_jax.runs import Preempted
 from repo_jax.training import objectives
 from repo_jax.training import step as sp
 
@@ -112,14 +112,25 @@ def reference_logps(run: Run, items: list[dict]) -> np.ndarray:
 
 def train(run: Run, t: int, items: list[dict], ref_MxK: np.ndarray, stop) -> dict:
     """``loop.epochs`` epochs over the round's items from ``run.progress.train_pos``; saves mid-round
-    every ``checkpoint.every_steps`` steps and when ``stop()`` says so (then raises Preempted)."""
+    every ``checkpoint.every_steps`` steps and when ``stop()`` says so (then raises Preempted).
+    Step ``n``'s metrics are read once step ``n + 1`` is dispatched, so the host collates the next
+    batch while the devices run this one."""
     cfg = run.cfg
     b = cfg.train.batch_size
     per_epoch = rounds.num_batches(len(items), b)
     total = per_epoch * cfg.loop.epochs
-    sums = dict(run.progress.train_sums) or {k: 0.0 for k in (*TRAIN_METRICS, "examples", "nonfinite", "steps")}
+    sums = dict(run.progress.train_sums) or sp.empty_sums(TRAIN_METRICS)
     bar = run.bar(total=total, desc=f"round {t}: train", unit="step")
     bar.update(run.progress.train_pos)
+    pending = None
+
+    def flush():
+        nonlocal pending
+        if pending is not None:
+            sp.add_step(sums, pending, TRAIN_METRICS, cfg.train.max_nonfinite_in_a_row)
+            pending = None
+            bar.set_postfix(loss=f"{sums['loss'] / max(sums['examples'], 1.0):.4f}")
+
     for pos in range(run.progress.train_pos, total):
         epoch, j = divmod(pos, per_epoch)
         order = np.random.default_rng(run.seed(t, 3, epoch)).permutation(len(items))[j * b:(j + 1) * b]
@@ -128,22 +139,17 @@ def train(run: Run, t: int, items: list[dict], ref_MxK: np.ndarray, stop) -> dic
         host["ref_logps_BxK"] = np.zeros(host["list_mask_BxK"].shape, np.float32)
         host["ref_logps_BxK"][:len(order)] = ref_MxK[order]
         run.state, m = run.train_step(run.state, run.to_device(host))
-        m = jax.device_get(m)
-        sp.check_finite(m, cfg.train.max_nonfinite_in_a_row)
-        n = float(m["examples"])
-        for k in TRAIN_METRICS:
-            sums[k] += float(m.get(k, 0.0)) * n
-        sums["examples"] += n
-        sums["nonfinite"] += float(m["skipped"])
-        sums["steps"] += 1
-        bar.set_postfix(loss=f"{float(m['loss']):.4f}")
+        flush()  # the previous step's metrics, now that this one is queued
+        pending = m
         bar.update(1)
         run.progress.global_steps += 1
         done = pos + 1
         if stop() or (done < total and run.progress.global_steps % cfg.checkpoint.every_steps == 0):
+            flush()
             run.save(phase="train", train_pos=done, train_sums=sums, ref_logps=ref_MxK.tolist())
             if stop():
                 raise Preempted(f"round {t}, train step {done} of {total}")
+    flush()
     bar.close()
     return sums
 
@@ -151,11 +157,8 @@ def train(run: Run, t: int, items: list[dict], ref_MxK: np.ndarray, stop) -> dic
 def train_record(sums: dict, items: list[dict], ties: int, records: list[dict], run: Run) -> dict:
     """The round's ``train/*`` figures (example-weighted means over its steps) and the mean
     task reward of what it sampled (``round/sample_reward``)."""
-    ex = max(sums["examples"], 1.0)
     keys = [k for k in TRAIN_METRICS if k != "calibration_error" or "pref_B" in objectives.get(run.cfg.train.loss.name).needs]
-    out = {f"train/{k}": sums[k] / ex for k in keys}
-    out.update({"train/steps": int(sums["steps"]), "train/nonfinite_steps": int(sums["nonfinite"]),
-                "train/examples": len(items), "train/ties_dropped": ties})
+    out = {**sp.mean_record(sums, keys), "train/examples": len(items), "train/ties_dropped": ties}
     if run.task is not None:
         rewards = [run.task.reward(r["prompt"], x["text"]) for r in records for x in r["responses"]]
         out["round/sample_reward"] = float(np.mean(rewards))

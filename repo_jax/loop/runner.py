@@ -34,7 +34,6 @@ TensorBoard, report); checkpoints are written by all, as Orbax requires.
 from __future__ import annotations
 
 import dataclasses
-import signal
 import time
 
 import numpy as np
@@ -45,25 +44,15 @@ from repo_jax import sharding as shd
 from repo_jax.loop import rounds
 from repo_jax.loop.config import IrepoConfig
 from repo_jax.loop.phases import evaluate, reference_logps, sample_and_annotate, train, train_record
-from repo_jax.loop.state import Preempted, Run
+from repo_jax.loop.state import Run
+from repo_jax.runs import Preempted, run_until_preempted
 
 __all__ = ["Preempted", "Run", "run"]
 
 def run(cfg: IrepoConfig, log=print) -> list[dict]:
     """Runs (or resumes) the loop; returns the metric records (one per iteration)."""
     shd.initialize_distributed()
-    r = Run(cfg, log=log)
-    stop_flag = {"set": False}
-    previous = signal.signal(signal.SIGTERM, lambda *_: stop_flag.update(set=True))
-    try:
-        return _loop(r, lambda: stop_flag["set"])
-    except Preempted as e:
-        r.checkpointer.wait()
-        log(f"SIGTERM: checkpoint written ({e}); rerun the same command to resume")
-        raise
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-        r.checkpointer.close()
+    return run_until_preempted(Run(cfg, log=log), _loop, log)
 
 
 def _emit(r: Run, record: dict, tb) -> None:

@@ -1,101 +1,36 @@
-"""What a run builds once and where it stands: the run folder, ``Progress``, ``Run``.
+"""What a loop run builds once and where it stands: ``Progress`` and ``Run``.
 
 ``Run`` holds the model's train state and programs (train step, reference pass, optimiser
 reset), the prompt iterator, the held-out prompts, the panel and the Orbax checkpointer;
 ``Progress`` is the JSON ``loop`` item of every checkpoint (iteration, phase, metric records,
 iteration 0's answers, and inside a round the train position, reference log-probs and the
-prompt iterator's position before the round). See :mod:`repo_jax.loop.runner`.
+prompt iterator's position before the round). See :mod:`repo_jax.loop.runner`; the run
+folder, checkpoints and batch placement are :mod:`repo_jax.runs`'.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import yaml
 from flax import nnx
 
 from repo_jax import config as config_lib
-from repo_jax import reporting, sampling
+from repo_jax import sampling
 from repo_jax import sharding as shd
 from repo_jax.data import DataConfig, make_pipeline
 from repo_jax.data.tokenize import Formatter
 from repo_jax.loop.config import IrepoConfig, check
 from repo_jax.loop.panels import build_panel
-from repo_jax.training import batch as bt
+from repo_jax.runs import RunBase, load_tokenizer_for, prepare_run_dir
 from repo_jax.training import optim
 from repo_jax.training import state as st
 from repo_jax.training import step as sp
 from repo_jax.training.checkpoint import Checkpointer
 
 RESUMABLE_KEYS = ("loop.rounds", "loop.progress")
-
-
-class Preempted(Exception):
-    """SIGTERM arrived; a checkpoint was written (or the last one is current)."""
-
-
-class ConfigMismatch(config_lib.ConfigError):
-    pass
-
-
-# ------------------------------------------------------------------------ run folder, config
-
-
-def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
-    out = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        out.update(_flatten(v, key + ".") if isinstance(v, dict) else {key: v})
-    return out
-
-
-def _plain(x):
-    if isinstance(x, (list, tuple)):
-        return [_plain(v) for v in x]
-    if isinstance(x, dict):
-        return {k: _plain(v) for k, v in x.items()}
-    return x
-
-
-def prepare_run_dir(cfg: IrepoConfig) -> Path:
-    """Creates ``run_dir``, writes ``config.yaml``, or checks it against the saved one."""
-    run_dir = Path(cfg.run_dir)
-    resolved = _plain(config_lib.to_dict(cfg))
-    saved_path = run_dir / "config.yaml"
-    if saved_path.is_file():
-        saved = yaml.safe_load(saved_path.read_text()) or {}
-        a, b = _flatten(saved), _flatten(resolved)
-        diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k) and k not in RESUMABLE_KEYS)
-        if diff:
-            shown = ", ".join(f"{k} ({a.get(k)!r} -> {b.get(k)!r})" for k in diff[:5])
-            raise ConfigMismatch(f"{run_dir} holds a run with another config: {shown}"
-                                 f"{' ...' if len(diff) > 5 else ''}; use a new run_dir or the saved config")
-    if jax.process_index() == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        tmp = saved_path.with_suffix(".yaml.tmp")
-        tmp.write_text(yaml.safe_dump(resolved, sort_keys=False))
-        tmp.replace(saved_path)
-    return run_dir
-
-
-def load_tokenizer_for(section):
-    """The tokenizer of a ``model`` section (``model.tokenizer``, else from ``model.weights``)."""
-    from repo_jax.assets import load_tokenizer
-
-    source = section.tokenizer or section.weights
-    if source == "bytes":
-        from repo_jax.data.byte_tokenizer import ByteTokenizer
-
-        return ByteTokenizer()
-    if not source:
-        raise config_lib.ConfigError("model.tokenizer and model.weights are both empty: a random-init model needs "
-                                     "model.tokenizer (bytes, an HF folder or a .gguf)")
-    return load_tokenizer(st.resolve_path(source))
 
 
 # ------------------------------------------------------------------------------ the run
@@ -118,8 +53,10 @@ class Progress:
     data_state: dict = dataclasses.field(default_factory=dict)  # prompt iterator before this phase's round
 
 
-class Run:
+class Run(RunBase):
     """Everything built once per run (model, optimiser, programs, data, panel)."""
+
+    progress_cls = Progress
 
     def __init__(self, cfg: IrepoConfig, log=print):
         from repo_jax.tasks import get_task
@@ -127,7 +64,8 @@ class Run:
         check(cfg)
         self.cfg, self.log = cfg, log
         self.main = jax.process_index() == 0
-        self.run_dir = prepare_run_dir(cfg)
+        self.show_progress = cfg.loop.progress
+        self.run_dir = prepare_run_dir(cfg, RESUMABLE_KEYS)
         self.mesh = shd.make_mesh(cfg.mesh)
         self.task = get_task(cfg.task) if cfg.task else None
         self.tokenizer = load_tokenizer_for(cfg.model)
@@ -191,23 +129,6 @@ class Run:
         return texts, ids
 
     # ---- small utilities
-    def bar(self, iterable=None, *, desc: str, total=None, unit="it"):
-        return reporting.progress(iterable, total=total, desc=desc, unit=unit,
-                                  enabled=self.cfg.loop.progress and self.main)
-
-    def to_device(self, host_batch: dict) -> dict:
-        b = bt.cast(host_batch)
-        rows = shd.process_batch_slice(len(b["input_ids_BxKxT"]))
-        return shd.global_batch({k: v[rows] for k, v in b.items()}, self.mesh)
-
-    @staticmethod
-    def to_host(x) -> np.ndarray:
-        if jax.process_count() > 1 and not x.is_fully_addressable:
-            from jax.experimental import multihost_utils
-
-            return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-        return np.asarray(jax.device_get(x))
-
     def decode(self, ids) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=True).strip()
 
@@ -220,21 +141,3 @@ class Run:
 
     def seed(self, *parts: int) -> int:
         return int(np.random.SeedSequence([self.cfg.train.seed, *parts]).generate_state(1)[0] % (2**31 - 64))
-
-    # ---- checkpoints
-    def save(self, **changes) -> None:
-        p = dataclasses.replace(self.progress, **changes, saves=self.progress.saves + 1)
-        self.checkpointer.save(p.saves, self.state, loop=dataclasses.asdict(p), force=True)
-        self.progress = p
-
-    def restore(self) -> bool:
-        if self.checkpointer.latest_step() is None:
-            return False
-        self.state, loop = self.checkpointer.restore(self.abstract, self.shardings)
-        known = {f.name for f in dataclasses.fields(Progress)}
-        self.progress = Progress(**{k: v for k, v in loop.items() if k in known})
-        if self.progress.data_state:
-            self.iterator.set_state(self.progress.data_state)
-        return True
-
-

@@ -29,7 +29,6 @@ log-probs once -> train steps with held-out evaluations -> checkpoints -> export
 from __future__ import annotations
 
 import dataclasses
-import signal
 import time
 from pathlib import Path
 
@@ -44,10 +43,10 @@ from repo_jax.data import DataError, load_examples
 from repo_jax.data.pipeline import Pipeline, pipeline_from_examples
 from repo_jax.data.tokenize import Formatter
 from repo_jax.loop.evaluate import greedy_answers
-from repo_jax.loop.state import Preempted, load_tokenizer_for, prepare_run_dir
 from repo_jax.offline import pairs as pairs_lib
 from repo_jax.offline.config import OfflineConfig, SftConfig, check, pair_mode
 from repo_jax.offline.ranking import gather_pairs, ranking_metrics
+from repo_jax.runs import Preempted, RunBase, load_tokenizer_for, prepare_run_dir, program_main, run_until_preempted
 from repo_jax.training import batch as bt
 from repo_jax.training import objectives, optim
 from repo_jax.training import state as st
@@ -83,12 +82,10 @@ class Progress:
     seconds: float = 0.0          # train + eval time so far (across resumes)
 
 
-def _empty_sums() -> dict:
-    return {k: 0.0 for k in (*TRAIN_METRICS, "examples", "steps", "nonfinite")}
-
-
-class OfflineRun:
+class OfflineRun(RunBase):
     """Everything an offline run builds once: data, reference log-probs, model, programs."""
+
+    progress_cls = Progress
 
     def __init__(self, cfg: OfflineConfig, log=print):
         from repo_jax.tasks import get_task
@@ -96,9 +93,10 @@ class OfflineRun:
         check(cfg)
         self.cfg, self.log = cfg, log
         self.main = jax.process_index() == 0
+        self.show_progress = cfg.progress
         self.sft = isinstance(cfg, SftConfig)
         self.mode = "sft" if self.sft else pair_mode(cfg)
-        self.run_dir = prepare_run_dir(cfg)
+        self.run_dir = prepare_run_dir(cfg, ("progress",))
         self.mesh = shd.make_mesh(cfg.mesh)
         self.task = get_task(cfg.task) if cfg.task else None
         self.tokenizer = load_tokenizer_for(cfg.model)
@@ -178,24 +176,6 @@ class OfflineRun:
             raise config_lib.ConfigError(f"eval.holdout={e.holdout} leaves nothing to train on ({len(examples)} examples)")
         held = set(np.random.default_rng(data.seed).permutation(len(examples))[:e.holdout].tolist())
         return ([x for i, x in enumerate(examples) if i not in held], [x for i, x in enumerate(examples) if i in held])
-
-    # ------------------------------------------------------------------ device helpers
-    def to_device(self, host: dict) -> dict:
-        """A global batch every process holds whole (one-pass pipelines): each feeds its rows."""
-        b = bt.cast(host)
-        rows = shd.process_batch_slice(len(b["input_ids_BxKxT"]))
-        return shd.global_batch({k: v[rows] for k, v in b.items()}, self.mesh)
-
-    @staticmethod
-    def to_host(x) -> np.ndarray:
-        if jax.process_count() > 1 and not x.is_fully_addressable:
-            from jax.experimental import multihost_utils
-
-            return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-        return np.asarray(jax.device_get(x))
-
-    def bar(self, iterable=None, *, desc: str, total=None, unit="it"):
-        return reporting.progress(iterable, total=total, desc=desc, unit=unit, enabled=self.cfg.progress and self.main)
 
     def logps_by_row(self, pipeline: Pipeline, params, desc: str) -> dict[str, np.ndarray]:
         """One pass over a one-pass pipeline: ``logps_NxK`` (row ``n`` = example ``n``), with the
@@ -290,22 +270,6 @@ class OfflineRun:
         out["time/eval"] = time.perf_counter() - t0
         return out
 
-    # ------------------------------------------------------------------ checkpoints
-    def save(self, **changes) -> None:
-        p = dataclasses.replace(self.progress, **changes, saves=self.progress.saves + 1)
-        self.checkpointer.save(p.saves, self.state, loop=dataclasses.asdict(p), force=True)
-        self.progress = p
-
-    def restore(self) -> bool:
-        if self.checkpointer.latest_step() is None:
-            return False
-        self.state, loop = self.checkpointer.restore(self.abstract, self.shardings)
-        known = {f.name for f in dataclasses.fields(Progress)}
-        self.progress = Progress(**{k: v for k, v in loop.items() if k in known})
-        if self.progress.data_state:
-            self.iterator.set_state(self.progress.data_state)
-        return True
-
     # ------------------------------------------------------------------ training
     def host_batch(self) -> dict:
         """The next training batch with its reference log-probs (0 on padding rows)."""
@@ -320,41 +284,10 @@ class OfflineRun:
         return host
 
 
-def _accumulate(sums: dict, m: dict, max_nonfinite: int) -> None:
-    m = jax.device_get(m)
-    sp.check_finite(m, max_nonfinite)
-    n = float(m["examples"])
-    for k in TRAIN_METRICS:
-        sums[k] += float(m.get(k, 0.0)) * n
-    sums["examples"] += n
-    sums["nonfinite"] += float(m["skipped"])
-    sums["steps"] += 1
-
-
-def _train_record(sums: dict) -> dict:
-    if not sums.get("steps"):
-        return {}
-    ex = max(sums["examples"], 1.0)
-    out = {f"train/{k}": sums[k] / ex for k in TRAIN_METRICS}
-    out.update({"train/steps": int(sums["steps"]), "train/nonfinite_steps": int(sums["nonfinite"])})
-    return out
-
-
 def run(cfg: OfflineConfig, log=print) -> list[dict]:
     """Runs (or resumes) an offline run; returns its records (one per evaluation)."""
     shd.initialize_distributed()
-    r = OfflineRun(cfg, log=log)
-    flag = {"stop": False}
-    previous = signal.signal(signal.SIGTERM, lambda *_: flag.update(stop=True))
-    try:
-        return _run(r, lambda: flag["stop"])
-    except Preempted as e:
-        r.checkpointer.wait()
-        log(f"SIGTERM: checkpoint written ({e}); rerun the same command to resume")
-        raise
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-        r.checkpointer.close()
+    return run_until_preempted(OfflineRun(cfg, log=log), _run, log)
 
 
 def _title(cfg: OfflineConfig) -> str:
@@ -380,19 +313,19 @@ def _run(r: OfflineRun, stop) -> list[dict]:
     try:
         if r.progress.evaluated < 0:
             _evaluate_and_save(r, 0, tb)
-        sums = dict(r.progress.train_sums) or _empty_sums()
+        sums = dict(r.progress.train_sums) or sp.empty_sums(TRAIN_METRICS)
         bar = r.bar(total=total, desc="train", unit="step")
         bar.update(r.progress.step)
         t0, pending = time.perf_counter(), None
         for step in range(r.progress.step, total):
             r.state, metrics = r.train_step(r.state, shd.global_batch(bt.cast(r.host_batch()), r.mesh))
             if pending is not None:  # read step n - 1's metrics once step n is dispatched
-                _accumulate(sums, pending, cfg.train.max_nonfinite_in_a_row)
+                sp.add_step(sums, pending, TRAIN_METRICS, cfg.train.max_nonfinite_in_a_row)
             pending = metrics
             done = step + 1
             bar.update(1)
             if done % every == 0 or done == total or done % cfg.checkpoint.every_steps == 0 or stop():
-                _accumulate(sums, pending, cfg.train.max_nonfinite_in_a_row)
+                sp.add_step(sums, pending, TRAIN_METRICS, cfg.train.max_nonfinite_in_a_row)
                 pending = None
                 bar.set_postfix(loss=f"{sums['loss'] / max(sums['examples'], 1.0):.4f}")
                 seconds = r.progress.seconds + time.perf_counter() - t0
@@ -400,7 +333,7 @@ def _run(r: OfflineRun, stop) -> list[dict]:
                 if done % every == 0 or done == total:
                     r.progress.seconds = seconds
                     _evaluate_and_save(r, done, tb, sums)
-                    sums = _empty_sums()
+                    sums = sp.empty_sums(TRAIN_METRICS)
                 else:
                     r.save(step=done, train_sums=sums, data_state=r.iterator.get_state(), seconds=seconds)
                     if stop():
@@ -417,7 +350,7 @@ def _evaluate_and_save(r: OfflineRun, step: int, tb, sums: dict | None = None) -
     t0 = time.perf_counter()
     ev = r.evaluate(step)
     seconds = r.progress.seconds + time.perf_counter() - t0
-    rec = {"iteration": step, **ev, **_train_record(sums or {}), "time/total": seconds}
+    rec = {"iteration": step, **ev, **sp.mean_record(sums or {}, TRAIN_METRICS), "time/total": seconds}
     if step == 0:
         rec["train/ties_dropped"] = r.ties
     records = [*r.progress.records, rec]
@@ -445,24 +378,4 @@ def _finish(r: OfflineRun, tb_done: bool = False) -> None:
 
 def main(cls: type[OfflineConfig], argv: list[str] | None, *, prog: str, doc: str, default_config: str) -> int:
     """The command line of ``python -m repo_jax.lpo`` / ``repo_jax.sft`` (exit status as the iREPO program's)."""
-    import argparse
-    import sys
-
-    ap = argparse.ArgumentParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", default=None, help=f"a YAML config (default: {default_config})")
-    ap.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. train.steps=10")
-    args = ap.parse_args(argv)
-
-    from repo_jax.assets import cache_dir
-
-    if not jax.config.jax_compilation_cache_dir:
-        jax.config.update("jax_compilation_cache_dir", str(cache_dir() / "xla"))
-    try:
-        cfg = config_lib.load(cls, args.config or st.resolve_path(default_config), args.overrides)
-        run(cfg)
-    except (config_lib.ConfigError, DataError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except Preempted:
-        return 143
-    return 0
+    return program_main(cls, run, argv, prog=prog, doc=doc, default_config=default_config, example="train.steps=10")

@@ -18,7 +18,7 @@ Dimension letters: B prompts, K responses, R = B * K rows, T tokens, D model, V 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -47,6 +47,35 @@ def check_finite(metrics: Mapping[str, Any], max_in_a_row: int) -> None:
             f"{n} train steps in a row had a non-finite loss or gradient (last loss={float(metrics['loss'])}, "
             f"grad_norm={float(metrics['grad_norm'])}); stopping as train.max_nonfinite_in_a_row={max_in_a_row}"
         )
+
+
+def empty_sums(keys: Sequence[str]) -> dict[str, float]:
+    """Running sums of a phase's step metrics (see ``add_step``)."""
+    return {k: 0.0 for k in (*keys, "examples", "steps", "nonfinite")}
+
+
+def add_step(sums: dict[str, float], metrics: Mapping[str, Any], keys: Sequence[str], max_nonfinite: int) -> None:
+    """Reads one step's metrics (this blocks on that step), checks the non-finite guard, and adds
+    them to ``sums``: example-weighted ``keys``, the examples, steps and skipped steps."""
+    m = jax.device_get(metrics)
+    check_finite(m, max_nonfinite)
+    n = float(m["examples"])
+    for k in keys:
+        sums[k] += float(m.get(k, 0.0)) * n
+    sums["examples"] += n
+    sums["nonfinite"] += float(m["skipped"])
+    sums["steps"] += 1
+
+
+def mean_record(sums: Mapping[str, float], keys: Sequence[str]) -> dict[str, float]:
+    """``train/<key>`` example-weighted means over the summed steps, ``train/steps`` and
+    ``train/nonfinite_steps``; empty for empty ``sums``."""
+    if not sums:
+        return {}
+    ex = max(sums["examples"], 1.0)
+    out: dict[str, Any] = {f"train/{k}": sums[k] / ex for k in keys}
+    out.update({"train/steps": int(sums["steps"]), "train/nonfinite_steps": int(sums["nonfinite"])})
+    return out
 
 
 def _cast_floats(tree, dtype):

@@ -1,0 +1,190 @@
+"""What every program's run shares (``python -m repo_jax.irepo``, ``repo_jax.lpo``, ``repo_jax.sft``).
+
+* the run folder: ``prepare_run_dir`` writes ``config.yaml`` or checks a resumed run's config
+  against it (``ConfigMismatch`` names the differing keys);
+* ``RunBase``: progress bars, host -> device batches and back, and the checkpoint of a run's
+  train state with its JSON progress item (``save`` / ``restore``, the prompt or batch
+  iterator's position included);
+* ``run_until_preempted``: SIGTERM sets a flag the run polls; the run checkpoints and raises
+  ``Preempted``, which the command line turns into exit status 143;
+* ``program_main``: the command line (``--config PATH`` and ``key.sub=value`` overrides), the
+  persistent XLA compilation cache, and the exit statuses (0 done, 2 bad config or input,
+  143 preempted).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import signal
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+import jax
+import numpy as np
+import yaml
+
+from repo_jax import config as config_lib
+from repo_jax import reporting
+from repo_jax import sharding as shd
+from repo_jax.training import batch as bt
+
+
+class Preempted(Exception):
+    """SIGTERM arrived; a checkpoint was written (or the last one is current)."""
+
+
+class ConfigMismatch(config_lib.ConfigError):
+    pass
+
+
+# ------------------------------------------------------------------------ run folder, config
+
+
+def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        out.update(_flatten(v, key + ".") if isinstance(v, dict) else {key: v})
+    return out
+
+
+def _plain(x):
+    if isinstance(x, (list, tuple)):
+        return [_plain(v) for v in x]
+    if isinstance(x, dict):
+        return {k: _plain(v) for k, v in x.items()}
+    return x
+
+
+def prepare_run_dir(cfg, resumable: tuple[str, ...] = ()) -> Path:
+    """Creates ``cfg.run_dir``, writes ``config.yaml``, or checks it against the saved one (the
+    ``resumable`` keys may differ: a resumed run may, e.g., run more rounds)."""
+    run_dir = Path(cfg.run_dir)
+    resolved = _plain(config_lib.to_dict(cfg))
+    saved_path = run_dir / "config.yaml"
+    if saved_path.is_file():
+        saved = yaml.safe_load(saved_path.read_text()) or {}
+        a, b = _flatten(saved), _flatten(resolved)
+        diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k) and k not in resumable)
+        if diff:
+            shown = ", ".join(f"{k} ({a.get(k)!r} -> {b.get(k)!r})" for k in diff[:5])
+            raise ConfigMismatch(f"{run_dir} holds a run with another config: {shown}"
+                                 f"{' ...' if len(diff) > 5 else ''}; use a new run_dir or the saved config")
+    if jax.process_index() == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        tmp = saved_path.with_suffix(".yaml.tmp")
+        tmp.write_text(yaml.safe_dump(resolved, sort_keys=False))
+        tmp.replace(saved_path)
+    return run_dir
+
+
+def load_tokenizer_for(section):
+    """The tokenizer of a ``model`` section (``model.tokenizer``, else from ``model.weights``)."""
+    from repo_jax.assets import load_tokenizer
+    from repo_jax.training.state import resolve_path
+
+    source = section.tokenizer or section.weights
+    if source == "bytes":
+        from repo_jax.data.byte_tokenizer import ByteTokenizer
+
+        return ByteTokenizer()
+    if not source:
+        raise config_lib.ConfigError("model.tokenizer and model.weights are both empty: a random-init model needs "
+                                     "model.tokenizer (bytes, an HF folder or a .gguf)")
+    return load_tokenizer(resolve_path(source))
+
+
+# ------------------------------------------------------------------------------ a built run
+
+
+class RunBase:
+    """Helpers of a built run. A subclass sets ``cfg``, ``mesh``, ``main``, ``show_progress``,
+    ``state`` (a ``TrainState``), ``abstract`` and ``shardings`` (its shape and placement),
+    ``checkpointer``, ``iterator`` (a grain iterator) and ``progress`` (an instance of
+    ``progress_cls``, a dataclass with ``saves`` and ``data_state`` fields)."""
+
+    progress_cls: type
+
+    def bar(self, iterable=None, *, desc: str, total=None, unit="it"):
+        return reporting.progress(iterable, total=total, desc=desc, unit=unit,
+                                  enabled=self.show_progress and self.main)
+
+    def to_device(self, host: dict) -> dict:
+        """A global batch every process holds whole: each feeds its own rows of it."""
+        b = bt.cast(host)
+        rows = shd.process_batch_slice(len(b["input_ids_BxKxT"]))
+        return shd.global_batch({k: v[rows] for k, v in b.items()}, self.mesh)
+
+    @staticmethod
+    def to_host(x) -> np.ndarray:
+        if jax.process_count() > 1 and not x.is_fully_addressable:
+            from jax.experimental import multihost_utils
+
+            return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+        return np.asarray(jax.device_get(x))
+
+    def save(self, **changes) -> None:
+        """Checkpoints the train state with ``progress`` updated by ``changes``."""
+        p = dataclasses.replace(self.progress, **changes, saves=self.progress.saves + 1)
+        self.checkpointer.save(p.saves, self.state, loop=dataclasses.asdict(p), force=True)
+        self.progress = p
+
+    def restore(self) -> bool:
+        """Restores the newest checkpoint, if any (state, progress, the iterator's position)."""
+        if self.checkpointer.latest_step() is None:
+            return False
+        self.state, loop = self.checkpointer.restore(self.abstract, self.shardings)
+        known = {f.name for f in dataclasses.fields(self.progress_cls)}
+        self.progress = self.progress_cls(**{k: v for k, v in loop.items() if k in known})
+        if self.progress.data_state:
+            self.iterator.set_state(self.progress.data_state)
+        return True
+
+
+def run_until_preempted(r: RunBase, body: Callable[[RunBase, Callable[[], bool]], list[dict]], log=print):
+    """``body(r, stop)`` with ``stop()`` true once SIGTERM arrived; on ``Preempted`` waits for the
+    checkpoint to be written, says so and re-raises. Closes the checkpointer."""
+    flag = {"stop": False}
+    previous = signal.signal(signal.SIGTERM, lambda *_: flag.update(stop=True))
+    try:
+        return body(r, lambda: flag["stop"])
+    except Preempted as e:
+        r.checkpointer.wait()
+        log(f"SIGTERM: checkpoint written ({e}); rerun the same command to resume")
+        raise
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        r.checkpointer.close()
+
+
+# ------------------------------------------------------------------------------ command line
+
+
+def program_main(cls: type, run: Callable, argv: list[str] | None, *, prog: str, doc: str,
+                 default_config: str, example: str) -> int:
+    """The command line of a program: loads ``--config`` (or ``default_config``, a repo path
+    such as ``configs/default.yaml``) as ``cls`` with the overrides, runs ``run(cfg)``, and
+    returns the exit status (0 done, 2 bad config or input, 143 after SIGTERM)."""
+    import argparse
+
+    from repo_jax.assets import cache_dir
+    from repo_jax.data import DataError
+    from repo_jax.training.state import resolve_path
+
+    ap = argparse.ArgumentParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", default=None, help=f"a YAML config (default: {default_config})")
+    ap.add_argument("overrides", nargs="*", help=f"key.sub=value overrides, e.g. {example}")
+    args = ap.parse_args(argv)
+
+    if not jax.config.jax_compilation_cache_dir:  # a rerun or resume skips most compiles
+        jax.config.update("jax_compilation_cache_dir", str(cache_dir() / "xla"))
+    try:
+        cfg = config_lib.load(cls, args.config or resolve_path(default_config), args.overrides)
+        run(cfg)
+    except (config_lib.ConfigError, DataError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except Preempted:
+        return 143
+    return 0
