@@ -107,10 +107,17 @@ def p_hat(strengths: ArrayLike, i: ArrayLike, j: ArrayLike) -> Array:
     return jax.nn.sigmoid(_take(log_w, i) - _take(log_w, j))
 
 
+def bt_matrix(logits: ArrayLike) -> Array:
+    """The Bradley-Terry probability of every pair: ``p[..., i, j] = sigmoid(l_i - l_j)`` for
+    log-strengths ``l`` (``log w``, or a score over a temperature), as ``0.5 (1 + tanh(d / 2))``
+    so that ``p_ij + p_ji = 1`` exactly and large differences saturate without overflow."""
+    l = jnp.asarray(logits, jnp.float32)
+    return 0.5 * (1.0 + jnp.tanh(0.5 * (l[..., :, None] - l[..., None, :])))
+
+
 def p_hat_matrix(strengths: ArrayLike) -> Array:
     """``p[..., i, j] = w_i / (w_i + w_j)`` for every pair."""
-    log_w = jnp.log(jnp.asarray(strengths, jnp.float32))
-    return jax.nn.sigmoid(log_w[..., :, None] - log_w[..., None, :])
+    return bt_matrix(jnp.log(jnp.asarray(strengths, jnp.float32)))
 
 
 def _take(x_PxD: Array, idx: ArrayLike) -> Array:

@@ -23,6 +23,8 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 
+from repo_jax.preferences import bt_matrix
+
 
 @runtime_checkable
 class Annotator(Protocol):
@@ -47,17 +49,16 @@ def check_responses(prompts: Sequence[str], responses: Sequence[Sequence[str]]) 
     return ds.pop()
 
 
-def bt_probs(scores_PxD: np.ndarray, temperature: float) -> np.ndarray:
-    """``P[p, i, j] = sigmoid((s_i - s_j) / temperature)``; temperature 0 gives hard votes
-    (1 for the higher score, 1/2 for ties). Diagonal 0."""
-    s = np.asarray(scores_PxD, np.float64)
-    diff = s[:, :, None] - s[:, None, :]
+def bt_probs(scores_PxK: np.ndarray, temperature: float) -> np.ndarray:
+    """``P[p, i, j] = sigmoid((s_i - s_j) / temperature)`` (:func:`repo_jax.preferences.bt_matrix`);
+    temperature 0 gives hard votes (1 for the higher score, 1/2 for ties). Diagonal 0."""
+    s = np.asarray(scores_PxK, np.float32)
     if temperature > 0:
-        p = 0.5 * (1.0 + np.tanh(diff / (2.0 * temperature)))  # sigmoid, stable, exactly symmetric
+        p = np.asarray(bt_matrix(s / np.float32(temperature)))
     else:
+        diff = s[:, :, None] - s[:, None, :]
         p = np.where(diff > 0, 1.0, np.where(diff < 0, 0.0, 0.5))
-    d = s.shape[-1]
-    return (p * (1.0 - np.eye(d))).astype(np.float32)
+    return (p * (1.0 - np.eye(s.shape[-1]))).astype(np.float32)
 
 
 class ScoreAnnotator:

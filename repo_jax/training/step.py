@@ -133,6 +133,16 @@ def loss_sums(h_RxTxD, w_DxV, b_V, batch, ref_logps_BxK, *, mesh, train: TrainCo
     )
 
 
+def response_logps(graphdef, params, buffers, batch, *, mesh, train: TrainConfig):
+    """``logps_BxK``: each response's summed log-prob under ``params`` (the loss-masked tokens),
+    float32; the one forward pass behind both reference modes."""
+    h, w, b = _hidden_and_unembedding(graphdef, params, buffers, batch, _dtype(train.compute_dtype))
+    ids, mask = batch["input_ids_BxKxT"], batch["loss_mask_BxKxT"]
+    bsz, k, t = ids.shape
+    logps_R = sequence_logps(h, w, b, ids.reshape(-1, t), mask.reshape(-1, t), mesh=mesh, chunk=train.logprob_chunk)
+    return logps_R.reshape(bsz, k)
+
+
 def _ref_logps(graphdef, ref_params, buffers, batch, *, mesh, train: TrainConfig):
     if train.reference == "batch":
         if "ref_logps_BxK" not in batch:
@@ -141,11 +151,7 @@ def _ref_logps(graphdef, ref_params, buffers, batch, *, mesh, train: TrainConfig
         return batch["ref_logps_BxK"].astype(jnp.float32)
     if ref_params is None:
         raise ValueError("train.reference='params' but the train state holds no ref_params")
-    h, w, b = _hidden_and_unembedding(graphdef, ref_params, buffers, batch, _dtype(train.compute_dtype))
-    ids, mask = batch["input_ids_BxKxT"], batch["loss_mask_BxKxT"]
-    bsz, k, t = ids.shape
-    logps_R = sequence_logps(h, w, b, ids.reshape(-1, t), mask.reshape(-1, t), mesh=mesh, chunk=train.logprob_chunk)
-    return jax.lax.stop_gradient(logps_R.reshape(bsz, k))
+    return jax.lax.stop_gradient(response_logps(graphdef, ref_params, buffers, batch, mesh=mesh, train=train))
 
 
 def _dtype(name: str):
@@ -289,14 +295,8 @@ def make_reference_logprobs(graphdef, train: TrainConfig, mesh, param_shardings,
     the batches as ``ref_logps_BxK`` (``train.reference = batch``): the reference model never
     sits in memory during training.
     """
-    compute_dtype = _dtype(train.compute_dtype)
-
     def fn(params, batch):
-        ids, mask = batch["input_ids_BxKxT"], batch["loss_mask_BxKxT"]
-        bsz, k, t = ids.shape
-        h, w, b = _hidden_and_unembedding(graphdef, params, None, batch, compute_dtype)
-        logps_R = sequence_logps(h, w, b, ids.reshape(-1, t), mask.reshape(-1, t), mesh=mesh, chunk=train.logprob_chunk)
-        return logps_R.reshape(bsz, k)
+        return response_logps(graphdef, params, None, batch, mesh=mesh, train=train)
 
     jitted = jax.jit(fn, in_shardings=(param_shardings, shd.batch_sharding(mesh)), out_shardings=shd.batch_sharding(mesh),
                      compiler_options=compiler_options)
