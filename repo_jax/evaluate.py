@@ -27,10 +27,6 @@ import json
 import sys
 from pathlib import Path
 
-LM_EVAL_MISSING = ("python -m repo_jax.evaluate lm-eval needs the LM Evaluation Harness, an optional extra: "
-                   "pip install -e '.[eval]'")
-
-
 def _model_args(ap: argparse.ArgumentParser, *, required: bool = True) -> None:
     ap.add_argument("--model", required=required, help="HF folder, .gguf file, or 'smollm2'")
     ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="parameter dtype")

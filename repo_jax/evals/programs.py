@@ -14,6 +14,9 @@ import numpy as np
 
 from repo_jax.evals import answers, local_tasks, stats
 
+LM_EVAL_MISSING = ("python -m repo_jax.evaluate lm-eval needs the LM Evaluation Harness, an optional extra: "
+                   "pip install -e '.[eval]'")
+
 
 def parse_mesh(text: str):
     """``'data=1,fsdp=-1,tensor=1'`` -> a mesh over all devices; ``''`` -> None."""
@@ -86,8 +89,6 @@ def lm_eval_command(args) -> dict:
         from lm_eval.tasks import TaskManager
         from lm_eval.utils import make_table
     except ImportError:
-        from repo_jax.evaluate import LM_EVAL_MISSING
-
         raise ImportError(LM_EVAL_MISSING) from None
     import jax.numpy as jnp
 

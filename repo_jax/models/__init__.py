@@ -5,10 +5,10 @@
 randomly initialised model. See ``model.py`` for the forward entry points.
 """
 
-from repo_jax.models.config import ModelConfig, flops_per_token, load_config, param_count
-from repo_jax.models.convert import from_pretrained, save_pretrained
+from repo_jax.models.config import ModelConfig
+from repo_jax.models.convert import from_pretrained, load_config, save_pretrained
 from repo_jax.models.layers import KVCache
-from repo_jax.models.model import CausalLM, build, param_specs
+from repo_jax.models.model import CausalLM, build, flops_per_token, param_count, param_specs
 
 __all__ = [
     "CausalLM", "KVCache", "ModelConfig", "build", "flops_per_token", "from_pretrained", "load_config",

@@ -1,6 +1,8 @@
 """Model configuration: one frozen dataclass for both architectures, read from and written to
-HF ``config.json`` files (transformers-5 ``rope_parameters`` form and the older top-level form)
-and from GGUF metadata.
+HF ``config.json`` dicts (transformers-5 ``rope_parameters`` form and the older top-level form).
+Reading files is the loaders' job (``convert.load_config``; GGUF metadata: ``gguf_io``), the
+size arithmetic sits beside the parameter specs (``model.param_count``): this module imports
+nothing from the package.
 
 ``arch`` picks the block: ``mistral`` (pre-norm RMSNorm, SwiGLU, grouped-query attention,
 optional sliding window; also Llama checkpoints) or ``phi`` (Phi-2: one LayerNorm feeding a
@@ -11,8 +13,6 @@ HF family (``llama``, ``mistral``, ``phi``) so ``save_pretrained`` writes what w
 from __future__ import annotations
 
 import dataclasses
-import json
-from pathlib import Path
 from typing import Any, Literal
 
 import jax.numpy as jnp
@@ -157,87 +157,4 @@ def to_hf_dict(cfg: ModelConfig) -> dict[str, Any]:
         out.update(rms_norm_eps=cfg.norm_eps, attention_bias=False, mlp_bias=False)
         if cfg.hf_model_type == "mistral":
             out["sliding_window"] = cfg.sliding_window
-    return out
-
-
-def from_gguf_fields(fields: dict[str, Any], *, n_vocab: int, tied: bool, where: str) -> ModelConfig:
-    """A ``ModelConfig`` from GGUF metadata (``general.architecture == 'llama'`` only)."""
-    arch = fields.get("general.architecture")
-    if arch != "llama":
-        raise ValueError(f"{where}: GGUF architecture {arch!r} is not supported (only 'llama')")
-
-    def get(key, default=None):
-        if f"llama.{key}" in fields:
-            return fields[f"llama.{key}"]
-        if default is None:
-            raise ValueError(f"{where}: GGUF metadata key 'llama.{key}' is missing")
-        return default
-
-    heads = int(get("attention.head_count"))
-    d = int(get("embedding_length"))
-    return ModelConfig(
-        arch="mistral",
-        hf_model_type="llama",
-        vocab_size=n_vocab,
-        hidden_size=d,
-        intermediate_size=int(get("feed_forward_length")),
-        num_layers=int(get("block_count")),
-        num_heads=heads,
-        num_kv_heads=int(get("attention.head_count_kv", heads)),
-        head_dim=int(get("rope.dimension_count", d // heads)),
-        rope_theta=float(get("rope.freq_base", 10000.0)),
-        norm_eps=float(f'{float(get("attention.layer_norm_rms_epsilon")):.7g}'),  # stored as float32
-        tie_word_embeddings=tied,
-        max_position_embeddings=int(get("context_length", 2048)),
-        bos_token_id=fields.get("tokenizer.ggml.bos_token_id"),
-        eos_token_id=fields.get("tokenizer.ggml.eos_token_id"),
-    )
-
-
-def load_config(path: str | Path, **overrides) -> ModelConfig:
-    """A ``ModelConfig`` from a ``config.json``, an HF folder holding one, or a ``.gguf`` file.
-
-    ``overrides`` replace fields (e.g. ``dtype="bfloat16"``, ``remat="full"``).
-    """
-    from repo_jax.assets import resolve_model_path
-
-    path = resolve_model_path(path)
-    if path.suffix == ".gguf":
-        from repo_jax.models import gguf_io
-
-        return gguf_io.read_config(path).replace(**overrides)
-    file = path / "config.json" if path.is_dir() else path
-    if not file.is_file():
-        raise FileNotFoundError(f"{file} does not exist (expected an HF config.json, a folder holding one, or a .gguf)")
-    with file.open() as f:
-        return from_hf_dict(json.load(f), where=str(file), **overrides)
-
-
-def param_count(cfg: ModelConfig) -> int:
-    """Number of parameters (embeddings and head included), from the shapes alone."""
-    from repo_jax.models.model import param_specs
-
-    layer, top = param_specs(cfg)
-    count = sum(_prod(s.shape) for s in top.values())
-    return count + cfg.num_layers * sum(_prod(s.shape) for s in layer.values())
-
-
-def flops_per_token(cfg: ModelConfig, seq_len: int, *, training: bool = True) -> float:
-    """Matmul FLOPs per token: ``2 * (weights touched) + attention``, times 3 with the backward.
-
-    Attention scores and the weighted sum cost ``2 * 2 * T * N * H`` per token per layer for a
-    full ``T x T`` score matrix (causal masking is not subtracted, as in the PaLM MFU convention).
-    The embedding gather is free; the unembedding matmul counts.
-    """
-    n_matmul = param_count(cfg) - cfg.vocab_size * cfg.hidden_size * (0 if cfg.tie_word_embeddings else 1)
-    window = min(seq_len, cfg.sliding_window or seq_len)
-    attn = 4 * cfg.num_layers * window * cfg.num_heads * cfg.head_dim
-    fwd = 2 * n_matmul + attn
-    return float(3 * fwd if training else fwd)
-
-
-def _prod(shape) -> int:
-    out = 1
-    for s in shape:
-        out *= int(s)
     return out

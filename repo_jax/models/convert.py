@@ -83,6 +83,20 @@ def _place(source, spec: ParamSpec, stacked_layers: int | None, dtype, sharding)
     return jax.make_array_from_callback(shape, sharding, cb)
 
 
+def load_config(path: str | Path, **overrides) -> ModelConfig:
+    """A ``ModelConfig`` from a ``config.json``, an HF folder holding one, a ``.gguf`` file, or
+    the alias ``smollm2``. ``overrides`` replace fields (e.g. ``dtype="bfloat16"``, ``remat="full"``)."""
+    path = resolve_model_path(path)
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} does not exist")
+        return gguf_io.read_config(path).replace(**overrides)
+    file = path / "config.json" if path.is_dir() else path
+    if not file.is_file():
+        raise FileNotFoundError(f"{file} does not exist (expected an HF config.json, a folder holding one, or a .gguf)")
+    return from_hf_dict(json.loads(file.read_text()), where=str(file), **overrides)
+
+
 def from_pretrained(path, *, dtype=jnp.float32, compute_dtype=None, mesh=None, rules=None, **overrides) -> CausalLM:
     """Loads an HF folder (``config.json`` + safetensors, single or sharded), a ``.gguf`` file
     (Llama architecture, dequantised), or the alias ``smollm2``.
@@ -95,18 +109,10 @@ def from_pretrained(path, *, dtype=jnp.float32, compute_dtype=None, mesh=None, r
     """
     path = resolve_model_path(path)
     dt = _dtype_name(dtype)
-    kw = dict(param_dtype=dt, dtype=_dtype_name(compute_dtype or dtype), **overrides)
-    if path.suffix == ".gguf":
-        if not path.is_file():
-            raise FileNotFoundError(f"{path} does not exist")
-        cfg = gguf_io.read_config(path).replace(**kw)
-        source = gguf_io.GGUFTensors(path, cfg)
-    else:
-        file = path / "config.json"
-        if not file.is_file():
-            raise FileNotFoundError(f"{file} does not exist (expected an HF checkpoint folder or a .gguf file)")
-        cfg = from_hf_dict(json.loads(file.read_text()), where=str(file), **kw)
-        source = safetensors_io.SafetensorsFolder(path)
+    cfg = load_config(path, param_dtype=dt, dtype=_dtype_name(compute_dtype or dtype), **overrides)
+    if path.suffix != ".gguf" and not path.is_dir():
+        raise FileNotFoundError(f"{path} is not an HF checkpoint folder or a .gguf file")
+    source = gguf_io.GGUFTensors(path, cfg) if path.suffix == ".gguf" else safetensors_io.SafetensorsFolder(path)
     _check(source, cfg, str(path))
 
     rules = rules if rules is not None else shd.TRAIN_RULES

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from repo_jax.models.config import ModelConfig, from_gguf_fields
+from repo_jax.models.config import ModelConfig
 
 _TOP = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
         "output.weight": "lm_head.weight"}
@@ -57,6 +58,40 @@ def _vocab_size(reader, fields) -> int:
     if "llama.vocab_size" in fields:
         return int(fields["llama.vocab_size"])
     return len(reader.fields["tokenizer.ggml.tokens"].data)
+
+
+def from_gguf_fields(fields: dict[str, Any], *, n_vocab: int, tied: bool, where: str) -> ModelConfig:
+    """A ``ModelConfig`` from GGUF metadata (``general.architecture == 'llama'`` only)."""
+    arch = fields.get("general.architecture")
+    if arch != "llama":
+        raise ValueError(f"{where}: GGUF architecture {arch!r} is not supported (only 'llama')")
+
+    def get(key, default=None):
+        if f"llama.{key}" in fields:
+            return fields[f"llama.{key}"]
+        if default is None:
+            raise ValueError(f"{where}: GGUF metadata key 'llama.{key}' is missing")
+        return default
+
+    heads = int(get("attention.head_count"))
+    d = int(get("embedding_length"))
+    return ModelConfig(
+        arch="mistral",
+        hf_model_type="llama",
+        vocab_size=n_vocab,
+        hidden_size=d,
+        intermediate_size=int(get("feed_forward_length")),
+        num_layers=int(get("block_count")),
+        num_heads=heads,
+        num_kv_heads=int(get("attention.head_count_kv", heads)),
+        head_dim=int(get("rope.dimension_count", d // heads)),
+        rope_theta=float(get("rope.freq_base", 10000.0)),
+        norm_eps=float(f'{float(get("attention.layer_norm_rms_epsilon")):.7g}'),  # stored as float32
+        tie_word_embeddings=tied,
+        max_position_embeddings=int(get("context_length", 2048)),
+        bos_token_id=fields.get("tokenizer.ggml.bos_token_id"),
+        eos_token_id=fields.get("tokenizer.ggml.eos_token_id"),
+    )
 
 
 def read_config(path: str | Path) -> ModelConfig:

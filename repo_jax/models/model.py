@@ -29,6 +29,7 @@ shifts the rotary phase.
 
 from __future__ import annotations
 
+import math
 import types
 
 import jax
@@ -53,6 +54,27 @@ def param_specs(cfg: ModelConfig) -> tuple[dict[str, ParamSpec], dict[str, Param
     """``(per-layer specs, top-level specs)`` of ``cfg``'s architecture."""
     arch = ARCHS[cfg.arch]
     return arch.layer_specs(cfg), arch.top_specs(cfg)
+
+
+def param_count(cfg: ModelConfig) -> int:
+    """Number of parameters (embeddings and head included), from the shapes alone."""
+    layer, top = param_specs(cfg)
+    count = sum(math.prod(s.shape) for s in top.values())
+    return count + cfg.num_layers * sum(math.prod(s.shape) for s in layer.values())
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int, *, training: bool = True) -> float:
+    """Matmul FLOPs per token: ``2 * (weights touched) + attention``, times 3 with the backward.
+
+    Attention scores and the weighted sum cost ``2 * 2 * T * N * H`` per token per layer for a
+    full ``T x T`` score matrix (causal masking is not subtracted, as in the PaLM MFU convention).
+    The embedding gather is free; the unembedding matmul counts.
+    """
+    n_matmul = param_count(cfg) - cfg.vocab_size * cfg.hidden_size * (0 if cfg.tie_word_embeddings else 1)
+    window = min(seq_len, cfg.sliding_window or seq_len)
+    attn = 4 * cfg.num_layers * window * cfg.num_heads * cfg.head_dim
+    fwd = 2 * n_matmul + attn
+    return float(3 * fwd if training else fwd)
 
 
 def _init(spec: ParamSpec, shape, key, dtype):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Literal
 
 
@@ -30,8 +31,8 @@ class ParamSpec:
         if self.hf_in_dims is None:
             return self.shape
         if self.hf_in_dims == 0:
-            return (_prod(self.shape),)
-        return (_prod(self.shape[self.hf_in_dims :]), _prod(self.shape[: self.hf_in_dims]))
+            return (math.prod(self.shape),)
+        return (math.prod(self.shape[self.hf_in_dims :]), math.prod(self.shape[: self.hf_in_dims]))
 
     def from_hf(self, w):
         """HF tensor (numpy) -> our layout."""
@@ -43,11 +44,4 @@ class ParamSpec:
         """Our layout (numpy) -> the HF tensor."""
         if self.hf_in_dims is None or self.hf_in_dims == 0:
             return w.reshape(self.hf_shape())
-        return w.reshape(_prod(self.shape[: self.hf_in_dims]), -1).T
-
-
-def _prod(shape) -> int:
-    out = 1
-    for s in shape:
-        out *= int(s)
-    return out
+        return w.reshape(math.prod(self.shape[: self.hf_in_dims]), -1).T
