@@ -2,9 +2,9 @@
 
 The whole generation (prefill, the first token, and the decode loop) is one jitted program per
 *bucket*: batch size, prompt length and new-token buffer are rounded up (powers of two by
-default) so that a long run compiles only a handful of times. Compiled programs are cached,
-keyed by the model's graphdef, the parameter shapes/dtypes, the bucket shapes, the sampling
-policy and the mesh.
+default) so that a long run compiles only a handful of times. ``jax.jit``'s own cache keeps the
+programs, keyed by the static arguments (the model's graphdef and a hashable ``_Static``: the
+sampling policy, buffer, stop ids, stages) and the arguments' shapes, dtypes and shardings.
 
 Layout of one call (``P`` = prompt bucket, ``N`` = new-token bucket, ``S = P + N`` cache slots):
 
@@ -31,8 +31,8 @@ decoded row remembers its output row, which keys its random stream, so the token
 
 from __future__ import annotations
 
-import collections
 import dataclasses
+import threading
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -99,6 +99,7 @@ class _Static:
     pad_id: int
     cache_dtype: Any
     stages: tuple[int, ...]  # decode batch sizes: all rows, then the compactions (see _stage_rows)
+    replicate: bool  # under a mesh: replicated outputs, so every process reads every row
 
 
 def _row_keys(seed, step, rows_B):
@@ -177,17 +178,22 @@ def _generate_program(state, tokens_BxT, mask_BxT, valid_B, max_new_tokens, seed
             s = _compact(s, size, axes)
         after = static.stages[i + 1] if i + 1 < len(static.stages) else 0  # move on at <= `after` live rows
         s = jax.lax.while_loop(lambda s, after=after: (s.step < limit) & ((~s.done_B).sum() > after), body, s)
-    return {
+    out = {
         "tokens_BxN": s.tokens_RxN,
         "logps_BxN": s.logps_RxN,
         "sample_logps_BxN": s.sample_logps_RxN,
         "lengths_B": s.lengths_R,
         "num_steps": s.step - 1,
     }
+    # (a few KB gathered; the mesh is the one ``mesh_rules`` set around the call)
+    return jax.lax.with_sharding_constraint(out, jax.P()) if static.replicate else out
+
+
+_generate = jax.jit(_generate_program, static_argnames=("graphdef", "static"))
 
 
 # --------------------------------------------------------------------------------------------
-# Host side: bucketing, compile cache, public API
+# Host side: bucketing, padding, placement, public API
 # --------------------------------------------------------------------------------------------
 
 
@@ -209,8 +215,9 @@ class SampleOutput:
       lengths_B: int32 [B*K]: new tokens per row, the stop token included.
       prompt_index_B: int32 [B*K]: the prompt each row continues.
       num_steps: decode-loop iterations run after the prefill (``<= max_new_tokens - 1``).
-      compile_seconds: time spent compiling in this call (0 when the program was cached).
-      run_seconds: wall time of the compiled program (prefill + decode, blocked on).
+      compile_seconds: time spent tracing and compiling in this call (0 when ``jax.jit``
+        already held the program).
+      run_seconds: wall time of the call less ``compile_seconds`` (prefill + decode, blocked on).
     """
 
     tokens_BxS: np.ndarray
@@ -225,17 +232,25 @@ class SampleOutput:
 
 COMPACT_MIN_ROWS = 16  # no decode batch is compacted below this many rows
 
-_COMPILED: collections.OrderedDict = collections.OrderedDict()
-_MAX_COMPILED = 32
-compile_count = 0  # programs compiled in this process (tests and benchmarks read it)
+_COMPILE_EVENTS = ("/jax/core/compile/jaxpr_trace_duration", "/jax/core/compile/jaxpr_to_mlir_module_duration",
+                   "/jax/core/compile/backend_compile_duration")
+_compile_clock = threading.local()  # seconds this thread spent tracing, lowering, compiling the program
+
+
+_PROGRAM_NAMES = ("_generate_program", "jit(_generate_program)")  # as traced, as lowered and compiled
+
+
+def _on_compile_event(event: str, duration: float, fun_name: str | None = None, **_) -> None:
+    if fun_name in _PROGRAM_NAMES and event in _COMPILE_EVENTS:
+        _compile_clock.seconds = getattr(_compile_clock, "seconds", 0.0) + duration
+
+
+jax.monitoring.register_event_duration_secs_listener(_on_compile_event)
 
 
 def clear_cache() -> None:
-    _COMPILED.clear()
-
-
-def _abstract(tree):
-    return tuple((x.shape, str(x.dtype)) for x in jax.tree.leaves(tree))
+    """Drops the compiled sampling programs (after changing a constant they trace)."""
+    _generate.clear_cache()
 
 
 def _check_mesh(mesh) -> None:
@@ -337,7 +352,6 @@ def sample(
         ``2^k`` or ``3 * 2^(k-1)`` (prefill cost is linear in it); under a mesh the batch bucket
         may grow by filler slots (see ``_prefill_layout``).
     """
-    global compile_count
     _check_mesh(mesh)
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("sample() needs at least one prompt and every prompt needs at least one token")
@@ -356,36 +370,21 @@ def sample(
     model = decoding_model(model, unstack)
     graphdef, state = nnx.split(model)
     stages = _stage_rows(b * int(num_samples), mult, min_rows=COMPACT_MIN_ROWS, max_compactions=max_compactions)
-    static = _Static(policy, int(num_samples) // f, n, stop_ids, int(pad_id), cache_dtype, stages)
+    static = _Static(policy, int(num_samples) // f, n, stop_ids, int(pad_id), cache_dtype, stages,
+                     replicate=mesh is not None)
     args = (state, tokens, mask, valid, np.int32(max_new_tokens), np.uint32(seed))
     if mesh is not None:
         state_sh = shardings if shardings is not None else param_shardings(state, mesh)
         rows_sh, repl = shd.batch_sharding(mesh), shd.replicated(mesh)
         placed = map(_place, args[1:], (rows_sh, rows_sh, rows_sh, repl, repl))
         args = (jax.device_put(state, state_sh), *placed)
-    key = (graphdef, _abstract(state), tokens.shape, static, mesh, None if mesh is None else _abstract_sh(args[0]))
 
-    compile_seconds = 0.0
-    compiled = _COMPILED.get(key)
-    if compiled is None:
-        t0 = time.perf_counter()
-        program = lambda *a: _generate_program(*a, graphdef=graphdef, static=static)
-        # Replicated outputs under a mesh: every process can read every row (a few KB gathered).
-        fn = jax.jit(program) if mesh is None else jax.jit(program, out_shardings=shd.replicated(mesh))
-        with shd.mesh_rules(mesh, shd.SAMPLE_RULES):
-            compiled = fn.lower(*args).compile()
-        compile_seconds = time.perf_counter() - t0
-        compile_count += 1
-        _COMPILED[key] = compiled
-        while len(_COMPILED) > _MAX_COMPILED:
-            _COMPILED.popitem(last=False)
-    else:
-        _COMPILED.move_to_end(key)
-
+    before = getattr(_compile_clock, "seconds", 0.0)
     t0 = time.perf_counter()
     with shd.mesh_rules(mesh, shd.SAMPLE_RULES):
-        out = jax.block_until_ready(compiled(*args))
-    run_seconds = time.perf_counter() - t0
+        out = jax.block_until_ready(_generate(*args, graphdef=graphdef, static=static))
+    compile_seconds = getattr(_compile_clock, "seconds", 0.0) - before
+    run_seconds = time.perf_counter() - t0 - compile_seconds
     out = jax.device_get(out)
     keep = n_prompts * num_samples
     return SampleOutput(
@@ -419,10 +418,6 @@ def sampling_copy(model, mesh: jax.sharding.Mesh | None = None):
         graphdef, state = nnx.split(model)
         model = nnx.merge(graphdef, jax.device_put(state, param_shardings(state, mesh)))
     return model
-
-
-def _abstract_sh(state):
-    return tuple(getattr(x, "sharding", None) for x in jax.tree.leaves(state))
 
 
 def generate(

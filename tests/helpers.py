@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from pathlib import Path
 
@@ -65,3 +66,23 @@ def random_batch(cfg: RunConfig, *, vocab: int, seed: int = 0, batch_size: int |
 
 def replace(cfg: RunConfig, **sections) -> RunConfig:
     return dataclasses.replace(cfg, **sections)
+
+
+@contextlib.contextmanager
+def count_compiles(fun_name: str):
+    """``{"n": ...}``: how many XLA executables of the function named ``fun_name`` are built
+    inside the ``with`` block (``jax.monitoring``'s backend-compile events)."""
+    import jax
+
+    counter = {"n": 0}
+
+    def listener(event, duration, fun_name=None, **_):
+        if event == "/jax/core/compile/backend_compile_duration" and fun_name == f"jit({name})":
+            counter["n"] += 1
+
+    name = fun_name
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        yield counter
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
