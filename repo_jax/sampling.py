@@ -46,7 +46,7 @@ from flax import nnx
 from repo_jax import sharding as shd
 from repo_jax.padding import positions_from_mask, round_up
 from repo_jax.sampling_policies import SamplingPolicy, choose_tokens, filter_logits
-from repo_jax.sampling_rows import _cache_batch_axes, _compact, _repeat_rows, _stage_rows  # noqa: F401
+from repo_jax.sampling_rows import _compact, _stage_rows
 
 __all__ = ["DecodeState", "SampleOutput", "SamplingPolicy", "bucket", "choose_tokens", "clear_cache",
            "decoding_model", "filter_logits", "generate", "param_shardings", "sample"]
@@ -123,9 +123,8 @@ def _generate_program(state, tokens_BxT, mask_BxT, valid_B, max_new_tokens, seed
     logits_Bx1xV, cache = model.forward_with_cache(tokens_BxT, positions_BxT, mask_BxT, cache, jnp.int32(0), last_only=True)
     last_logits_BxV = logits_Bx1xV[:, -1].astype(jnp.float32)
 
-    axes = _cache_batch_axes(model, b, max_len, static.cache_dtype)
     if k > 1:  # K samples per row from one prefill: repeat cache and logits along batch.
-        cache = _repeat_rows(cache, axes, k)
+        cache = cache.repeat(k)
         last_logits_BxV = jnp.repeat(last_logits_BxV, k, axis=0)
         prompt_len_B = jnp.repeat(prompt_len_B, k, axis=0)
         valid_B = jnp.repeat(valid_B, k, axis=0)
@@ -175,7 +174,7 @@ def _generate_program(state, tokens_BxT, mask_BxT, valid_B, max_new_tokens, seed
     limit = jnp.minimum(max_new_tokens, n)
     for i, size in enumerate(static.stages):
         if i:
-            s = _compact(s, size, axes)
+            s = _compact(s, size)
         after = static.stages[i + 1] if i + 1 < len(static.stages) else 0  # move on at <= `after` live rows
         s = jax.lax.while_loop(lambda s, after=after: (s.step < limit) & ((~s.done_B).sum() > after), body, s)
     out = {
@@ -328,7 +327,8 @@ def sample(
     """Samples ``num_samples`` continuations of each prompt; see the module docstring.
 
     Args:
-      model: an NNX model with ``init_cache`` and ``forward_with_cache``.
+      model: an NNX model with ``init_cache`` and ``forward_with_cache``, whose cache repeats and
+        gathers its rows (``cache.repeat(k)``, ``cache.take(rows_B)``: the models' ``KVCache``).
       prompts: token-id lists (non-empty), any lengths; left-padded internally.
       eos_id: a stop id or a list of them; ``None`` never stops early.
       mesh: optional, with Auto axis types (``repo_jax.sharding.make_mesh``); rows are sharded

@@ -27,6 +27,12 @@ class TinyCache:
     v_LxBxSxGxH: jax.Array
     pos_BxS: jax.Array
 
+    def repeat(self, k):
+        return TinyCache(*(jnp.repeat(x, k, axis=a) for x, a in zip(jax.tree.leaves(self), (1, 1, 0))))
+
+    def take(self, rows_B):
+        return TinyCache(*(jnp.take(x, rows_B, axis=a) for x, a in zip(jax.tree.leaves(self), (1, 1, 0))))
+
 
 def _rope(x_BxTxNxH, pos_BxT):
     h = x_BxTxNxH.shape[-1]

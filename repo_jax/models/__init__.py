@@ -7,10 +7,10 @@ randomly initialised model. See ``model.py`` for the forward entry points.
 
 from repo_jax.models.config import ModelConfig
 from repo_jax.models.convert import from_pretrained, load_config, save_pretrained
-from repo_jax.models.layers import KVCache
-from repo_jax.models.model import CausalLM, build, flops_per_token, param_count, param_specs
+from repo_jax.models.layers import KVCache, LayerKVCache
+from repo_jax.models.model import CausalLM, DecodeLM, build, flops_per_token, param_count, param_specs
 
 __all__ = [
-    "CausalLM", "KVCache", "ModelConfig", "build", "flops_per_token", "from_pretrained", "load_config",
+    "CausalLM", "DecodeLM", "KVCache", "LayerKVCache", "ModelConfig", "build", "flops_per_token", "from_pretrained", "load_config",
     "param_count", "param_specs", "save_pretrained",
 ]

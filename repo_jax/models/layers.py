@@ -114,29 +114,64 @@ def apply_rope(x_BxTxNxH, sin_cos):
 
 @flax.struct.dataclass
 class KVCache:
-    """Keys and values of every layer, and the position held by each slot.
+    """Keys and values of every layer in two stacked buffers (the training layout's cache), and
+    the position held by each slot.
 
     Attributes:
-      k_LxBxGxSxH, v_LxBxGxSxH: cached keys (rotated) and values, ``dtype`` of the cache: one
-        stacked array, or (``per_layer``, for unstacked models) a tuple of ``L`` ``[B, G, S, H]``
-        buffers, each updated in place by its layer. Slots sit inside the kv-head axis, the
-        layout the attention dots read without a transpose.
+      k_LxBxGxSxH, v_LxBxGxSxH: cached keys (rotated) and values, the cache dtype. Slots sit
+        inside the kv-head axis, the layout the attention dots read without a transpose.
       pos_BxS: int32 position of the token in each slot, ``-1`` for empty or padding slots.
     """
 
-    k_LxBxGxSxH: jax.Array | tuple[jax.Array, ...]
-    v_LxBxGxSxH: jax.Array | tuple[jax.Array, ...]
+    k_LxBxGxSxH: jax.Array
+    v_LxBxGxSxH: jax.Array
     pos_BxS: jax.Array
 
     @classmethod
-    def zeros(cls, num_layers, batch, max_len, kv_heads, head_dim, dtype, per_layer: bool = False):
-        pos = jnp.full((batch, max_len), -1, jnp.int32)
-        if per_layer:
-            shape = (batch, kv_heads, max_len, head_dim)
-            bufs = lambda: tuple(jnp.zeros(shape, dtype) for _ in range(num_layers))
-            return cls(bufs(), bufs(), pos)
+    def zeros(cls, num_layers, batch, max_len, kv_heads, head_dim, dtype) -> "KVCache":
         shape = (num_layers, batch, kv_heads, max_len, head_dim)
-        return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), pos)
+        return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.full((batch, max_len), -1, jnp.int32))
+
+    def repeat(self, k: int) -> "KVCache":
+        """Each row ``k`` times in a row (``k`` samples continuing one prefill)."""
+        rep = lambda x, axis: jnp.repeat(x, k, axis=axis)
+        return KVCache(rep(self.k_LxBxGxSxH, 1), rep(self.v_LxBxGxSxH, 1), rep(self.pos_BxS, 0))
+
+    def take(self, rows_B) -> "KVCache":
+        """The rows ``rows_B`` (decode rows gathered after others finished)."""
+        take = lambda x, axis: jnp.take(x, rows_B, axis=axis)
+        return KVCache(take(self.k_LxBxGxSxH, 1), take(self.v_LxBxGxSxH, 1), take(self.pos_BxS, 0))
+
+
+@flax.struct.dataclass
+class LayerKVCache:
+    """The decoding layout's cache: one key and one value buffer per layer, each updated in place
+    by its layer, and the slots' positions.
+
+    Attributes:
+      k_layers, v_layers: ``L``-tuples of ``[B, G, S, H]`` buffers (the cache dtype).
+      pos_BxS: int32 position of the token in each slot, ``-1`` for empty or padding slots.
+    """
+
+    k_layers: tuple[jax.Array, ...]
+    v_layers: tuple[jax.Array, ...]
+    pos_BxS: jax.Array
+
+    @classmethod
+    def zeros(cls, num_layers, batch, max_len, kv_heads, head_dim, dtype) -> "LayerKVCache":
+        shape = (batch, kv_heads, max_len, head_dim)
+        bufs = lambda: tuple(jnp.zeros(shape, dtype) for _ in range(num_layers))
+        return cls(bufs(), bufs(), jnp.full((batch, max_len), -1, jnp.int32))
+
+    def repeat(self, k: int) -> "LayerKVCache":
+        """Each row ``k`` times in a row (``k`` samples continuing one prefill)."""
+        rep = lambda xs: tuple(jnp.repeat(x, k, axis=0) for x in xs)
+        return LayerKVCache(rep(self.k_layers), rep(self.v_layers), jnp.repeat(self.pos_BxS, k, axis=0))
+
+    def take(self, rows_B) -> "LayerKVCache":
+        """The rows ``rows_B`` (decode rows gathered after others finished)."""
+        take = lambda xs: tuple(jnp.take(x, rows_B, axis=0) for x in xs)
+        return LayerKVCache(take(self.k_layers), take(self.v_layers), jnp.take(self.pos_BxS, rows_B, axis=0))
 
 
 @flax.struct.dataclass
@@ -198,26 +233,36 @@ def out_proj(o_BxTxNxH, wo_NxHxD, dtype):
     return dense(o_BxTxNxH.reshape(b, t, n * h), wo_NxHxD.reshape(n * h, -1), "BTK,KD->BTD", dtype)
 
 
-def attention_kv(q_BxTxNxH, k_BxTxGxH, v_BxTxGxH, ctx: AttentionContext, cache_kv, layer, index, dtype):
-    """Rotary on ``q``/``k``, then attention over this call's keys or, with a cache, over its slots.
-
-    ``cache_kv``: ``None`` or ``(k_LxBxGxSxH, v_LxBxGxSxH)``; the new keys/values are written at
-    slots ``index ..`` of layer ``layer`` and the updated pair is returned. With ``layer=None``
-    the pair is this layer's own ``(k_BxGxSxH, v_BxGxSxH)`` buffers.
-    """
+def _rotated(q_BxTxNxH, k_BxTxGxH, v_BxTxGxH, ctx: AttentionContext):
+    """Rotary on ``q`` and ``k``; keys and values in the cache's ``[B, G, T, H]`` order."""
     q_BxTxNxH = shd.constrain(apply_rope(q_BxTxNxH, ctx.sin_cos), ("batch", "length", "act_heads", None))
-    k_BxGxTxH = apply_rope(k_BxTxGxH, ctx.sin_cos).transpose(0, 2, 1, 3)
-    v_BxGxTxH = v_BxTxGxH.transpose(0, 2, 1, 3)
-    if cache_kv is None:
-        return attend(q_BxTxNxH, k_BxGxTxH, v_BxGxTxH, ctx.allowed_BxTxS, dtype), None
-    k_all, v_all = cache_kv
-    if layer is None:
-        start = (0, 0, index, 0)
-        k_BxGxSxH = jax.lax.dynamic_update_slice(k_all, k_BxGxTxH.astype(k_all.dtype), start)
-        v_BxGxSxH = jax.lax.dynamic_update_slice(v_all, v_BxGxTxH.astype(v_all.dtype), start)
-        return attend(q_BxTxNxH, k_BxGxSxH, v_BxGxSxH, ctx.allowed_BxTxS, dtype), (k_BxGxSxH, v_BxGxSxH)
+    return q_BxTxNxH, apply_rope(k_BxTxGxH, ctx.sin_cos).transpose(0, 2, 1, 3), v_BxTxGxH.transpose(0, 2, 1, 3)
+
+
+def attention(q_BxTxNxH, k_BxTxGxH, v_BxTxGxH, ctx: AttentionContext, dtype):
+    """Rotary, then attention over this call's own keys (no cache)."""
+    q, k_BxGxTxH, v_BxGxTxH = _rotated(q_BxTxNxH, k_BxTxGxH, v_BxTxGxH, ctx)
+    return attend(q, k_BxGxTxH, v_BxGxTxH, ctx.allowed_BxTxS, dtype)
+
+
+def attention_cached(q_BxTxNxH, k_BxTxGxH, v_BxTxGxH, ctx: AttentionContext, kv, index, dtype):
+    """Rotary, write the new keys and values at slots ``index ..`` of one layer's buffers
+    ``kv = (k_BxGxSxH, v_BxGxSxH)``, attend over the slots; returns ``(o, new kv)``."""
+    q, k_BxGxTxH, v_BxGxTxH = _rotated(q_BxTxNxH, k_BxTxGxH, v_BxTxGxH, ctx)
+    k_BxGxSxH, v_BxGxSxH = kv
+    start = (0, 0, index, 0)
+    k_BxGxSxH = jax.lax.dynamic_update_slice(k_BxGxSxH, k_BxGxTxH.astype(k_BxGxSxH.dtype), start)
+    v_BxGxSxH = jax.lax.dynamic_update_slice(v_BxGxSxH, v_BxGxTxH.astype(v_BxGxSxH.dtype), start)
+    return attend(q, k_BxGxSxH, v_BxGxSxH, ctx.allowed_BxTxS, dtype), (k_BxGxSxH, v_BxGxSxH)
+
+
+def attention_cached_stack(q_BxTxNxH, k_BxTxGxH, v_BxTxGxH, ctx: AttentionContext, kv, layer, index, dtype):
+    """As :func:`attention_cached` on layer ``layer`` of the stacked buffers
+    ``kv = (k_LxBxGxSxH, v_LxBxGxSxH)`` (inside the layers' ``scan``); returns ``(o, new kv)``."""
+    q, k_BxGxTxH, v_BxGxTxH = _rotated(q_BxTxNxH, k_BxTxGxH, v_BxTxGxH, ctx)
+    k_LxBxGxSxH, v_LxBxGxSxH = kv
     start = (layer, 0, 0, index, 0)
-    k_all = jax.lax.dynamic_update_slice(k_all, k_BxGxTxH[None].astype(k_all.dtype), start)
-    v_all = jax.lax.dynamic_update_slice(v_all, v_BxGxTxH[None].astype(v_all.dtype), start)
-    k_BxGxSxH, v_BxGxSxH = k_all[layer], v_all[layer]
-    return attend(q_BxTxNxH, k_BxGxSxH, v_BxGxSxH, ctx.allowed_BxTxS, dtype), (k_all, v_all)
+    k_LxBxGxSxH = jax.lax.dynamic_update_slice(k_LxBxGxSxH, k_BxGxTxH[None].astype(k_LxBxGxSxH.dtype), start)
+    v_LxBxGxSxH = jax.lax.dynamic_update_slice(v_LxBxGxSxH, v_BxGxTxH[None].astype(v_LxBxGxSxH.dtype), start)
+    out = attend(q, k_LxBxGxSxH[layer], v_LxBxGxSxH[layer], ctx.allowed_BxTxS, dtype)
+    return out, (k_LxBxGxSxH, v_LxBxGxSxH)

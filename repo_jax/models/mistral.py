@@ -39,14 +39,16 @@ def top_specs(cfg: ModelConfig) -> dict[str, ParamSpec]:
     return out
 
 
-def block(cfg: ModelConfig, p, x_BxTxD, ctx, cache_kv, layer, index):
-    """One decoder layer; returns the new residual stream and the (possibly updated) cache."""
+def block(cfg: ModelConfig, p, x_BxTxD, attend):
+    """One decoder layer; ``attend(q, k, v) -> (o, cache)`` is the
+    layer's attention (with or without a cache, see ``model.py``); returns the new residual
+    stream and what ``attend`` returned as the cache."""
     dt = cfg.jnp_dtype
     h_BxTxD = layers.rms_norm(x_BxTxD, p["attn_norm"], cfg.norm_eps, dt)
     q = layers.dense(h_BxTxD, p["wq"], "BTD,DNH->BTNH", dt)
     k = layers.dense(h_BxTxD, p["wk"], "BTD,DGH->BTGH", dt)
     v = layers.dense(h_BxTxD, p["wv"], "BTD,DGH->BTGH", dt)
-    o_BxTxNxH, cache_kv = layers.attention_kv(q, k, v, ctx, cache_kv, layer, index, dt)
+    o_BxTxNxH, cache_kv = attend(q, k, v)
     x_BxTxD = x_BxTxD + layers.out_proj(o_BxTxNxH, p["wo"], dt)
     x_BxTxD = shd.constrain(x_BxTxD, ("batch", "length", "act_embed"))
 

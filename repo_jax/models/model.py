@@ -14,8 +14,9 @@ Forward entry points (``B`` batch, ``T`` tokens, left padding allowed):
   -> (logits, cache)``: prefill / one-token decode for the sampler; the ``T`` new tokens go to
   cache slots ``index .. index + T - 1``.
 
-Decoding layout: ``model.unstacked()`` returns the same model with one parameter dict per layer
-(an ``nnx.List``) and a cache of per-layer buffers; its forward is a Python loop over layers.
+Decoding layout: ``model.unstacked()`` returns a :class:`DecodeLM`, the same model with one
+parameter dict per layer (an ``nnx.List``) and a cache of per-layer buffers; its forward is a
+Python loop over layers.
 On CPU a decode step is bound by streaming the weights from memory, and a ``scan`` over the
 stacked arrays materialises each layer's slice (a copy of every weight per token) and each
 layer's cache slice; the unrolled form reads weights in place and updates each layer's cache
@@ -85,8 +86,59 @@ def _init(spec: ParamSpec, shape, key, dtype):
     return (0.02 * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
 
 
-class CausalLM(nnx.Module):
-    """Mistral/Llama or Phi-2, chosen by ``config.arch``."""
+class _LanguageModel(nnx.Module):
+    """What both layouts share: the top-level parameters (embedding, final norm, unembedding),
+    the attention context and ``forward_with_cache``; a layout supplies its layers, its cache
+    (``init_cache``) and ``_layers_cached``."""
+
+    config: ModelConfig
+
+    def _top(self):
+        return {k: v[...] for k, v in self.top.items()}
+
+    def unembedding(self):
+        """``(w_DxV, b_V or None)`` in the parameter dtype."""
+        return ARCHS[self.config.arch].unembedding(self.config, self._top())
+
+    def _embed(self, input_ids_BxT):
+        x = jnp.take(self.top["embed"][...], input_ids_BxT, axis=0).astype(self.config.jnp_dtype)
+        return shd.constrain(x, ("batch", "length", "act_embed"))
+
+    def _context(self, positions_BxT, key_pos_BxS, index):
+        cfg = self.config
+        return layers.make_context(
+            positions_BxT, key_pos_BxS, index,
+            rotary_dim=cfg.rotary_dim, theta=cfg.rope_theta, window=cfg.sliding_window,
+        )
+
+    def logits(self, h_BxTxD):
+        """Float32 logits of hidden states (the full ``[B, T, V]``: use ``logprobs`` for training)."""
+        w_DxV, b_V = self.unembedding()
+        logits = layers.matmul("BTD,DV->BTV", h_BxTxD, w_DxV, h_BxTxD.dtype)
+        return logits if b_V is None else logits + b_V.astype(jnp.float32)
+
+    def forward_with_cache(self, input_ids_BxT, positions_BxT, attention_mask_BxT, cache, index,
+                           *, last_only: bool = False):
+        """Runs ``T`` new tokens at cache slots ``index ..``; returns float32 logits and the new cache.
+
+        ``last_only``: logits of the last position only (``[B, 1, V]``), what a prefill needs;
+        spares the ``T x V`` unembedding of the prompt.
+        """
+        index = jnp.asarray(index, jnp.int32)
+        new_pos_BxT = layers.key_positions(positions_BxT, attention_mask_BxT)
+        pos_BxS = jax.lax.dynamic_update_slice(cache.pos_BxS, new_pos_BxT, (jnp.int32(0), index))
+        ctx = self._context(positions_BxT, pos_BxS, index)
+        x, cache = self._layers_cached(self._embed(input_ids_BxT), ctx, cache.replace(pos_BxS=pos_BxS), index)
+        x = x[:, -1:] if last_only else x
+        h = ARCHS[self.config.arch].final_norm(self.config, self._top(), x)
+        return self.logits(h), cache
+
+
+class CausalLM(_LanguageModel):
+    """Mistral/Llama or Phi-2, chosen by ``config.arch``, in the training layout: every layer
+    parameter stacked along a leading ``layers`` axis, the stack one ``scan``."""
+
+    is_unstacked = False
 
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
         self.config = config
@@ -103,113 +155,93 @@ class CausalLM(nnx.Module):
             for name, s in layer.items()
         })
 
-    # ---- parameters as plain arrays ------------------------------------------------------
-    def _top(self):
-        return {k: v[...] for k, v in self.top.items()}
+    def unstacked(self) -> "DecodeLM":
+        """The decoding layout of this model (a copy of the weights, one dict per layer; see the
+        module doc). Call it outside ``jit``."""
+        return DecodeLM(self)
 
-    def _layers(self):
-        return {k: v[...] for k, v in self.layers.items()}
-
-    @property
-    def is_unstacked(self) -> bool:
-        return isinstance(self.layers, nnx.List)
-
-    def unstacked(self) -> "CausalLM":
-        """A copy with one parameter dict per layer (the decoding layout; see the module doc).
-
-        Call it outside ``jit`` (it slices every stacked weight once); an unstacked model is
-        returned as is. Logical sharding names are kept, minus the ``layers`` axis.
-        """
-        if self.is_unstacked:
-            return self
-        out = nnx.eval_shape(lambda: CausalLM(self.config, rngs=nnx.Rngs(0)))
-        out.top = nnx.Dict({k: nnx.Param(v[...], eager_sharding=False, out_sharding=v.get_metadata().get("out_sharding"))
-                            for k, v in self.top.items()})
-        out.layers = nnx.List([
-            nnx.Dict({k: nnx.Param(v[...][i], eager_sharding=False,
-                                   out_sharding=tuple(v.get_metadata().get("out_sharding") or ())[1:] or None)
-                      for k, v in self.layers.items()})
-            for i in range(self.config.num_layers)
-        ])
-        return out
-
-    def unembedding(self):
-        """``(w_DxV, b_V or None)`` in the parameter dtype."""
-        return ARCHS[self.config.arch].unembedding(self.config, self._top())
-
-    # ---- forward ---------------------------------------------------------------------------
-    def _stack(self, x_BxTxD, ctx, cache_kv, index):
-        cfg = self.config
+    def _scan(self, x_BxTxD, ctx, kv, index):
+        """The layers as one ``scan``; ``kv``: ``None``, or the stacked ``(k, v)`` cache buffers,
+        written at slots ``index ..`` layer by layer and returned."""
+        cfg, dt = self.config, self.config.jnp_dtype
         block = ARCHS[cfg.arch].block
-        if self.is_unstacked:  # decoding layout: unrolled, per-layer weights and cache buffers
-            kvs = []
-            for i, layer_params in enumerate(self.layers):
-                p = {k: v[...] for k, v in layer_params.items()}
-                kv = None if cache_kv is None else (cache_kv[0][i], cache_kv[1][i])
-                x_BxTxD, kv = block(cfg, p, x_BxTxD, ctx, kv, None, index)
-                kvs.append(kv)
-            return x_BxTxD, (None if cache_kv is None else tuple(map(tuple, zip(*kvs))))
 
         def body(carry, xs):
             x, kv = carry
             p, layer = xs
-            x, kv = block(cfg, p, x, ctx, kv, layer, index)
-            return (x, kv), None
+            if kv is None:
+                attend = lambda q, k, v: (layers.attention(q, k, v, ctx, dt), None)
+            else:
+                attend = lambda q, k, v: layers.attention_cached_stack(q, k, v, ctx, kv, layer, index, dt)
+            return block(cfg, p, x, attend), None
 
         if cfg.remat != "none":
             body = jax.checkpoint(body, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=False)
-        xs = (self._layers(), jnp.arange(cfg.num_layers, dtype=jnp.int32))
-        (x_BxTxD, cache_kv), _ = jax.lax.scan(body, (x_BxTxD, cache_kv), xs)
-        return x_BxTxD, cache_kv
-
-    def _embed(self, input_ids_BxT):
-        x = jnp.take(self.top["embed"][...], input_ids_BxT, axis=0).astype(self.config.jnp_dtype)
-        return shd.constrain(x, ("batch", "length", "act_embed"))
-
-    def _context(self, positions_BxT, key_pos_BxS, index):
-        cfg = self.config
-        return layers.make_context(
-            positions_BxT, key_pos_BxS, index,
-            rotary_dim=cfg.rotary_dim, theta=cfg.rope_theta, window=cfg.sliding_window,
-        )
+        xs = ({k: v[...] for k, v in self.layers.items()}, jnp.arange(cfg.num_layers, dtype=jnp.int32))
+        (x_BxTxD, kv), _ = jax.lax.scan(body, (x_BxTxD, kv), xs)
+        return x_BxTxD, kv
 
     def hidden_states(self, input_ids_BxT, positions_BxT=None, attention_mask_BxT=None):
         """Final hidden states ``[B, T, D]`` (after the final norm), compute dtype."""
         mask, positions = _defaults(input_ids_BxT, positions_BxT, attention_mask_BxT)
         ctx = self._context(positions, layers.key_positions(positions, mask), 0)
-        x, _ = self._stack(self._embed(input_ids_BxT), ctx, None, 0)
+        x, _ = self._scan(self._embed(input_ids_BxT), ctx, None, 0)
         return ARCHS[self.config.arch].final_norm(self.config, self._top(), x)
-
-    def logits(self, h_BxTxD):
-        """Float32 logits of hidden states (the full ``[B, T, V]``: use ``logprobs`` for training)."""
-        w_DxV, b_V = self.unembedding()
-        logits = layers.matmul("BTD,DV->BTV", h_BxTxD, w_DxV, h_BxTxD.dtype)
-        return logits if b_V is None else logits + b_V.astype(jnp.float32)
 
     def __call__(self, input_ids_BxT, positions_BxT=None, attention_mask_BxT=None):
         return self.logits(self.hidden_states(input_ids_BxT, positions_BxT, attention_mask_BxT))
 
     def init_cache(self, batch_size: int, max_len: int, dtype=None) -> layers.KVCache:
-        """Zeros; stacked ``[L, B, G, S, H]`` buffers, or ``L`` separate ones for an unstacked model."""
+        """Zeros: stacked ``[L, B, G, S, H]`` key and value buffers."""
         cfg = self.config
         return layers.KVCache.zeros(cfg.num_layers, batch_size, max_len, cfg.num_kv_heads, cfg.head_dim,
-                                    dtype or cfg.jnp_dtype, per_layer=self.is_unstacked)
+                                    dtype or cfg.jnp_dtype)
 
-    def forward_with_cache(self, input_ids_BxT, positions_BxT, attention_mask_BxT, cache: layers.KVCache, index,
-                           *, last_only: bool = False):
-        """Runs ``T`` new tokens at cache slots ``index ..``; returns float32 logits and the new cache.
+    def _layers_cached(self, x_BxTxD, ctx, cache: layers.KVCache, index):
+        x_BxTxD, (k, v) = self._scan(x_BxTxD, ctx, (cache.k_LxBxGxSxH, cache.v_LxBxGxSxH), index)
+        return x_BxTxD, cache.replace(k_LxBxGxSxH=k, v_LxBxGxSxH=v)
 
-        ``last_only``: logits of the last position only (``[B, 1, V]``), what a prefill needs;
-        spares the ``T x V`` unembedding of the prompt.
-        """
-        index = jnp.asarray(index, jnp.int32)
-        new_pos_BxT = layers.key_positions(positions_BxT, attention_mask_BxT)
-        pos_BxS = jax.lax.dynamic_update_slice(cache.pos_BxS, new_pos_BxT, (jnp.int32(0), index))
-        ctx = self._context(positions_BxT, pos_BxS, index)
-        x, (k, v) = self._stack(self._embed(input_ids_BxT), ctx, (cache.k_LxBxGxSxH, cache.v_LxBxGxSxH), index)
-        x = x[:, -1:] if last_only else x
-        h = ARCHS[self.config.arch].final_norm(self.config, self._top(), x)
-        return self.logits(h), layers.KVCache(k, v, pos_BxS)
+
+class DecodeLM(_LanguageModel):
+    """The decoding layout of a :class:`CausalLM`: one parameter dict per layer (an ``nnx.List``),
+    a :class:`~repo_jax.models.layers.LayerKVCache` of per-layer buffers, the layers a Python loop
+    (see the module doc); the same ``init_cache`` / ``forward_with_cache`` contract. Logical
+    sharding names are kept, minus the ``layers`` axis."""
+
+    is_unstacked = True
+
+    def __init__(self, model: CausalLM):
+        self.config = model.config
+        names = lambda v: v.get_metadata().get("out_sharding")
+        self.top = nnx.Dict({k: nnx.Param(v[...], eager_sharding=False, out_sharding=names(v))
+                             for k, v in model.top.items()})
+        self.layers = nnx.List([
+            nnx.Dict({k: nnx.Param(v[...][i], eager_sharding=False, out_sharding=tuple(names(v) or ())[1:] or None)
+                      for k, v in model.layers.items()})
+            for i in range(model.config.num_layers)
+        ])
+
+    def unstacked(self) -> "DecodeLM":
+        return self
+
+    def init_cache(self, batch_size: int, max_len: int, dtype=None) -> layers.LayerKVCache:
+        """Zeros: ``L`` separate ``[B, G, S, H]`` key and value buffers."""
+        cfg = self.config
+        return layers.LayerKVCache.zeros(cfg.num_layers, batch_size, max_len, cfg.num_kv_heads, cfg.head_dim,
+                                         dtype or cfg.jnp_dtype)
+
+    def _layers_cached(self, x_BxTxD, ctx, cache: layers.LayerKVCache, index):
+        cfg, dt = self.config, self.config.jnp_dtype
+        block = ARCHS[cfg.arch].block
+        ks, vs = [], []
+        for i, layer_params in enumerate(self.layers):
+            p = {k: v[...] for k, v in layer_params.items()}
+            kv = (cache.k_layers[i], cache.v_layers[i])
+            attend = lambda q, k, v, kv=kv: layers.attention_cached(q, k, v, ctx, kv, index, dt)
+            x_BxTxD, (k_i, v_i) = block(cfg, p, x_BxTxD, attend)
+            ks.append(k_i)
+            vs.append(v_i)
+        return x_BxTxD, cache.replace(k_layers=tuple(ks), v_layers=tuple(vs))
 
 
 def _defaults(input_ids_BxT, positions_BxT, attention_mask_BxT):

@@ -25,11 +25,11 @@ def layer_specs(cfg: ModelConfig) -> dict[str, ParamSpec]:
         "wv": ParamSpec((d, g, h), ("embed", "kv_heads", "head_dim"), "normal", "self_attn.v_proj.weight", 1),
         "bv": ParamSpec((g, h), ("kv_heads", "head_dim"), "zeros", "self_attn.v_proj.bias", 0),
         "wo": ParamSpec((n, h, d), ("q_heads", "head_dim", "embed"), "normal", "self_attn.dense.weight", 2),
-        "bo": ParamSpec((d,), ("norm",), "zeros", "self_attn.dense.bias"),
+        "bo": ParamSpec((d,), ("embed",), "zeros", "self_attn.dense.bias"),
         "w_fc1": ParamSpec((d, f), ("embed", "mlp"), "normal", "mlp.fc1.weight", 1),
         "b_fc1": ParamSpec((f,), ("mlp",), "zeros", "mlp.fc1.bias"),
         "w_fc2": ParamSpec((f, d), ("mlp", "embed"), "normal", "mlp.fc2.weight", 1),
-        "b_fc2": ParamSpec((d,), ("norm",), "zeros", "mlp.fc2.bias"),
+        "b_fc2": ParamSpec((d,), ("embed",), "zeros", "mlp.fc2.bias"),
     }
     if cfg.qk_layernorm:  # HF sizes these hidden_size // num_heads, i.e. head_dim
         for who in ("q", "k"):
@@ -51,8 +51,10 @@ def top_specs(cfg: ModelConfig) -> dict[str, ParamSpec]:
     return out
 
 
-def block(cfg: ModelConfig, p, x_BxTxD, ctx, cache_kv, layer, index):
-    """One parallel layer; returns the new residual stream and the (possibly updated) cache."""
+def block(cfg: ModelConfig, p, x_BxTxD, attend):
+    """One parallel layer; ``attend(q, k, v) -> (o, cache)`` is the
+    layer's attention (with or without a cache, see ``model.py``); returns the new residual
+    stream and what ``attend`` returned as the cache."""
     dt = cfg.jnp_dtype
     h_BxTxD = layers.layer_norm(x_BxTxD, p["ln_scale"], p["ln_bias"], cfg.norm_eps, dt)
     q = layers.dense(h_BxTxD, p["wq"], "BTD,DNH->BTNH", dt) + p["bq"].astype(dt)
@@ -61,7 +63,7 @@ def block(cfg: ModelConfig, p, x_BxTxD, ctx, cache_kv, layer, index):
     if cfg.qk_layernorm:
         q = layers.layer_norm(q, p["q_norm_scale"], p["q_norm_bias"], cfg.norm_eps, dt)
         k = layers.layer_norm(k, p["k_norm_scale"], p["k_norm_bias"], cfg.norm_eps, dt)
-    o_BxTxNxH, cache_kv = layers.attention_kv(q, k, v, ctx, cache_kv, layer, index, dt)
+    o_BxTxNxH, cache_kv = attend(q, k, v)
     attn_BxTxD = layers.out_proj(o_BxTxNxH, p["wo"], dt) + p["bo"].astype(dt)
 
     fc1_BxTxF = layers.dense(h_BxTxD, p["w_fc1"], "BTD,DF->BTF", dt) + p["b_fc1"].astype(dt)
