@@ -15,7 +15,7 @@ Also here, because every program needs them the same way:
 
 Logical names used by the models:
   parameters  ``vocab embed q_heads kv_heads head_dim mlp layers norm``
-  activations ``batch length act_embed act_heads act_kv_heads act_mlp act_vocab cache_length``
+  activations ``batch length act_embed act_heads act_mlp``
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ import contextlib
 import dataclasses
 import math
 import os
+import warnings
 from collections.abc import Iterator, Mapping, Sequence
 
 import jax
@@ -39,7 +40,6 @@ Rules = tuple[tuple[str, str | tuple[str, ...] | None], ...]
 TRAIN_RULES: Rules = (
     ("batch", BATCH_AXES),
     ("length", None),
-    ("cache_length", None),
     ("vocab", "tensor"),
     ("embed", "fsdp"),
     ("q_heads", "tensor"),
@@ -50,9 +50,7 @@ TRAIN_RULES: Rules = (
     ("norm", None),
     ("act_embed", None),
     ("act_heads", "tensor"),
-    ("act_kv_heads", "tensor"),
     ("act_mlp", "tensor"),
-    ("act_vocab", "tensor"),
 )
 
 SAMPLE_RULES: Rules = tuple((k, None if k == "embed" else v) for k, v in TRAIN_RULES)
@@ -216,27 +214,35 @@ def _logical_names(x) -> tuple[str | None, ...] | None:
     return tuple(names) if names else None
 
 
-def _fit_spec(spec: P, shape: tuple[int, ...] | None, mesh: jax.sharding.Mesh) -> P:
+SHARDING_TOLERANCE = 0.02  # the largest share of a state's elements left replicated by _fit_spec
+
+
+def _fit_spec(spec: P, shape: tuple[int, ...] | None, mesh: jax.sharding.Mesh) -> tuple[P, list[str]]:
     """Drops mesh axes absent from (or of size 1 in) ``mesh``, and any that do not divide their
-    dimension (that dimension is then replicated rather than failing at compile time)."""
-    out = []
+    dimension (that dimension is then replicated rather than failing at compile time). Returns
+    the spec and what was replicated for not dividing (``"dim 1 (9) over tensor (2)"``)."""
+    out, lost = [], []
     for i, entry in enumerate(spec):
         entry = _only_axes_in(mesh, entry)
         if entry is not None and shape is not None and i < len(shape):
             axes = (entry,) if isinstance(entry, str) else entry
-            if shape[i] % math.prod(mesh.shape[a] for a in axes):
+            size = math.prod(mesh.shape[a] for a in axes)
+            if shape[i] % size:
+                lost.append(f"dim {i} ({shape[i]}) over {'x'.join(axes)} ({size})")
                 entry = None
         out.append(entry)
-    return P(*out)
+    return P(*out), lost
 
 
 def logical_sharding(names, shape, mesh: jax.sharding.Mesh, rules: Rules | None = None) -> jax.NamedSharding:
-    """NamedSharding for an array of ``shape`` whose dimensions carry logical ``names``."""
+    """NamedSharding for an array of ``shape`` whose dimensions carry logical ``names`` (a mesh
+    axis that does not divide its dimension is dropped: see :func:`state_shardings`)."""
     spec = logical_to_pspec(names, rules) if names else P()
-    return jax.NamedSharding(mesh, _fit_spec(spec, shape, mesh))
+    return jax.NamedSharding(mesh, _fit_spec(spec, shape, mesh)[0])
 
 
-def state_shardings(state, mesh: jax.sharding.Mesh, rules: Rules | None = None):
+def state_shardings(state, mesh: jax.sharding.Mesh, rules: Rules | None = None, *,
+                    tolerance: float = SHARDING_TOLERANCE):
     """A pytree of NamedShardings matching ``state`` (an ``nnx.State``, a train state, ...).
 
     Every ``nnx.Variable`` is laid out by its ``out_sharding`` metadata (logical names) through
@@ -244,16 +250,41 @@ def state_shardings(state, mesh: jax.sharding.Mesh, rules: Rules | None = None):
     otherwise); any other leaf (step counters, RNG keys, optimiser counts) is replicated.
     Optimiser moments built by ``optax`` from an ``nnx.State`` keep the Variables' metadata, so
     they get the same layout as their parameters. Works on abstract (``eval_shape``) trees too.
+
+    A dimension the mesh does not divide is replicated instead, with a warning naming the
+    variables and dimensions; when the variables so left wholly unsharded hold more than
+    ``tolerance`` of the state's elements (as maxtext's ``sharding_tolerance``) it is an error:
+    pick mesh sizes that divide the model's dimensions.
     """
     from flax import nnx
 
-    def one(x):
+    lost, sizes = [], {"all": 0, "lost": 0}
+
+    def one(path, x):
         names = _logical_names(x)
         value = x.get_value() if isinstance(x, nnx.Variable) else x
         shape = getattr(value, "shape", None)
-        return logical_sharding(names, shape, mesh, rules)
+        spec = logical_to_pspec(names, rules) if names else P()
+        spec, dropped = _fit_spec(spec, shape, mesh)
+        n = math.prod(shape) if shape else 1
+        sizes["all"] += n
+        if dropped:
+            if all(e is None for e in spec):  # nothing of it is split any more
+                sizes["lost"] += n
+            lost.append(f"{jax.tree_util.keystr(path, simple=True, separator='.')} {tuple(shape)}: {', '.join(dropped)}")
+        return jax.NamedSharding(mesh, spec)
 
-    return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+    out = jax.tree_util.tree_map_with_path(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+    if lost:
+        share = sizes["lost"] / max(sizes["all"], 1)
+        shown = "; ".join(lost[:6]) + (f"; ... ({len(lost)} in all)" if len(lost) > 6 else "")
+        msg = (f"the {dict(mesh.shape)} mesh does not divide some dimensions, replicated instead "
+               f"({share:.1%} of the state's elements left unsharded): {shown}")
+        if share > tolerance:
+            raise ValueError(f"{msg}; that is over the sharding tolerance of {tolerance:.0%}: choose mesh sizes "
+                             "(mesh.data / mesh.fsdp / mesh.tensor) that divide these dimensions")
+        warnings.warn(msg, stacklevel=2)
+    return out
 
 
 # --------------------------------------------------------------------------------------------

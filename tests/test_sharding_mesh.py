@@ -48,17 +48,18 @@ def test_state_shardings_follow_logical_names():
 
     mesh = shd.make_mesh(shd.MeshConfig(2, 2, 2))
     _, params, rest = nnx.split(nnx.eval_shape(_M), nnx.Param, ...)
-    sh = shd.state_shardings(params, mesh)
+    with pytest.warns(UserWarning, match=r"odd \(2, 15, 3\): dim 1 \(15\) over fsdp \(2\), dim 2 \(3\) over tensor"):
+        sh = shd.state_shardings(params, mesh, tolerance=0.05)  # odd: 4.2% of the elements
     assert sh["embed"].spec == jax.P("tensor", "fsdp")
     assert sh["wq"].spec == jax.P(None, "fsdp", "tensor", None)
     assert sh["odd"].spec == jax.P(None, None, None)
     assert sh["norm"].spec == jax.P(None)
     assert shd.state_shardings(rest, mesh)["count"].spec == jax.P()
-    sample = shd.state_shardings(params, mesh, shd.SAMPLE_RULES)
+    sample = shd.state_shardings(params, mesh, shd.SAMPLE_RULES, tolerance=1.0)
     assert sample["embed"].spec == jax.P("tensor", None)  # sampling: no fsdp
     # optax moments keep the Params' metadata: laid out like their parameters, counts replicated
     opt = jax.eval_shape(optax.adam(1e-3).init, params)
-    opt_sh = shd.state_shardings(opt, mesh)
+    opt_sh = shd.state_shardings(opt, mesh, tolerance=1.0)
     assert opt_sh[0].mu["wq"].spec == sh["wq"].spec and opt_sh[0].count.spec == jax.P()
 
 
@@ -84,3 +85,24 @@ def test_host_local_batch_becomes_a_global_sharded_array():
     assert g["input_ids_BxKxT"].sharding.spec == jax.P(("data", "fsdp"))
     assert g["input_ids_BxKxT"].addressable_shards[0].data.shape == (2, 2, 3)
     np.testing.assert_array_equal(np.asarray(g["pref_B"]), local["pref_B"])
+
+
+def test_undivided_dimensions_warn_with_their_names_and_fail_past_the_tolerance():
+    from repo_jax import models
+
+    cfg = models.ModelConfig(arch="mistral", hf_model_type="llama", vocab_size=250, hidden_size=64,
+                             intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16)
+    state = nnx.state(nnx.eval_shape(lambda: models.build(cfg)))
+    # kv heads (2) and vocab (250) do not divide over tensor=4: wk, wv, embed, lm_head keep fsdp only
+    mesh = shd.make_mesh(shd.MeshConfig(data=1, fsdp=2, tensor=4))
+    with pytest.warns(UserWarning, match=r"layers\.wk \(2, 64, 2, 16\): dim 2 \(2\) over tensor \(4\).*top\.lm_head \(64, 250\): dim 1"):
+        out = shd.state_shardings(state, mesh)
+    assert out["top"]["embed"].spec == jax.P(None, "fsdp") and out["layers"]["wq"].spec == jax.P(None, "fsdp", "tensor", None)
+    # on tensor=8 alone, heads, embedding and head are not split at all: 53% of the elements
+    with pytest.raises(ValueError, match=r"top\.embed \(250, 64\): dim 0 \(250\) over tensor \(8\).*tolerance of 2%"):
+        shd.state_shardings(state, shd.make_mesh(shd.MeshConfig(data=1, fsdp=1, tensor=8)))
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a mesh that divides everything says nothing
+        shd.state_shardings(state, shd.make_mesh(shd.MeshConfig(data=2, fsdp=2, tensor=2)))

@@ -101,7 +101,12 @@ class _LanguageModel(nnx.Module):
         return ARCHS[self.config.arch].unembedding(self.config, self._top())
 
     def _embed(self, input_ids_BxT):
-        x = jnp.take(self.top["embed"][...], input_ids_BxT, axis=0).astype(self.config.jnp_dtype)
+        # The lookup reads the table gathered over ``embed`` (as FSDP gathers every weight), still
+        # split over ``vocab``: from an ``embed``-sharded table into batch-sharded rows XLA cannot
+        # partition the gather, and replicates the whole table with an "involuntary full
+        # rematerialization" warning.
+        table_VxD = shd.constrain(self.top["embed"][...], ("vocab", None))
+        x = jnp.take(table_VxD, input_ids_BxT, axis=0).astype(self.config.jnp_dtype)
         return shd.constrain(x, ("batch", "length", "act_embed"))
 
     def _context(self, positions_BxT, key_pos_BxS, index):
