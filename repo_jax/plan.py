@@ -93,7 +93,7 @@ def plan(cfg, *, fast_compile: bool = False, name: str = "") -> dict:
         "mesh": tuple(mesh.shape[a] for a in shd.MESH_AXES),
         "batch": f"{t.batch_size}x{t.num_responses}x{t.seq_len}",
         "micro_batches": t.micro_batches,
-        "compute": f"{t.compute_dtype} / {cfg.model.param_dtype} master, remat {cfg.model.remat}",
+        "compute": f"{cfg.model.dtype} / {cfg.model.param_dtype} master, remat {cfg.model.remat}",
         "argument_gib": args / GiB,
         "temp_gib": temp / GiB,
         "peak_gib": peak / GiB,

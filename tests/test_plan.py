@@ -66,7 +66,7 @@ def test_plan_on_tiny_config_prints_the_table():
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # plan sets its own device count
     out = subprocess.run(
         [sys.executable, "-m", "repo_jax.plan", "--config", "configs/tiny.yaml", "--devices", "4", "--fast-compile",
-         "mesh.tensor=2", "train.micro_batches=2", "train.compute_dtype=bfloat16"],
+         "mesh.tensor=2", "train.micro_batches=2", "model.dtype=bfloat16"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
     )
     assert out.returncode == 0, out.stderr[-3000:]

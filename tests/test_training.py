@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from repo_jax import sharding as shd
 from repo_jax.training import batch as bt
@@ -57,7 +58,7 @@ def _run(base, cfg, shape, batches):
         abstract = abstract.replace(ref_params=abstract.params)
         host_state = host_state.replace(ref_params=host_state.params)
     shardings = shd.state_shardings(abstract, mesh)
-    key = (cfg.train, shape)
+    key = (cfg.train, cfg.model.dtype, shape)
     if key not in _STEPS:
         _STEPS[key] = sp.make_train_step(graphdef, cfg, mesh, shardings, compiler_options=FAST)
     state = jax.device_put(host_state, shardings)
@@ -139,9 +140,10 @@ def test_nonfinite_batch_is_skipped_and_counted(base):
 
 
 def test_bf16_compute_keeps_float32_master_weights(base):
-    cfg = _with(CFG, compute_dtype="bfloat16")
+    cfg = dataclasses.replace(CFG, model=dataclasses.replace(CFG.model, dtype="bfloat16"))
+    graphdef16 = nnx.split(nnx.eval_shape(st.model_factory(cfg.model)))[0]  # same parameters, bf16 compute
     b = random_batch(CFG, vocab=V, seed=6)
-    s16, m16 = _run(base, cfg, (1, 1, 1), [b])
+    s16, m16 = _run((graphdef16, base[1]), cfg, (1, 1, 1), [b])
     _, m32 = _run(base, CFG, (1, 1, 1), [b])
     assert all(x.dtype == np.float32 for x in jax.tree.leaves(s16.params))
     np.testing.assert_allclose(m16[0]["loss"], m32[0]["loss"], rtol=5e-2)

@@ -161,7 +161,7 @@ def run_ours(gguf, batch, *, compute_dtype: str, warmup: int, steps: int, lr: fl
 
     b, k, t = batch["input_ids_BxKxT"].shape
     cfg = RunConfig(
-        train=TrainConfig(batch_size=b, num_responses=k, seq_len=t, compute_dtype=compute_dtype, reference="params",
+        train=TrainConfig(batch_size=b, num_responses=k, seq_len=t, reference="params",
                           logprob_chunk=chunk, loss=LossConfig(name="dpo", beta=beta)),
         optim=OptimConfig(lr=lr, warmup_steps=0, schedule="constant", clip_norm=1.0, weight_decay=0.0),
     )

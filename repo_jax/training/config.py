@@ -88,8 +88,8 @@ class TrainConfig:
 
     ``reference``: ``batch`` reads ``ref_logps_BxK`` from the batch (iREPO computes them once per
     round with :func:`repo_jax.training.step.make_reference_logprobs`); ``params`` runs a frozen
-    copy of the reference parameters held in the train state. ``compute_dtype`` casts the
-    float32 master parameters for the forward/backward (gradients and Adam stay float32).
+    copy of the reference parameters held in the train state. The forward and backward run in
+    ``model.dtype`` (the master parameters, gradients and Adam stay in ``model.param_dtype``).
     A non-finite loss or gradient skips the update; ``max_nonfinite_in_a_row`` of them in a row
     stops the run.
     """
@@ -100,11 +100,9 @@ class TrainConfig:
     micro_batches: int = 1
     steps: int = 1000
     seed: int = 0
-    compute_dtype: Dtype = "float32"
     reference: Literal["batch", "params"] = "batch"
     logprob_chunk: int = 128
     max_nonfinite_in_a_row: int = 5
-    log_every: int = 10
     loss: LossConfig = LossConfig()
 
 

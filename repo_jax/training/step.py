@@ -79,15 +79,17 @@ def mean_record(sums: Mapping[str, float], keys: Sequence[str]) -> dict[str, flo
 
 
 def _cast_floats(tree, dtype):
-    if dtype is None:
-        return tree
     return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
 
 
-def _hidden_and_unembedding(graphdef, params, buffers, batch, compute_dtype):
-    """Model forward on the ``R = B * K`` rows: ``(h_RxTxD, w_DxV, b_V or None)``."""
-    states = [_cast_floats(params, compute_dtype)] + ([] if buffers is None else [buffers])
-    model = nnx.merge(graphdef, *states)
+def _hidden_and_unembedding(graphdef, params, buffers, batch):
+    """Model forward on the ``R = B * K`` rows: ``(h_RxTxD, w_DxV, b_V or None)``. The float
+    parameters are cast to the model's compute dtype (``model.dtype``) for the forward; the
+    master copy (``model.param_dtype``), its gradients and Adam's moments are untouched."""
+    rest = [] if buffers is None else [buffers]
+    model = nnx.merge(graphdef, params, *rest)
+    if model.config.jnp_dtype != model.config.jnp_param_dtype:
+        model = nnx.merge(graphdef, _cast_floats(params, model.config.jnp_dtype), *rest)
     r = bt.rows(batch)
     h_RxTxD = model.hidden_states(r["input_ids_RxT"], r.get("positions_RxT"), r.get("attention_mask_RxT"))
     w_DxV, b_V = model.unembedding()
@@ -136,7 +138,7 @@ def loss_sums(h_RxTxD, w_DxV, b_V, batch, ref_logps_BxK, *, mesh, train: TrainCo
 def response_logps(graphdef, params, buffers, batch, *, mesh, train: TrainConfig):
     """``logps_BxK``: each response's summed log-prob under ``params`` (the loss-masked tokens),
     float32; the one forward pass behind both reference modes."""
-    h, w, b = _hidden_and_unembedding(graphdef, params, buffers, batch, _dtype(train.compute_dtype))
+    h, w, b = _hidden_and_unembedding(graphdef, params, buffers, batch)
     ids, mask = batch["input_ids_BxKxT"], batch["loss_mask_BxKxT"]
     bsz, k, t = ids.shape
     logps_R = sequence_logps(h, w, b, ids.reshape(-1, t), mask.reshape(-1, t), mesh=mesh, chunk=train.logprob_chunk)
@@ -154,20 +156,15 @@ def _ref_logps(graphdef, ref_params, buffers, batch, *, mesh, train: TrainConfig
     return jax.lax.stop_gradient(response_logps(graphdef, ref_params, buffers, batch, mesh=mesh, train=train))
 
 
-def _dtype(name: str):
-    return None if name == "float32" else jnp.dtype(name)
-
-
 def train_step_fn(graphdef, cfg: RunConfig, mesh, param_shardings) -> Callable:
     """The pure (un-jitted) ``(state, batch) -> (state, metrics)``."""
     train = cfg.train
     tx, lr_at = make_optimizer(cfg.optim), schedule(cfg.optim)
     objectives.get(train.loss.name)  # an unknown name fails here, before tracing
-    compute_dtype = _dtype(train.compute_dtype)
 
     def micro_loss(params, state, mb, total):
         ref_BxK = _ref_logps(graphdef, state.ref_params, state.buffers, mb, mesh=mesh, train=train)
-        h, w, b = _hidden_and_unembedding(graphdef, params, state.buffers, mb, compute_dtype)
+        h, w, b = _hidden_and_unembedding(graphdef, params, state.buffers, mb)
         sums = loss_sums(h, w, b, mb, ref_BxK, mesh=mesh, train=train)
         return sums["loss_sum"] / total, sums
 
