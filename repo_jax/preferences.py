@@ -1,14 +1,14 @@
 """Votes -> count matrices -> Zermelo / Bradley-Terry strengths -> empirical preferences.
 
-iREPO step 2-4 (ALGORITHMS.md): ``H`` annotators judge every pair of ``D`` responses of a prompt;
+iREPO step 2-4 (ALGORITHMS.md): ``A`` annotators judge every pair of ``K`` responses of a prompt;
 their votes (0/1) or probabilities sum into ``counts[i, j]`` (how many annotators prefer ``i``
-over ``j``; ``counts[i, j] + counts[j, i] = H``); the MM iteration fits strengths ``w``; the
+over ``j``; ``counts[i, j] + counts[j, i] = A``); the MM iteration fits strengths ``w``; the
 empirical preference of a pair is ``p_hat_ij = w_i / (w_i + w_j)``.
 
 Also the list-to-pair builders of the LPO paper's DPO baselines (best-vs-random, best-vs-each-
 other, all pairs). Everything is jnp, batched over a leading prompt axis ``P`` and jittable.
 
-Dimension letters: P prompts, D responses per prompt (K for scored lists), H annotators.
+Dimension letters: P prompts, K responses per prompt, A annotators (the papers' D and H).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from jax.typing import ArrayLike
 def counts_from_probs(probs: ArrayLike) -> Array:
     """Sums per-annotator pairwise judgements into counts.
 
-    ``probs[h, p, i, j]`` (``[H, P, D, D]``, or ``[H, D, D]``) is annotator ``h``'s probability (or
+    ``probs[a, p, i, j]`` (``[A, P, K, K]``, or ``[A, K, K]``) is annotator ``a``'s probability (or
     0/1 vote) that response ``i`` beats ``j``. The diagonal is ignored. Returns ``counts[p, i, j]``.
     """
     probs = jnp.asarray(probs, jnp.float32)
@@ -36,26 +36,26 @@ def counts_from_probs(probs: ArrayLike) -> Array:
 _NEVER_WINS_GAP = 40.0
 
 
-def _mm_step(log_w_PxD: Array, wins_PxD: Array, n_PxDxD: Array) -> Array:
+def _mm_step(log_w_PxK: Array, wins_PxK: Array, n_PxKxK: Array) -> Array:
     """One MM update ``w_i <- W_i / sum_j N_ij / (w_i + w_j)`` in log space, renormalised to
     geometric mean 1. Items with no comparisons keep their strength."""
     # Stable in log space: w_i / (w_i + w_j) = sigmoid(log w_i - log w_j), so
     # w_i * sum_j N_ij / (w_i + w_j) = sum_j N_ij sigmoid(log w_i - log w_j).
-    diff_PxDxD = log_w_PxD[:, :, None] - log_w_PxD[:, None, :]
-    denom_scaled_PxD = jnp.einsum("PIJ,PIJ->PI", n_PxDxD, jax.nn.sigmoid(diff_PxDxD))
-    compared_PxD = n_PxDxD.sum(-1) > 0
-    wins_any_PxD = compared_PxD & (wins_PxD > 0)
+    diff_PxKxK = log_w_PxK[:, :, None] - log_w_PxK[:, None, :]
+    denom_scaled_PxK = jnp.einsum("PIJ,PIJ->PI", n_PxKxK, jax.nn.sigmoid(diff_PxKxK))
+    compared_PxK = n_PxKxK.sum(-1) > 0
+    wins_any_PxK = compared_PxK & (wins_PxK > 0)
     # log w_i <- log W_i - log(w_i * denom) + log w_i
-    upd_PxD = (
-        jnp.log(jnp.where(wins_any_PxD, wins_PxD, 1.0))
-        - jnp.log(jnp.where(wins_any_PxD, denom_scaled_PxD, 1.0))
-        + log_w_PxD
+    upd_PxK = (
+        jnp.log(jnp.where(wins_any_PxK, wins_PxK, 1.0))
+        - jnp.log(jnp.where(wins_any_PxK, denom_scaled_PxK, 1.0))
+        + log_w_PxK
     )
     # An item that is compared but never wins has MLE strength 0: pin it far below the weakest
     # winner (p_hat ~ e^-40) so the iteration still converges.
-    floor_P = jnp.min(jnp.where(wins_any_PxD, upd_PxD, jnp.inf), axis=-1, keepdims=True) - _NEVER_WINS_GAP
-    new_PxD = jnp.where(wins_any_PxD, upd_PxD, jnp.where(compared_PxD, floor_P, log_w_PxD))
-    return new_PxD - new_PxD.mean(axis=-1, keepdims=True)
+    floor_P = jnp.min(jnp.where(wins_any_PxK, upd_PxK, jnp.inf), axis=-1, keepdims=True) - _NEVER_WINS_GAP
+    new_PxK = jnp.where(wins_any_PxK, upd_PxK, jnp.where(compared_PxK, floor_P, log_w_PxK))
+    return new_PxK - new_PxK.mean(axis=-1, keepdims=True)
 
 
 def zermelo(
@@ -64,7 +64,7 @@ def zermelo(
     """Bradley-Terry strengths from a count matrix by Zermelo's MM iteration.
 
     Args:
-      counts: ``[D, D]`` or batched ``[P, D, D]``; ``counts[i, j]`` = (soft) number of annotators
+      counts: ``[K, K]`` or batched ``[P, K, K]``; ``counts[i, j]`` = (soft) number of annotators
         preferring ``i`` over ``j``.
       pseudo_count: ``alpha`` added to every off-diagonal count before fitting (ALGORITHMS.md's
         default for the loop is 0.5); with 0 an item that never wins gets a strength that tends to
@@ -78,12 +78,12 @@ def zermelo(
     """
     counts = jnp.asarray(counts, jnp.float32)
     batched = counts.ndim == 3
-    c_PxDxD = counts if batched else counts[None]
-    d = c_PxDxD.shape[-1]
+    c_PxKxK = counts if batched else counts[None]
+    d = c_PxKxK.shape[-1]
     off_diag = 1.0 - jnp.eye(d, dtype=jnp.float32)
-    c_PxDxD = (c_PxDxD + pseudo_count) * off_diag
-    wins_PxD = c_PxDxD.sum(-1)
-    n_PxDxD = c_PxDxD + jnp.swapaxes(c_PxDxD, -1, -2)
+    c_PxKxK = (c_PxKxK + pseudo_count) * off_diag
+    wins_PxK = c_PxKxK.sum(-1)
+    n_PxKxK = c_PxKxK + jnp.swapaxes(c_PxKxK, -1, -2)
 
     def cond(state):
         i, _, delta = state
@@ -91,10 +91,10 @@ def zermelo(
 
     def body(state):
         i, log_w, _ = state
-        new = _mm_step(log_w, wins_PxD, n_PxDxD)
+        new = _mm_step(log_w, wins_PxK, n_PxKxK)
         return i + 1, new, jnp.max(jnp.abs(new - log_w))
 
-    log_w0 = jnp.zeros(c_PxDxD.shape[:2], jnp.float32)
+    log_w0 = jnp.zeros(c_PxKxK.shape[:2], jnp.float32)
     _, log_w, _ = jax.lax.while_loop(cond, body, (jnp.int32(0), log_w0, jnp.float32(jnp.inf)))
     out = log_w if return_log else jnp.exp(log_w)
     return out if batched else out[0]
@@ -102,7 +102,7 @@ def zermelo(
 
 def p_hat(strengths: ArrayLike, i: ArrayLike, j: ArrayLike) -> Array:
     """``w_i / (w_i + w_j)`` for index arrays ``i``, ``j`` over the last axis of ``strengths``
-    (``[D]`` with scalar/vector indices, or ``[P, D]`` with ``[P]`` / ``[P, M]`` indices)."""
+    (``[K]`` with scalar/vector indices, or ``[P, K]`` with ``[P]`` / ``[P, M]`` indices)."""
     log_w = jnp.log(jnp.asarray(strengths, jnp.float32))
     return jax.nn.sigmoid(_take(log_w, i) - _take(log_w, j))
 
@@ -120,36 +120,36 @@ def p_hat_matrix(strengths: ArrayLike) -> Array:
     return bt_matrix(jnp.log(jnp.asarray(strengths, jnp.float32)))
 
 
-def _take(x_PxD: Array, idx: ArrayLike) -> Array:
+def _take(x_PxK: Array, idx: ArrayLike) -> Array:
     idx = jnp.asarray(idx)
-    if x_PxD.ndim == 1:
-        return x_PxD[idx]
+    if x_PxK.ndim == 1:
+        return x_PxK[idx]
     if idx.ndim == 1:
-        return jnp.take_along_axis(x_PxD, idx[:, None], axis=-1)[:, 0]
-    return jnp.take_along_axis(x_PxD, idx, axis=-1)
+        return jnp.take_along_axis(x_PxK, idx[:, None], axis=-1)[:, 0]
+    return jnp.take_along_axis(x_PxK, idx, axis=-1)
 
 
-def select_pairs(strengths_PxD: ArrayLike, mode: Literal["best_vs_worst", "all_pairs"] = "best_vs_worst"):
+def select_pairs(strengths_PxK: ArrayLike, mode: Literal["best_vs_worst", "all_pairs"] = "best_vs_worst"):
     """Pairs to train on and their targets, from fitted strengths.
 
     ``best_vs_worst`` (the paper's default): per prompt the strongest vs the weakest response,
     ``a_P``, ``b_P``, ``p_hat_P`` (``a != b`` even when all strengths tie). ``all_pairs``: every
-    ``i < j``, as ``[P, D(D-1)/2]`` arrays. Returns ``(a, b, p_hat_ab)``.
+    ``i < j``, as ``[P, K(K-1)/2]`` arrays. Returns ``(a, b, p_hat_ab)``.
     """
-    w_PxD = jnp.asarray(strengths_PxD, jnp.float32)
-    d = w_PxD.shape[-1]
+    w_PxK = jnp.asarray(strengths_PxK, jnp.float32)
+    d = w_PxK.shape[-1]
     if d < 2:
         raise ValueError(f"need at least 2 responses per prompt to form pairs, got {d}")
     if mode == "best_vs_worst":
-        a_P = jnp.argmax(w_PxD, axis=-1)
-        b_P = jnp.argmin(w_PxD, axis=-1)
+        a_P = jnp.argmax(w_PxK, axis=-1)
+        b_P = jnp.argmin(w_PxK, axis=-1)
         b_P = jnp.where(a_P == b_P, (a_P + 1) % d, b_P)
-        return a_P, b_P, p_hat(w_PxD, a_P, b_P)
+        return a_P, b_P, p_hat(w_PxK, a_P, b_P)
     if mode == "all_pairs":
         i_M, j_M = jnp.triu_indices(d, k=1)
-        p = w_PxD.shape[0]
+        p = w_PxK.shape[0]
         a_PxM, b_PxM = jnp.broadcast_to(i_M, (p, i_M.size)), jnp.broadcast_to(j_M, (p, j_M.size))
-        return a_PxM, b_PxM, p_hat(w_PxD, a_PxM, b_PxM)
+        return a_PxM, b_PxM, p_hat(w_PxK, a_PxM, b_PxM)
     raise ValueError(f"pair selection mode must be 'best_vs_worst' or 'all_pairs'; got {mode!r}")
 
 

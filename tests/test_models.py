@@ -297,7 +297,7 @@ def test_smollm2_gguf_matches_transformers_gguf_loader(smollm2_path):
     assert np.ptp(ref[-1]) > 10  # the logits are informative, not a flat row
 
 
-@pytest.mark.parametrize("spec,sa,sb", [("BTD,DF->BTF", (2, 3, 4), (4, 5)), ("BGRTH,BGSH->BGRTS", (2, 3, 2, 4, 5), (2, 3, 6, 5))])
+@pytest.mark.parametrize("spec,sa,sb", [("BTD,DF->BTF", (2, 3, 4), (4, 5)), ("BGQTH,BGSH->BGQTS", (2, 3, 2, 4, 5), (2, 3, 6, 5))])
 def test_matmul_gradients_and_backward_precision(spec, sa, sb):
     from repo_jax.models import layers
 

@@ -92,9 +92,9 @@ class TinyLM(nnx.Module):
             k_all = jax.lax.dynamic_update_slice(k_all, k[None].astype(k_all.dtype), (l, 0, index, 0, 0))
             v_all = jax.lax.dynamic_update_slice(v_all, v[None].astype(v_all.dtype), (l, 0, index, 0, 0))
             q = q.reshape(b, t, self.g, self.n // self.g, self.h)
-            s = jnp.einsum("BTGRH,BSGH->BGRTS", q, k_all[l]) / self.h**0.5
+            s = jnp.einsum("BTGQH,BSGH->BGQTS", q, k_all[l]) / self.h**0.5
             s = jnp.where(allowed_BxTxS[:, None, None], s, -1e30)
-            o = jnp.einsum("BGRTS,BSGH->BTGRH", jax.nn.softmax(s, -1), v_all[l]).reshape(b, t, self.n, self.h)
+            o = jnp.einsum("BGQTS,BSGH->BTGQH", jax.nn.softmax(s, -1), v_all[l]).reshape(b, t, self.n, self.h)
             x_BxTxD = x_BxTxD + jnp.einsum("BTNH,NHD->BTD", o, self.wo[l])
             hn = x_BxTxD / jnp.sqrt(jnp.mean(x_BxTxD**2, -1, keepdims=True) + 1e-6)
             x_BxTxD = x_BxTxD + jax.nn.gelu(hn @ self.w1[l]) @ self.w2[l]

@@ -1,4 +1,4 @@
-"""Annotators: judge the D responses of each prompt and return pairwise preferences.
+"""Annotators: judge the K responses of each prompt and return pairwise preferences.
 
 * :mod:`~repo_jax.annotators.base`          the ``Annotator`` protocol, score- and pair-based
   bases with per-round caches, Bradley-Terry probabilities from scores
@@ -10,8 +10,8 @@
 Typical round (the iREPO host loop)::
 
     panel.reset()
-    counts_PxDxD = panel.counts(prompts_P, responses_PxD)
-    strengths_PxD = repo_jax.preferences.zermelo(counts_PxDxD, pseudo_count=0.5)
+    counts_PxKxK = panel.counts(prompts_P, responses_PxK)
+    strengths_PxK = repo_jax.preferences.zermelo(counts_PxKxK, pseudo_count=0.5)
 """
 
 from repo_jax.annotators.base import Annotator, PairwiseAnnotator, ScoreAnnotator, bt_probs

@@ -1,9 +1,9 @@
 """The ``Annotator`` protocol and the two ways annotators are built: from scores, or pairwise.
 
-An annotator judges the ``D`` responses of each of ``P`` prompts and returns
-``probs_PxDxD[p, i, j]`` = probability (or 0/1 vote) that response ``i`` beats ``j``, with
-``P[i, j] + P[j, i] = 1`` off the diagonal and 0 on it. ``H`` annotators stacked give the
-``[H, P, D, D]`` that :func:`repo_jax.preferences.counts_from_probs` sums into counts.
+An annotator judges the ``K`` responses of each of ``P`` prompts and returns
+``probs_PxKxK[p, i, j]`` = probability (or 0/1 vote) that response ``i`` beats ``j``, with
+``P[i, j] + P[j, i] = 1`` off the diagonal and 0 on it. ``A`` annotators stacked give the
+``[A, P, K, K]`` that :func:`repo_jax.preferences.counts_from_probs` sums into counts.
 
 * :class:`ScoreAnnotator`: a scalar score per response (rules, reward models), turned into
   Bradley-Terry probabilities ``sigmoid((s_i - s_j) / temperature)`` (temperature 0 = hard
@@ -31,7 +31,7 @@ class Annotator(Protocol):
     name: str
 
     def __call__(self, prompts: Sequence[str], responses: Sequence[Sequence[str]]) -> np.ndarray:
-        """``probs_PxDxD`` (float32) for ``P`` prompts with ``D`` responses each."""
+        """``probs_PxKxK`` (float32) for ``P`` prompts with ``K`` responses each."""
         ...
 
     def reset(self) -> None:
@@ -40,12 +40,12 @@ class Annotator(Protocol):
 
 
 def check_responses(prompts: Sequence[str], responses: Sequence[Sequence[str]]) -> int:
-    """``D``, after checking every prompt has the same number (>= 2) of responses."""
+    """``K``, after checking every prompt has the same number (>= 2) of responses."""
     if len(prompts) != len(responses):
         raise ValueError(f"got {len(prompts)} prompts but {len(responses)} response lists")
     ds = {len(r) for r in responses}
     if len(ds) != 1 or min(ds) < 2:
-        raise ValueError(f"every prompt needs the same number D >= 2 of responses; got counts {sorted(ds)}")
+        raise ValueError(f"every prompt needs the same number K >= 2 of responses; got counts {sorted(ds)}")
     return ds.pop()
 
 
@@ -79,7 +79,7 @@ class ScoreAnnotator:
         raise NotImplementedError
 
     def scores(self, prompts: Sequence[str], responses: Sequence[Sequence[str]]) -> np.ndarray:
-        """``scores_PxD`` (float64), scoring each distinct ``(prompt, response)`` once."""
+        """``scores_PxK`` (float64), scoring each distinct ``(prompt, response)`` once."""
         todo = list(dict.fromkeys((p, r) for p, rs in zip(prompts, responses) for r in rs
                                   if (p, r) not in self._cache))
         if todo:

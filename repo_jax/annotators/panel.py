@@ -1,7 +1,7 @@
-"""Panels of ``H`` annotators, and a simulated noisy human panel.
+"""Panels of ``A`` annotators, and a simulated noisy human panel.
 
-:class:`Panel` asks each member for its ``[P, D, D]`` judgements and sums them with
-:func:`repo_jax.preferences.counts_from_probs` into the counts ``n_ij`` (``n_ij + n_ji = H``)
+:class:`Panel` asks each member for its ``[P, K, K]`` judgements and sums them with
+:func:`repo_jax.preferences.counts_from_probs` into the counts ``n_ij`` (``n_ij + n_ji = A``)
 that :func:`repo_jax.preferences.zermelo` fits.
 
 :class:`SimulatedAnnotator` stands in for a human rater with a known latent reward ``r`` and a
@@ -26,10 +26,10 @@ class AnnotatorError(RuntimeError):
 
 
 class Panel:
-    """``H`` annotators judging the same responses, each with a weight (default 1).
+    """``A`` annotators judging the same responses, each with a weight (default 1).
 
     With weights, ``counts[i, j] = sum_h weight_h * p_h(i > j)``, so ``n_ij + n_ji`` is the
-    total weight (``H`` when unweighted).
+    total weight (``A`` when unweighted).
     """
 
     def __init__(self, annotators: Sequence[Annotator], weights: Sequence[float] | None = None):
@@ -49,7 +49,7 @@ class Panel:
         return [a.name for a in self.annotators]
 
     def probs(self, prompts: Sequence[str], responses: Sequence[Sequence[str]], *, progress=None) -> np.ndarray:
-        """``[H, P, D, D]``: member ``h``'s probability (or vote) that ``i`` beats ``j``.
+        """``[A, P, K, K]``: member ``a``'s probability (or vote) that ``i`` beats ``j``.
 
         ``progress`` (optional) wraps the list of members, e.g. a progress bar. A member that
         raises is reported as :class:`AnnotatorError` naming it.
@@ -62,14 +62,14 @@ class Panel:
                 raise AnnotatorError(f"annotator {a.name!r} failed: {type(e).__name__}: {e}") from e
         return np.stack(out)
 
-    def counts_from(self, probs_HxPxDxD: np.ndarray) -> np.ndarray:
-        """Weighted counts ``[P, D, D]`` from :meth:`probs`."""
+    def counts_from(self, probs_AxPxKxK: np.ndarray) -> np.ndarray:
+        """Weighted counts ``[P, K, K]`` from :meth:`probs`."""
         from repo_jax.preferences import counts_from_probs
 
-        return np.asarray(counts_from_probs(probs_HxPxDxD * self.weights[:, None, None, None]))
+        return np.asarray(counts_from_probs(probs_AxPxKxK * self.weights[:, None, None, None]))
 
     def counts(self, prompts: Sequence[str], responses: Sequence[Sequence[str]]) -> np.ndarray:
-        """``counts_PxDxD`` for :func:`repo_jax.preferences.zermelo`."""
+        """``counts_PxKxK`` for :func:`repo_jax.preferences.zermelo`."""
         return self.counts_from(self.probs(prompts, responses))
 
     def reset(self) -> None:

@@ -58,7 +58,7 @@ def evaluate(run: Run, iteration: int) -> tuple[dict, list[str]]:
 
 def sample_and_annotate(run: Run, t: int, batch: dict) -> tuple[list[dict], dict]:
     """Round ``t``'s records: from its round file when a previous attempt wrote it, else by
-    sampling ``D`` responses per prompt and annotating them (then the file is written)."""
+    sampling ``K`` responses per prompt and annotating them (then the file is written)."""
     cfg, times = run.cfg, {}
     valid = batch["example_mask_B"]
     prompt_ids = unpad_prompts(batch["prompt_ids_BxT"], batch["prompt_len_B"], valid)
@@ -85,7 +85,7 @@ def sample_and_annotate(run: Run, t: int, batch: dict) -> tuple[list[dict], dict
     texts = [[run.decode(r) for r in rows] for rows in responses]
     ann = rounds.annotate(run.panel, prompt_texts, texts, pseudo_count=cfg.annotate.pseudo_count,
                           progress=lambda x: run.bar(x, desc=f"round {t}: annotate", unit="annotator"))
-    pairs = rounds.select(ann["strengths_PxD"], cfg.loop.pairs)
+    pairs = rounds.select(ann["strengths_PxK"], cfg.loop.pairs)
     records = rounds.round_records(t, prompt_texts, prompt_ids, responses, texts, ann, run.panel.names, pairs,
                                    run.eos_id, logps=logps if cfg.loop.reference == "sampler" else None)
     if run.main:

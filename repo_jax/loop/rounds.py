@@ -75,21 +75,21 @@ def annotate(panel, prompts: Sequence[str], responses: Sequence[Sequence[str]], 
              progress=None) -> dict[str, np.ndarray]:
     """The panel's judgements, weighted counts and Zermelo strengths of one round.
 
-    Returns ``probs_HxPxDxD`` (each member's P(i beats j)), ``counts_PxDxD`` (``n_ij + n_ji`` =
-    the panel's total weight) and ``strengths_PxD`` (geometric mean 1, ``pseudo_count`` added
+    Returns ``probs_AxPxKxK`` (each member's P(i beats j)), ``counts_PxKxK`` (``n_ij + n_ji`` =
+    the panel's total weight) and ``strengths_PxK`` (geometric mean 1, ``pseudo_count`` added
     to every count before the fit).
     """
     panel.reset()
     probs = panel.probs(prompts, responses, progress=progress)
     counts = panel.counts_from(probs)
     strengths = np.asarray(_zermelo(counts, pseudo_count=pseudo_count), np.float64)
-    return {"probs_HxPxDxD": probs, "counts_PxDxD": counts, "strengths_PxD": strengths}
+    return {"probs_AxPxKxK": probs, "counts_PxKxK": counts, "strengths_PxK": strengths}
 
 
-def select(strengths_PxD: np.ndarray, mode: str) -> list[list[dict]]:
+def select(strengths_PxK: np.ndarray, mode: str) -> list[list[dict]]:
     """Per prompt, the pairs to train on: ``[{"a": i, "b": j, "p_hat": w_i / (w_i + w_j)}]``
     (``best_vs_worst``: strongest vs weakest; ``all_pairs``: every ``i < j``)."""
-    a, b, p = (np.asarray(x) for x in preferences.select_pairs(strengths_PxD, mode))
+    a, b, p = (np.asarray(x) for x in preferences.select_pairs(strengths_PxK, mode))
     if a.ndim == 1:
         a, b, p = a[:, None], b[:, None], p[:, None]
     return [[{"a": int(i), "b": int(j), "p_hat": float(q)} for i, j, q in zip(*row)] for row in zip(a, b, p)]
@@ -104,7 +104,7 @@ def round_records(round_index: int, prompt_texts: Sequence[str], prompt_ids: Seq
     member's P(response i beats response j); with ``logps``, each response also carries
     ``logp``, its log-prob under the sampling policy (the round's reference)."""
     stops = set(np.atleast_1d(eos_id).tolist()) if eos_id is not None else set()
-    probs = annotation["probs_HxPxDxD"]
+    probs = annotation["probs_AxPxKxK"]
     out = []
     for p, (text, ids) in enumerate(zip(prompt_texts, prompt_ids)):
         out.append({
@@ -114,8 +114,8 @@ def round_records(round_index: int, prompt_texts: Sequence[str], prompt_ids: Seq
                            **({} if logps is None else {"logp": float(logps[p][d])})}
                           for d, (t, r) in enumerate(zip(responses_text[p], responses_ids[p]))],
             "judgements": {name: np.round(probs[h, p], 6).tolist() for h, name in enumerate(panel_names)},
-            "counts": annotation["counts_PxDxD"][p].tolist(),
-            "strengths": annotation["strengths_PxD"][p].tolist(),
+            "counts": annotation["counts_PxKxK"][p].tolist(),
+            "strengths": annotation["strengths_PxK"][p].tolist(),
             "pairs": list(pairs[p]),
         })
     return out

@@ -5,9 +5,10 @@ scanned over; each block receives one layer's slice as a dict. Matmuls take ``dt
 accumulate in float32 (``preferred_element_type``); norms, rotary embeddings and the softmax run
 in float32.
 
-Dimension letters: B batch, T query length, S key length (cache slots), D model, N query
-heads, G kv heads, R query heads per kv head (``N = G * R``), H head dim, F mlp hidden, V vocab,
-L layers.
+Dimension letters (DESIGN.md's alphabet): B batch (here the sequences of a forward: the train
+step's ``R = B * K`` rows are its ``B``), T query length, S key length (cache slots), D model,
+N query heads, G kv heads, H head dim, F mlp hidden, V vocab, L layers; and two local to
+attention: Q query heads per kv head (``N = G * Q``), E the flattened heads (``E = N * H``).
 """
 
 from __future__ import annotations
@@ -93,8 +94,8 @@ def activation(name: str):
 def rope_angles(positions_BxT, rotary_dim: int, theta: float):
     """``(sin, cos)``, each float32 ``[B, T, rotary_dim // 2]``."""
     inv_freq = 1.0 / (theta ** (jnp.arange(0, rotary_dim, 2, dtype=F32) / rotary_dim))
-    ang_BxTxR = positions_BxT.astype(F32)[..., None] * inv_freq
-    return jnp.sin(ang_BxTxR), jnp.cos(ang_BxTxR)
+    ang_BxTxH2 = positions_BxT.astype(F32)[..., None] * inv_freq
+    return jnp.sin(ang_BxTxH2), jnp.cos(ang_BxTxH2)
 
 
 def apply_rope(x_BxTxNxH, sin_cos):
@@ -206,20 +207,20 @@ def key_positions(positions_BxT, attention_mask_BxT):
 def attend(q_BxTxNxH, k_BxGxSxH, v_BxGxSxH, allowed_BxTxS, dtype):
     """Grouped-query softmax attention, scores and softmax in float32.
 
-    Both dots keep ``(B, G, R, T)`` leading on the query side and return that order: with the
+    Both dots keep ``(B, G, Q, T)`` leading on the query side and return that order: with the
     query axes in their natural order XLA:CPU runs the batched dots directly (putting ``T``
     first in the output made it swap the operands of the ``probs @ v`` dot, ~4x slower per
     decoded token); the result is transposed back once.
     """
     b, t, n, h = q_BxTxNxH.shape
     g = k_BxGxSxH.shape[1]
-    q_BxGxRxTxH = q_BxTxNxH.reshape(b, t, g, n // g, h).transpose(0, 2, 3, 1, 4)
-    scores = matmul("BGRTH,BGSH->BGRTS", q_BxGxRxTxH, k_BxGxSxH, dtype)
+    q_BxGxQxTxH = q_BxTxNxH.reshape(b, t, g, n // g, h).transpose(0, 2, 3, 1, 4)
+    scores = matmul("BGQTH,BGSH->BGQTS", q_BxGxQxTxH, k_BxGxSxH, dtype)
     scores = scores * (h**-0.5)
     scores = jnp.where(allowed_BxTxS[:, None, None], scores, jnp.finfo(F32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
-    out_BxGxRxTxH = matmul("BGRTS,BGSH->BGRTH", probs, v_BxGxSxH, dtype)
-    return out_BxGxRxTxH.transpose(0, 3, 1, 2, 4).reshape(b, t, n, h).astype(dtype)
+    out_BxGxQxTxH = matmul("BGQTS,BGSH->BGQTH", probs, v_BxGxSxH, dtype)
+    return out_BxGxQxTxH.transpose(0, 3, 1, 2, 4).reshape(b, t, n, h).astype(dtype)
 
 
 def out_proj(o_BxTxNxH, wo_NxHxD, dtype):
@@ -230,7 +231,7 @@ def out_proj(o_BxTxNxH, wo_NxHxD, dtype):
     transpose of ``wo`` on every call (per decoded token, the slowest op of the step).
     """
     b, t, n, h = o_BxTxNxH.shape
-    return dense(o_BxTxNxH.reshape(b, t, n * h), wo_NxHxD.reshape(n * h, -1), "BTK,KD->BTD", dtype)
+    return dense(o_BxTxNxH.reshape(b, t, n * h), wo_NxHxD.reshape(n * h, -1), "BTE,ED->BTD", dtype)
 
 
 def _rotated(q_BxTxNxH, k_BxTxGxH, v_BxTxGxH, ctx: AttentionContext):
