@@ -5,9 +5,6 @@ Without ``--config`` it runs ``configs/default.yaml``: SmolLM2-135M-Instruct (th
 raters. Each round samples responses, has the panel vote on every pair, fits Zermelo strengths,
 and regresses the policy's implicit reward differences onto ``logit(p_hat)``; see
 :mod:`repo_jax.loop.runner` for what lands in ``run_dir`` and how a run resumes.
-
-Exit status: 0 when the run finished (or had finished), 2 for a bad config or input,
-143 after SIGTERM (a checkpoint was written; rerun the same command to resume).
 """
 
 from __future__ import annotations

@@ -9,23 +9,17 @@ paper's pair baselines built from the same lists (``pairs.mode``: ``best_vs_rand
 Without ``--config`` it runs ``configs/tiny_lpo.yaml`` (a tiny random model on the shipped
 arithmetic listwise set, under 2 minutes on a laptop CPU). What lands in ``run_dir`` and how a
 run resumes: :mod:`repo_jax.offline.runner`; the keys: :mod:`repo_jax.offline.config`.
-
-Exit status: 0 when the run finished (or had finished), 2 for a bad config or input,
-143 after SIGTERM (a checkpoint was written; rerun the same command to resume).
 """
 
 from __future__ import annotations
 
 import sys
 
-DEFAULT_CONFIG = "configs/tiny_lpo.yaml"
-
 
 def main(argv: list[str] | None = None) -> int:
-    from repo_jax.offline.config import LpoConfig
     from repo_jax.offline.runner import main as offline_main
 
-    return offline_main(LpoConfig, argv, prog="python -m repo_jax.lpo", doc=__doc__, default_config=DEFAULT_CONFIG)
+    return offline_main("lpo", argv, __doc__)
 
 
 if __name__ == "__main__":

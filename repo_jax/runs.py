@@ -161,6 +161,10 @@ def run_until_preempted(r: RunBase, body: Callable[[RunBase, Callable[[], bool]]
 # ------------------------------------------------------------------------------ command line
 
 
+EXIT_STATUS = ("Exit status: 0 when the run finished (or had finished), 2 for a bad config or input,\n"
+               "143 after SIGTERM (a checkpoint was written; rerun the same command to resume).")
+
+
 def program_main(cls: type, run: Callable, argv: list[str] | None, *, prog: str, doc: str,
                  default_config: str, example: str) -> int:
     """The command line of a program: loads ``--config`` (or ``default_config``, a repo path
@@ -172,7 +176,8 @@ def program_main(cls: type, run: Callable, argv: list[str] | None, *, prog: str,
     from repo_jax.data import DataError
     from repo_jax.training.state import resolve_path
 
-    ap = argparse.ArgumentParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(prog=prog, description=doc, epilog=EXIT_STATUS,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default=None, help=f"a YAML config (default: {default_config})")
     ap.add_argument("overrides", nargs="*", help=f"key.sub=value overrides, e.g. {example}")
     args = ap.parse_args(argv)

@@ -420,20 +420,8 @@ def sampling_copy(model, mesh: jax.sharding.Mesh | None = None):
     return model
 
 
-def generate(
-    model,
-    prompts: Sequence[Sequence[int]],
-    *,
-    max_new_tokens: int,
-    temperature: float = 0.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    eos_id: int | Sequence[int] | None = None,
-    seed: int = 0,
-) -> list[list[int]]:
-    """New tokens of each prompt, up to and including the first ``eos_id`` (temperature 0: greedy)."""
-    out = sample(
-        model, prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-        eos_id=eos_id, seed=seed,
-    )
+def generate(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, **options) -> list[list[int]]:
+    """New tokens of each prompt, up to and including the first ``eos_id`` (greedy unless
+    ``options`` say otherwise: any keyword of :func:`sample`)."""
+    out = sample(model, prompts, max_new_tokens=max_new_tokens, **options)
     return [row[:n].tolist() for row, n in zip(out.tokens_BxS, out.lengths_B)]

@@ -8,23 +8,17 @@ token (prompt and padding tokens are masked out), on length-bucketed batches. Th
 prompts are measured as in ``python -m repo_jax.lpo``; the final policy is exported to
 ``run_dir/policy`` (an HF folder), ready for ``model.weights`` of the iREPO or LPO programs.
 Without ``--config`` it runs ``configs/tiny_sft.yaml``.
-
-Exit status: 0 when the run finished (or had finished), 2 for a bad config or input,
-143 after SIGTERM (a checkpoint was written; rerun the same command to resume).
 """
 
 from __future__ import annotations
 
 import sys
 
-DEFAULT_CONFIG = "configs/tiny_sft.yaml"
-
 
 def main(argv: list[str] | None = None) -> int:
-    from repo_jax.offline.config import SftConfig
     from repo_jax.offline.runner import main as offline_main
 
-    return offline_main(SftConfig, argv, prog="python -m repo_jax.sft", doc=__doc__, default_config=DEFAULT_CONFIG)
+    return offline_main("sft", argv, __doc__)
 
 
 if __name__ == "__main__":

@@ -40,9 +40,8 @@ def top_specs(cfg: ModelConfig) -> dict[str, ParamSpec]:
 
 
 def block(cfg: ModelConfig, p, x_BxTxD, attend):
-    """One decoder layer; ``attend(q, k, v) -> (o, cache)`` is the
-    layer's attention (with or without a cache, see ``model.py``); returns the new residual
-    stream and what ``attend`` returned as the cache."""
+    """One decoder layer: pre-norm attention through ``attend(q, k, v) -> (o, cache)`` (the
+    model's, with or without a KV cache), then a pre-norm SwiGLU MLP; returns ``(x, cache)``."""
     dt = cfg.jnp_dtype
     h_BxTxD = layers.rms_norm(x_BxTxD, p["attn_norm"], cfg.norm_eps, dt)
     q = layers.dense(h_BxTxD, p["wq"], "BTD,DNH->BTNH", dt)

@@ -52,9 +52,8 @@ def top_specs(cfg: ModelConfig) -> dict[str, ParamSpec]:
 
 
 def block(cfg: ModelConfig, p, x_BxTxD, attend):
-    """One parallel layer; ``attend(q, k, v) -> (o, cache)`` is the
-    layer's attention (with or without a cache, see ``model.py``); returns the new residual
-    stream and what ``attend`` returned as the cache."""
+    """One parallel layer: attention (``attend(q, k, v) -> (o, cache)``, the model's) and the MLP
+    both read one LayerNorm of the residual and add to it; returns ``(x, cache)``."""
     dt = cfg.jnp_dtype
     h_BxTxD = layers.layer_norm(x_BxTxD, p["ln_scale"], p["ln_bias"], cfg.norm_eps, dt)
     q = layers.dense(h_BxTxD, p["wq"], "BTD,DNH->BTNH", dt) + p["bq"].astype(dt)

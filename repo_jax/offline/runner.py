@@ -376,6 +376,13 @@ def _finish(r: OfflineRun, tb_done: bool = False) -> None:
         r.log(f"report: {r.run_dir / 'report.png'}   metrics: {r.run_dir / 'metrics.jsonl'}")
 
 
-def main(cls: type[OfflineConfig], argv: list[str] | None, *, prog: str, doc: str, default_config: str) -> int:
+PROGRAMS = {"lpo": ("LpoConfig", "configs/tiny_lpo.yaml"), "sft": ("SftConfig", "configs/tiny_sft.yaml")}
+
+
+def main(program: str, argv: list[str] | None, doc: str) -> int:
     """The command line of ``python -m repo_jax.lpo`` / ``repo_jax.sft`` (exit status as the iREPO program's)."""
-    return program_main(cls, run, argv, prog=prog, doc=doc, default_config=default_config, example="train.steps=10")
+    from repo_jax.offline import config as offline_config
+
+    cls, default = PROGRAMS[program]
+    return program_main(getattr(offline_config, cls), run, argv, prog=f"python -m repo_jax.{program}", doc=doc,
+                        default_config=default, example="train.steps=10")
