@@ -69,19 +69,47 @@ def load_run(run_dir: str | Path) -> tuple[dict, list[dict]]:
     return cfg, records
 
 
+def _leaves(value, prefix: str = "") -> dict[str, object]:
+    if isinstance(value, dict):
+        return {k: v for key, item in value.items() for k, v in _leaves(item, f"{prefix}{key}.").items()}
+    if isinstance(value, list):
+        return {k: v for i, item in enumerate(value) for k, v in _leaves(item, f"{prefix}{i}.").items()}
+    return {prefix.rstrip("."): value}
+
+
+def _labels(values: Sequence[object]) -> list[str]:
+    """One label per run for one ``--by`` key: the value itself, or for a structured value (a
+    panel list, a dict) only the fields that differ between the runs (``count=3``)."""
+    if all(not isinstance(v, (dict, list)) for v in values):
+        return [v if isinstance(v, str) else json.dumps(v) for v in values]
+    leaves = [_leaves(v) for v in values]
+    paths = sorted(set().union(*leaves))
+    differ = [p for p in paths if len({json.dumps(x.get(p), sort_keys=True) for x in leaves}) > 1]
+    if not differ:
+        return [json.dumps(v, sort_keys=True) for v in values]
+    short = {p: p.rsplit(".", 1)[-1] for p in differ}
+    if len(set(short.values())) < len(differ):  # two fields of the same name: keep their paths
+        short = {p: p for p in differ}
+    return [",".join(f"{short[p]}={json.dumps(x.get(p)) if not isinstance(x.get(p), str) else x.get(p)}"
+                     for p in differ) for x in leaves]
+
+
 def group_runs(run_dirs: Sequence[str], by: str) -> dict[str, list[tuple[str, list[dict]]]]:
-    groups: dict[str, list[tuple[str, list[dict]]]] = {}
+    runs, keys = [], [k.strip() for k in by.split(",")]
     for run in run_dirs:
         cfg, records = load_run(run)
-        label = []
-        for key in by.split(","):
+        values = []
+        for key in keys:
             try:
-                value = lookup(cfg, key.strip())
+                values.append(lookup(cfg, key))
             except KeyError:
-                raise KeyError(f"{run}/config.yaml has no key {key.strip()!r} (--by takes dotted config keys, "
+                raise KeyError(f"{run}/config.yaml has no key {key!r} (--by takes dotted config keys, "
                                "comma-separated)") from None
-            label.append(json.dumps(value) if not isinstance(value, str) else value)
-        groups.setdefault("/".join(label), []).append((run, records))
+        runs.append((run, records, values))
+    labels = [_labels([v[i] for _, _, v in runs]) for i in range(len(keys))]
+    groups: dict[str, list[tuple[str, list[dict]]]] = {}
+    for n, (run, records, _) in enumerate(runs):
+        groups.setdefault("/".join(col[n] for col in labels), []).append((run, records))
     return groups
 
 

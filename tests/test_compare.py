@@ -44,3 +44,19 @@ def test_a_folder_that_is_not_a_run_is_one_clear_error(tmp_path, capsys):
     run = _run(tmp_path / "r", "irepo", 0, [0.5])
     assert compare.main([run, "--by", "train.nope", "--out", str(tmp_path / "c.png")]) == 2
     assert "no key 'train.nope'" in capsys.readouterr().err
+
+
+def test_a_structured_key_is_labelled_by_the_fields_that_differ(tmp_path):
+    runs = []
+    for h in (1, 3):
+        for s in range(2):
+            path = tmp_path / f"h{h}_s{s}"
+            path.mkdir()
+            panel = [{"kind": "simulated", "count": h, "seed": 0, "temperature": 0.25}]
+            (path / "config.yaml").write_text(yaml.safe_dump({"annotate": {"panel": panel}, "train": {"seed": s}}))
+            (path / "metrics.jsonl").write_text(json.dumps({"iteration": 0, "eval/reward": 0.1 * h + s}) + "\n")
+            runs.append(str(path))
+    groups = compare.group_runs(runs, "annotate.panel")
+    assert sorted(groups) == ["count=1", "count=3"] and all(len(v) == 2 for v in groups.values())
+    both = compare.group_runs(runs, "annotate.panel,train.seed")
+    assert sorted(both) == ["count=1/0", "count=1/1", "count=3/0", "count=3/1"]
