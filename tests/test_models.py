@@ -145,6 +145,7 @@ def test_cached_decoding_equals_full_forward(arch, unstacked):
     model = stacked.unstacked() if unstacked else stacked
     size = lambda m: sum(x.size for x in jax.tree.leaves(nnx.state(m)))
     assert model.is_unstacked == unstacked and size(model) == size(stacked)
+    np.testing.assert_allclose(model(ids), full, atol=1e-5)  # either layout's full forward (lm-eval scores with it)
     p = 6  # prefill 6 tokens, then decode one at a time past the window
     cache = model.init_cache(2, 16)
     pos = jnp.broadcast_to(jnp.arange(14, dtype=jnp.int32), (2, 14))

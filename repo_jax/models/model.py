@@ -88,8 +88,9 @@ def _init(spec: ParamSpec, shape, key, dtype):
 
 class _LanguageModel(nnx.Module):
     """What both layouts share: the top-level parameters (embedding, final norm, unembedding),
-    the attention context and ``forward_with_cache``; a layout supplies its layers, its cache
-    (``init_cache``) and ``_layers_cached``."""
+    the attention context, the full forward (``__call__``, ``hidden_states``) and
+    ``forward_with_cache``; a layout supplies its layers (``_layers_full``, ``_layers_cached``)
+    and its cache (``init_cache``)."""
 
     config: ModelConfig
 
@@ -121,6 +122,16 @@ class _LanguageModel(nnx.Module):
         w_DxV, b_V = self.unembedding()
         logits = layers.matmul("BTD,DV->BTV", h_BxTxD, w_DxV, h_BxTxD.dtype)
         return logits if b_V is None else logits + b_V.astype(jnp.float32)
+
+    def hidden_states(self, input_ids_BxT, positions_BxT=None, attention_mask_BxT=None):
+        """Final hidden states ``[B, T, D]`` (after the final norm), compute dtype."""
+        mask, positions = _defaults(input_ids_BxT, positions_BxT, attention_mask_BxT)
+        ctx = self._context(positions, layers.key_positions(positions, mask), 0)
+        x = self._layers_full(self._embed(input_ids_BxT), ctx)
+        return ARCHS[self.config.arch].final_norm(self.config, self._top(), x)
+
+    def __call__(self, input_ids_BxT, positions_BxT=None, attention_mask_BxT=None):
+        return self.logits(self.hidden_states(input_ids_BxT, positions_BxT, attention_mask_BxT))
 
     def forward_with_cache(self, input_ids_BxT, positions_BxT, attention_mask_BxT, cache, index,
                            *, last_only: bool = False):
@@ -186,15 +197,8 @@ class CausalLM(_LanguageModel):
         (x_BxTxD, kv), _ = jax.lax.scan(body, (x_BxTxD, kv), xs)
         return x_BxTxD, kv
 
-    def hidden_states(self, input_ids_BxT, positions_BxT=None, attention_mask_BxT=None):
-        """Final hidden states ``[B, T, D]`` (after the final norm), compute dtype."""
-        mask, positions = _defaults(input_ids_BxT, positions_BxT, attention_mask_BxT)
-        ctx = self._context(positions, layers.key_positions(positions, mask), 0)
-        x, _ = self._scan(self._embed(input_ids_BxT), ctx, None, 0)
-        return ARCHS[self.config.arch].final_norm(self.config, self._top(), x)
-
-    def __call__(self, input_ids_BxT, positions_BxT=None, attention_mask_BxT=None):
-        return self.logits(self.hidden_states(input_ids_BxT, positions_BxT, attention_mask_BxT))
+    def _layers_full(self, x_BxTxD, ctx):
+        return self._scan(x_BxTxD, ctx, None, 0)[0]
 
     def init_cache(self, batch_size: int, max_len: int, dtype=None) -> layers.KVCache:
         """Zeros: stacked ``[L, B, G, S, H]`` key and value buffers."""
@@ -235,12 +239,21 @@ class DecodeLM(_LanguageModel):
         return layers.LayerKVCache.zeros(cfg.num_layers, batch_size, max_len, cfg.num_kv_heads, cfg.head_dim,
                                          dtype or cfg.jnp_dtype)
 
+    def _layer_params(self):
+        return [{k: v[...] for k, v in layer.items()} for layer in self.layers]
+
+    def _layers_full(self, x_BxTxD, ctx):
+        cfg, dt = self.config, self.config.jnp_dtype
+        attend = lambda q, k, v: (layers.attention(q, k, v, ctx, dt), None)
+        for p in self._layer_params():
+            x_BxTxD, _ = ARCHS[cfg.arch].block(cfg, p, x_BxTxD, attend)
+        return x_BxTxD
+
     def _layers_cached(self, x_BxTxD, ctx, cache: layers.LayerKVCache, index):
         cfg, dt = self.config, self.config.jnp_dtype
         block = ARCHS[cfg.arch].block
         ks, vs = [], []
-        for i, layer_params in enumerate(self.layers):
-            p = {k: v[...] for k, v in layer_params.items()}
+        for i, p in enumerate(self._layer_params()):
             kv = (cache.k_layers[i], cache.v_layers[i])
             attend = lambda q, k, v, kv=kv: layers.attention_cached(q, k, v, ctx, kv, index, dt)
             x_BxTxD, (k_i, v_i) = block(cfg, p, x_BxTxD, attend)
