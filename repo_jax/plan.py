@@ -68,7 +68,7 @@ def plan(cfg, *, fast_compile: bool = False, name: str = "") -> dict:
     mcfg = st.model_config(cfg.model)
     tx = optim.make_optimizer(cfg.optim)
     graphdef, abstract = st.abstract_state(lambda: models.build(mcfg), tx, cfg.train)
-    shardings = shd.state_shardings(abstract, mesh)
+    shardings = shd.state_shardings(abstract, mesh, tolerance=cfg.mesh.sharding_tolerance)
     t = cfg.train
     mult = shd.batch_size_multiple(mesh) * t.micro_batches
     if t.batch_size % mult:

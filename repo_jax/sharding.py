@@ -137,11 +137,14 @@ class MeshConfig:
     ``data`` replicates parameters (pure data parallelism, gradients all-reduced), ``fsdp``
     shards parameters and optimiser state along ``embed`` and the batch along rows, ``tensor``
     shards heads, mlp and vocab (Megatron style). The default puts every device on ``fsdp``.
+    ``sharding_tolerance``: the largest share of the train state a mesh may leave wholly
+    unsharded because it does not divide the parameters' dimensions (:func:`state_shardings`).
     """
 
     data: int = 1
     fsdp: int = -1
     tensor: int = 1
+    sharding_tolerance: float = 0.02  # see state_shardings: the largest share left wholly unsharded
 
     def shape(self, num_devices: int) -> tuple[int, int, int]:
         """The three axis sizes with -1 resolved; an error names the key that cannot fit."""
@@ -258,6 +261,8 @@ def state_shardings(state, mesh: jax.sharding.Mesh, rules: Rules | None = None, 
     """
     from flax import nnx
 
+    if not 0.0 <= tolerance <= 1.0:
+        raise ValueError(f"mesh.sharding_tolerance must be between 0 and 1, got {tolerance}")
     lost, sizes = [], {"all": 0, "lost": 0}
 
     def one(path, x):
@@ -282,7 +287,8 @@ def state_shardings(state, mesh: jax.sharding.Mesh, rules: Rules | None = None, 
                f"({share:.1%} of the state's elements left unsharded): {shown}")
         if share > tolerance:
             raise ValueError(f"{msg}; that is over the sharding tolerance of {tolerance:.0%}: choose mesh sizes "
-                             "(mesh.data / mesh.fsdp / mesh.tensor) that divide these dimensions")
+                             "(mesh.data / mesh.fsdp / mesh.tensor) that divide these dimensions, or raise "
+                             "mesh.sharding_tolerance")
         warnings.warn(msg, stacklevel=2)
     return out
 

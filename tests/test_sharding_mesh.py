@@ -99,8 +99,12 @@ def test_undivided_dimensions_warn_with_their_names_and_fail_past_the_tolerance(
         out = shd.state_shardings(state, mesh)
     assert out["top"]["embed"].spec == jax.P(None, "fsdp") and out["layers"]["wq"].spec == jax.P(None, "fsdp", "tensor", None)
     # on tensor=8 alone, heads, embedding and head are not split at all: 53% of the elements
-    with pytest.raises(ValueError, match=r"top\.embed \(250, 64\): dim 0 \(250\) over tensor \(8\).*tolerance of 2%"):
-        shd.state_shardings(state, shd.make_mesh(shd.MeshConfig(data=1, fsdp=1, tensor=8)))
+    tensor8 = shd.make_mesh(shd.MeshConfig(data=1, fsdp=1, tensor=8))
+    with pytest.raises(ValueError, match=r"top\.embed \(250, 64\): dim 0 \(250\) over tensor \(8\).*tolerance of 2%.*"
+                                         r"raise mesh\.sharding_tolerance"):
+        shd.state_shardings(state, tensor8)
+    with pytest.warns(UserWarning, match="53.3%"):  # a config that accepts it
+        shd.state_shardings(state, tensor8, tolerance=shd.MeshConfig(sharding_tolerance=0.6).sharding_tolerance)
     import warnings
 
     with warnings.catch_warnings():

@@ -76,7 +76,8 @@ class Run(RunBase):
 
         model = self._start_model()
         self.tx = optim.make_optimizer(cfg.optim)
-        self.graphdef, state, self.shardings = st.state_from_model(model, self.tx, cfg.train, self.mesh)
+        self.graphdef, state, self.shardings = st.state_from_model(model, self.tx, cfg.train, self.mesh,
+                                                                     tolerance=cfg.mesh.sharding_tolerance)
         del model
         self.abstract = jax.eval_shape(lambda s: s, state)
         self.state = state

@@ -109,7 +109,8 @@ class OfflineRun(RunBase):
         m = cfg.model
         model = st.pretrained_model(m, self.mesh) if m.weights else st.model_factory(m, seed=cfg.train.seed)()
         self.tx = optim.make_optimizer(cfg.optim)
-        self.graphdef, self.state, self.shardings = st.state_from_model(model, self.tx, cfg.train, self.mesh)
+        self.graphdef, self.state, self.shardings = st.state_from_model(model, self.tx, cfg.train, self.mesh,
+                                                                          tolerance=cfg.mesh.sharding_tolerance)
         del model
         self.abstract = jax.eval_shape(lambda s: s, self.state)
         self.train_step = sp.make_train_step(self.graphdef, cfg, self.mesh, self.shardings)

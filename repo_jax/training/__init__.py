@@ -13,7 +13,8 @@ Typical use::
     cfg = config.load(RunConfig, "configs/tiny.yaml")
     mesh = sharding.make_mesh(cfg.mesh)
     tx = optim.make_optimizer(cfg.optim)
-    graphdef, state, shardings = state.init_state(state.model_factory(cfg.model), tx, cfg.train, mesh)
+    graphdef, state, shardings = state.init_state(state.model_factory(cfg.model), tx, cfg.train, mesh,
+                                                 tolerance=cfg.mesh.sharding_tolerance)
     train_step = step.make_train_step(graphdef, cfg, mesh, shardings)
     state, metrics = train_step(state, sharding.global_batch(batch.cast(host_batch), mesh))
 """

@@ -80,10 +80,11 @@ def abstract_state(model_factory: Callable[[], nnx.Module], tx, train: TrainConf
 
 
 def init_state(model_factory: Callable[[], nnx.Module], tx, train: TrainConfig, mesh, rules=shd.TRAIN_RULES, *,
-               compiler_options: dict | None = None):
-    """Random-init train state built directly in its shardings; returns ``(graphdef, state, shardings)``."""
+               compiler_options: dict | None = None, tolerance: float = shd.SHARDING_TOLERANCE):
+    """Random-init train state built directly in its shardings; returns ``(graphdef, state, shardings)``
+    (``tolerance``: ``mesh.sharding_tolerance``, see ``sharding.state_shardings``)."""
     graphdef, abstract = abstract_state(model_factory, tx, train)
-    shardings = shd.state_shardings(abstract, mesh, rules)
+    shardings = shd.state_shardings(abstract, mesh, rules, tolerance=tolerance)
 
     def build():
         _, params, buffers = split_model(model_factory())
@@ -94,7 +95,8 @@ def init_state(model_factory: Callable[[], nnx.Module], tx, train: TrainConfig, 
     return graphdef, state, shardings
 
 
-def state_from_model(model: nnx.Module, tx, train: TrainConfig, mesh, rules=shd.TRAIN_RULES, *, reference=None):
+def state_from_model(model: nnx.Module, tx, train: TrainConfig, mesh, rules=shd.TRAIN_RULES, *, reference=None,
+                     tolerance: float = shd.SHARDING_TOLERANCE):
     """Train state around an existing (e.g. pretrained) model; returns ``(graphdef, state, shardings)``.
 
     Parameters are moved to their training shardings first (a no-op when ``from_pretrained``
@@ -103,7 +105,7 @@ def state_from_model(model: nnx.Module, tx, train: TrainConfig, mesh, rules=shd.
     graphdef, params, buffers = split_model(model)
     with_ref = train.reference == "params"
     abstract = jax.eval_shape(lambda p, b: create(p, b, tx, seed=train.seed, with_reference=with_ref), params, buffers)
-    shardings = shd.state_shardings(abstract, mesh, rules)
+    shardings = shd.state_shardings(abstract, mesh, rules, tolerance=tolerance)
     params = jax.device_put(params, shardings.params)
     buffers = jax.device_put(buffers, shardings.buffers)
     with jax.set_mesh(mesh):
