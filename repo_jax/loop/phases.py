@@ -119,18 +119,9 @@ def train(run: Run, t: int, items: list[dict], ref_MxK: np.ndarray, stop) -> dic
     b = cfg.train.batch_size
     per_epoch = rounds.num_batches(len(items), b)
     total = per_epoch * cfg.loop.epochs
-    sums = dict(run.progress.train_sums) or sp.empty_sums(TRAIN_METRICS)
+    sums = sp.StepSums(TRAIN_METRICS, cfg.train.max_nonfinite_in_a_row, run.progress.train_sums)
     bar = run.bar(total=total, desc=f"round {t}: train", unit="step")
     bar.update(run.progress.train_pos)
-    pending = None
-
-    def flush():
-        nonlocal pending
-        if pending is not None:
-            sp.add_step(sums, pending, TRAIN_METRICS, cfg.train.max_nonfinite_in_a_row)
-            pending = None
-            bar.set_postfix(loss=f"{sums['loss'] / max(sums['examples'], 1.0):.4f}")
-
     for pos in range(run.progress.train_pos, total):
         epoch, j = divmod(pos, per_epoch)
         order = np.random.default_rng(run.seed(t, 3, epoch)).permutation(len(items))[j * b:(j + 1) * b]
@@ -139,19 +130,17 @@ def train(run: Run, t: int, items: list[dict], ref_MxK: np.ndarray, stop) -> dic
         host["ref_logps_BxK"] = np.zeros(host["list_mask_BxK"].shape, np.float32)
         host["ref_logps_BxK"][:len(order)] = ref_MxK[order]
         run.state, m = run.train_step(run.state, run.to_device(host))
-        flush()  # the previous step's metrics, now that this one is queued
-        pending = m
+        sums.push(m)  # reads the previous step's metrics, now that this one is queued
+        bar.set_postfix(loss=f"{sums.mean('loss'):.4f}")
         bar.update(1)
         run.progress.global_steps += 1
         done = pos + 1
         if stop() or (done < total and run.progress.global_steps % cfg.checkpoint.every_steps == 0):
-            flush()
-            run.save(phase="train", train_pos=done, train_sums=sums, ref_logps=ref_MxK.tolist())
+            run.save(phase="train", train_pos=done, train_sums=sums.flush(), ref_logps=ref_MxK.tolist())
             if stop():
                 raise Preempted(f"round {t}, train step {done} of {total}")
-    flush()
     bar.close()
-    return sums
+    return sums.flush()
 
 
 def train_record(sums: dict, items: list[dict], ties: int, records: list[dict], run: Run) -> dict:

@@ -314,29 +314,27 @@ def _run(r: OfflineRun, stop) -> list[dict]:
     try:
         if r.progress.evaluated < 0:
             _evaluate_and_save(r, 0, tb)
-        sums = dict(r.progress.train_sums) or sp.empty_sums(TRAIN_METRICS)
+        limit = cfg.train.max_nonfinite_in_a_row
+        sums = sp.StepSums(TRAIN_METRICS, limit, r.progress.train_sums)
         bar = r.bar(total=total, desc="train", unit="step")
         bar.update(r.progress.step)
-        t0, pending = time.perf_counter(), None
+        t0 = time.perf_counter()
         for step in range(r.progress.step, total):
             r.state, metrics = r.train_step(r.state, shd.global_batch(bt.cast(r.host_batch()), r.mesh))
-            if pending is not None:  # read step n - 1's metrics once step n is dispatched
-                sp.add_step(sums, pending, TRAIN_METRICS, cfg.train.max_nonfinite_in_a_row)
-            pending = metrics
+            sums.push(metrics)  # reads step n - 1's metrics now that step n is dispatched
             done = step + 1
             bar.update(1)
             if done % every == 0 or done == total or done % cfg.checkpoint.every_steps == 0 or stop():
-                sp.add_step(sums, pending, TRAIN_METRICS, cfg.train.max_nonfinite_in_a_row)
-                pending = None
-                bar.set_postfix(loss=f"{sums['loss'] / max(sums['examples'], 1.0):.4f}")
+                summed = sums.flush()
+                bar.set_postfix(loss=f"{sums.mean('loss'):.4f}")
                 seconds = r.progress.seconds + time.perf_counter() - t0
                 t0 = time.perf_counter()
                 if done % every == 0 or done == total:
                     r.progress.seconds = seconds
-                    _evaluate_and_save(r, done, tb, sums)
-                    sums = sp.empty_sums(TRAIN_METRICS)
+                    _evaluate_and_save(r, done, tb, summed)
+                    sums = sp.StepSums(TRAIN_METRICS, limit)
                 else:
-                    r.save(step=done, train_sums=sums, data_state=r.iterator.get_state(), seconds=seconds)
+                    r.save(step=done, train_sums=summed, data_state=r.iterator.get_state(), seconds=seconds)
                     if stop():
                         raise Preempted(f"train step {done} of {total}")
         bar.close()

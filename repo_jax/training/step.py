@@ -49,27 +49,42 @@ def check_finite(metrics: Mapping[str, Any], max_in_a_row: int) -> None:
         )
 
 
-def empty_sums(keys: Sequence[str]) -> dict[str, float]:
-    """Running sums of a phase's step metrics (see ``add_step``)."""
-    return {k: 0.0 for k in (*keys, "examples", "steps", "nonfinite")}
+class StepSums:
+    """Example-weighted sums of a phase's train-step metrics (``keys``), plus examples, steps and
+    skipped steps. ``push(metrics)`` keeps a step's metrics and reads the previous step's, so a
+    loop that dispatches step ``n + 1`` before pushing it never waits on the host for step ``n``;
+    ``flush()`` reads what is held (before a checkpoint or the end) and returns the sums, a plain
+    dict that a checkpoint stores and ``StepSums(..., sums=...)`` resumes from."""
 
+    def __init__(self, keys: Sequence[str], max_nonfinite: int, sums: Mapping[str, float] | None = None):
+        self.keys, self.max_nonfinite = tuple(keys), max_nonfinite
+        self.sums = dict(sums) if sums else {k: 0.0 for k in (*self.keys, "examples", "steps", "nonfinite")}
+        self._pending = None
 
-def add_step(sums: dict[str, float], metrics: Mapping[str, Any], keys: Sequence[str], max_nonfinite: int) -> None:
-    """Reads one step's metrics (this blocks on that step), checks the non-finite guard, and adds
-    them to ``sums``: example-weighted ``keys``, the examples, steps and skipped steps."""
-    m = jax.device_get(metrics)
-    check_finite(m, max_nonfinite)
-    n = float(m["examples"])
-    for k in keys:
-        sums[k] += float(m.get(k, 0.0)) * n
-    sums["examples"] += n
-    sums["nonfinite"] += float(m["skipped"])
-    sums["steps"] += 1
+    def push(self, metrics: Mapping[str, Any]) -> None:
+        self.flush()
+        self._pending = metrics
+
+    def flush(self) -> dict[str, float]:
+        if self._pending is not None:
+            m = jax.device_get(self._pending)
+            self._pending = None
+            check_finite(m, self.max_nonfinite)
+            n = float(m["examples"])
+            for k in self.keys:
+                self.sums[k] += float(m.get(k, 0.0)) * n
+            self.sums["examples"] += n
+            self.sums["nonfinite"] += float(m["skipped"])
+            self.sums["steps"] += 1
+        return dict(self.sums)
+
+    def mean(self, key: str) -> float:
+        return self.sums[key] / max(self.sums["examples"], 1.0)
 
 
 def mean_record(sums: Mapping[str, float], keys: Sequence[str]) -> dict[str, float]:
-    """``train/<key>`` example-weighted means over the summed steps, ``train/steps`` and
-    ``train/nonfinite_steps``; empty for empty ``sums``."""
+    """``train/<key>`` example-weighted means over the summed steps (``StepSums.flush()``),
+    ``train/steps`` and ``train/nonfinite_steps``; empty for empty ``sums``."""
     if not sums:
         return {}
     ex = max(sums["examples"], 1.0)
