@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from repo_jax import config as config_lib
 from repo_jax import reporting
 
 DEFAULT_METRICS = ("eval/reward", "eval/accuracy", "eval/win_rate", "eval/kl")
@@ -69,20 +70,12 @@ def load_run(run_dir: str | Path) -> tuple[dict, list[dict]]:
     return cfg, records
 
 
-def _leaves(value, prefix: str = "") -> dict[str, object]:
-    if isinstance(value, dict):
-        return {k: v for key, item in value.items() for k, v in _leaves(item, f"{prefix}{key}.").items()}
-    if isinstance(value, list):
-        return {k: v for i, item in enumerate(value) for k, v in _leaves(item, f"{prefix}{i}.").items()}
-    return {prefix.rstrip("."): value}
-
-
 def _labels(values: Sequence[object]) -> list[str]:
     """One label per run for one ``--by`` key: the value itself, or for a structured value (a
     panel list, a dict) only the fields that differ between the runs (``count=3``)."""
     if all(not isinstance(v, (dict, list)) for v in values):
         return [v if isinstance(v, str) else json.dumps(v) for v in values]
-    leaves = [_leaves(v) for v in values]
+    leaves = [config_lib.flatten(v, lists=True) for v in values]
     paths = sorted(set().union(*leaves))
     differ = [p for p in paths if len({json.dumps(x.get(p), sort_keys=True) for x in leaves}) > 1]
     if not differ:

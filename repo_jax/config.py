@@ -106,6 +106,18 @@ def to_dict(cfg: Any) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
+def flatten(value: Any, *, lists: bool = False, prefix: str = "") -> dict[str, Any]:
+    """Dotted keys to leaves: ``{"a": {"b": 1}}`` -> ``{"a.b": 1}``; with ``lists``, list items
+    too (``"panel.0.count"``), else a list is one leaf."""
+    if isinstance(value, dict):
+        items = value.items()
+    elif lists and isinstance(value, (list, tuple)):
+        items = enumerate(value)
+    else:
+        return {prefix.rstrip("."): value}
+    return {k: v for key, item in items for k, v in flatten(item, lists=lists, prefix=f"{prefix}{key}.").items()}
+
+
 def parse_overrides(overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
     """``["a.b=1", "c=x"]`` -> ``{"a": {"b": 1}, "c": "x"}`` (values parsed as YAML scalars)."""
     out: dict[str, Any] = {}

@@ -18,7 +18,7 @@ import dataclasses
 import signal
 import sys
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import jax
 import numpy as np
@@ -41,14 +41,6 @@ class ConfigMismatch(config_lib.ConfigError):
 # ------------------------------------------------------------------------ run folder, config
 
 
-def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
-    out = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        out.update(_flatten(v, key + ".") if isinstance(v, dict) else {key: v})
-    return out
-
-
 def _plain(x):
     if isinstance(x, (list, tuple)):
         return [_plain(v) for v in x]
@@ -65,7 +57,7 @@ def prepare_run_dir(cfg, resumable: tuple[str, ...] = ()) -> Path:
     saved_path = run_dir / "config.yaml"
     if saved_path.is_file():
         saved = yaml.safe_load(saved_path.read_text()) or {}
-        a, b = _flatten(saved), _flatten(resolved)
+        a, b = config_lib.flatten(saved), config_lib.flatten(resolved)
         diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k) and k not in resumable)
         if diff:
             shown = ", ".join(f"{k} ({a.get(k)!r} -> {b.get(k)!r})" for k in diff[:5])

@@ -3,7 +3,7 @@
 The whole generation (prefill, the first token, and the decode loop) is one jitted program per
 *bucket*: batch size, prompt length and new-token buffer are rounded up (powers of two by
 default) so that a long run compiles only a handful of times. ``jax.jit``'s own cache keeps the
-programs, keyed by the static arguments (the model's graphdef and a hashable ``_Static``: the
+programs, keyed by the static arguments (the model's graphdef and a hashable ``Static``: the
 sampling policy, buffer, stop ids, stages) and the arguments' shapes, dtypes and shardings.
 The program itself is :mod:`repo_jax.sampling_program`, the token choice
 :mod:`repo_jax.sampling_policies`, the decode-row bookkeeping :mod:`repo_jax.sampling_rows`;
