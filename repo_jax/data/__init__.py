@@ -13,11 +13,11 @@ from repo_jax.data.config import DataConfig
 from repo_jax.data.pipeline import Pipeline, batch_arrays, make_pipeline
 from repo_jax.data.schemas import BadRow, adapt, detect_schema
 from repo_jax.data.sources import DataError
-from repo_jax.data.tokenize import Formatter, collate_prompts, collate_responses, unpad_prompts
+from repo_jax.data.tokenize import Formatter, collate_prompts, collate_responses, collate_shared, unpad_prompts
 from repo_jax.data.validate import LoadReport, Reject, load_examples
 
 __all__ = [
     "BadRow", "DataConfig", "DataError", "Formatter", "LoadReport", "Pipeline", "Reject", "adapt",
-    "batch_arrays", "collate_prompts", "collate_responses", "detect_schema", "load_examples",
+    "batch_arrays", "collate_prompts", "collate_responses", "collate_shared", "detect_schema", "load_examples",
     "make_pipeline", "unpad_prompts",
 ]

@@ -1,6 +1,9 @@
 """Chat-formatting, truncation, response masks and padding to length buckets.
 
-Token layout of one training sequence (``collate_responses``), right-padded to a bucket ``T``::
+Two training layouts (``repo_jax.training.batch``): ``collate_shared`` writes one row per example
+(the prompt once, then each response; segment ids and positions let the model attend
+block-causally), ``collate_responses`` one row per response. The rows layout of one training
+sequence (``collate_responses``), right-padded to a bucket ``T``::
 
     input_ids_BxKxT[b, k]  = prompt tokens | response tokens | pad
     attention_mask_BxKxT   = 1 on prompt and response tokens, 0 on padding
@@ -115,6 +118,51 @@ def collate_responses(items: Sequence[dict | None], *, batch_size: int, num_resp
         "input_ids_BxKxT": ids, "attention_mask_BxKxT": attn, "positions_BxKxT": padding.positions_from_mask(attn),
         "loss_mask_BxKxT": loss, "scores_BxK": scores, "list_mask_BxK": list_mask, "pref_B": pref,
         "example_mask_B": ex_mask, "row_B": row,
+    }
+
+
+def shared_length(item: dict) -> int:
+    """Tokens of one example's shared-prefix row: its prompt once plus every response."""
+    return len(item["prompt_ids"]) + sum(len(r) for r in item["response_ids"])
+
+
+def collate_shared(items: Sequence[dict | None], *, batch_size: int, num_responses: int,
+                   buckets: Sequence[int], pad_id: int = 0) -> dict[str, np.ndarray]:
+    """Pads encoded examples into one shared-prefix batch (``repo_jax.training.batch``): one row
+    per example, ``prompt | response 0 | ... | response K_i - 1 | pad``, right-padded to the
+    smallest bucket that holds the longest row; segment ids 0 / ``k + 1`` / -1 and positions that
+    restart at the prompt's end for every response. Items as in :func:`collate_responses`."""
+    b, k = batch_size, num_responses
+    t = padding.fit(max([shared_length(it) for it in items if it] or [1]), buckets)
+    ids = np.full((b, t), pad_id, np.int32)
+    seg = np.full((b, t), -1, np.int32)
+    pos = np.zeros((b, t), np.int32)
+    scores = np.zeros((b, k), np.float32)
+    list_mask = np.zeros((b, k), bool)
+    pref = np.full((b,), 0.5, np.float32)
+    ex_mask = np.zeros((b,), bool)
+    row = np.full((b,), -1, np.int32)
+    for i, it in enumerate(items):
+        if not it:
+            continue
+        ex_mask[i], row[i] = True, it["row"]
+        if it.get("pref") is not None:
+            pref[i] = it["pref"]
+        if it.get("scores"):
+            scores[i, :len(it["scores"])] = it["scores"]
+        p = it["prompt_ids"]
+        if len(it["response_ids"]) > k:
+            raise ValueError(f"example {it['row']} has {len(it['response_ids'])} responses, more than K={k}")
+        n = len(p)
+        ids[i, :n], seg[i, :n], pos[i, :n] = p, 0, np.arange(n)
+        at = n
+        for j, r in enumerate(it["response_ids"]):
+            ids[i, at:at + len(r)], seg[i, at:at + len(r)], pos[i, at:at + len(r)] = r, j + 1, np.arange(n, n + len(r))
+            at += len(r)
+            list_mask[i, j] = True
+    return {
+        "input_ids_BxT": ids, "segment_ids_BxT": seg, "positions_BxT": pos, "scores_BxK": scores,
+        "list_mask_BxK": list_mask, "pref_B": pref, "example_mask_B": ex_mask, "row_B": row,
     }
 
 

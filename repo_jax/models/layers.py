@@ -188,12 +188,23 @@ class AttentionContext:
     allowed_BxTxS: jax.Array
 
 
-def make_context(positions_BxT, key_pos_BxS, index, *, rotary_dim, theta, window):
+def make_context(positions_BxT, key_pos_BxS, index, *, rotary_dim, theta, window, segment_ids_BxT=None):
     """Context for queries at slots ``index .. index + T - 1`` over keys with positions ``key_pos_BxS``
-    (padding keys carry position -1, see :func:`key_positions`)."""
+    (padding keys carry position -1, see :func:`key_positions`).
+
+    With ``segment_ids_BxT`` (a full forward over shared-prefix rows, ``S = T``): segment 0 is the
+    prompt, ``k + 1`` response ``k``; a query sees the prompt and its own segment, never another
+    response, and causality is counted in positions (every response continues from the prompt's
+    end), so each response sees exactly what it would see in a row of its own; the sliding window
+    is in positions too."""
     t, s = positions_BxT.shape[1], key_pos_BxS.shape[1]
-    q_slot_T = index + jnp.arange(t, dtype=jnp.int32)
-    allowed = (key_pos_BxS[:, None, :] >= 0) & (jnp.arange(s, dtype=jnp.int32)[None, None, :] <= q_slot_T[None, :, None])
+    if segment_ids_BxT is not None:
+        seg_q, seg_k = segment_ids_BxT[:, :, None], segment_ids_BxT[:, None, :]
+        allowed = ((key_pos_BxS[:, None, :] >= 0) & ((seg_k == 0) | (seg_k == seg_q))
+                   & (key_pos_BxS[:, None, :] <= positions_BxT[:, :, None]))
+    else:
+        q_slot_T = index + jnp.arange(t, dtype=jnp.int32)
+        allowed = (key_pos_BxS[:, None, :] >= 0) & (jnp.arange(s, dtype=jnp.int32)[None, None, :] <= q_slot_T[None, :, None])
     if window is not None:
         allowed &= positions_BxT[:, :, None] - key_pos_BxS[:, None, :] < window
     return AttentionContext(rope_angles(positions_BxT, rotary_dim, theta), allowed)

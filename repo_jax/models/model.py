@@ -7,7 +7,8 @@ layer parameters are stacked along a leading ``layers`` axis and the stack is a 
 
 Forward entry points (``B`` batch, ``T`` tokens, left padding allowed):
 
-* ``model(input_ids_BxT, positions_BxT=None, attention_mask_BxT=None) -> logits_BxTxV`` (float32);
+* ``model(input_ids_BxT, positions_BxT=None, attention_mask_BxT=None, segment_ids_BxT=None) ->
+  logits_BxTxV`` (float32; segment ids give shared-prefix rows, see ``hidden_states``);
 * ``model.hidden_states(...) -> h_BxTxD`` (final norm applied) and ``model.unembedding() ->
   (w_DxV, b_V | None)``: what the chunked log-prob kernel consumes;
 * ``model.init_cache(B, S)`` and ``model.forward_with_cache(ids, positions, mask, cache, index)
@@ -110,11 +111,11 @@ class _LanguageModel(nnx.Module):
         x = jnp.take(table_VxD, input_ids_BxT, axis=0).astype(self.config.jnp_dtype)
         return shd.constrain(x, ("batch", "length", "act_embed"))
 
-    def _context(self, positions_BxT, key_pos_BxS, index):
+    def _context(self, positions_BxT, key_pos_BxS, index, segment_ids_BxT=None):
         cfg = self.config
         return layers.make_context(
             positions_BxT, key_pos_BxS, index,
-            rotary_dim=cfg.rotary_dim, theta=cfg.rope_theta, window=cfg.sliding_window,
+            rotary_dim=cfg.rotary_dim, theta=cfg.rope_theta, window=cfg.sliding_window, segment_ids_BxT=segment_ids_BxT,
         )
 
     def logits(self, h_BxTxD):
@@ -123,15 +124,21 @@ class _LanguageModel(nnx.Module):
         logits = layers.matmul("BTD,DV->BTV", h_BxTxD, w_DxV, h_BxTxD.dtype)
         return logits if b_V is None else logits + b_V.astype(jnp.float32)
 
-    def hidden_states(self, input_ids_BxT, positions_BxT=None, attention_mask_BxT=None):
-        """Final hidden states ``[B, T, D]`` (after the final norm), compute dtype."""
+    def hidden_states(self, input_ids_BxT, positions_BxT=None, attention_mask_BxT=None, segment_ids_BxT=None):
+        """Final hidden states ``[B, T, D]`` (after the final norm), compute dtype.
+
+        ``segment_ids_BxT`` (with ``positions_BxT``): shared-prefix rows, one prompt (segment 0)
+        then several responses (segments 1, 2, ...) attending block-causally (see
+        :func:`layers.make_context`); ``-1`` marks padding when ``attention_mask_BxT`` is None."""
+        if segment_ids_BxT is not None and attention_mask_BxT is None:
+            attention_mask_BxT = (segment_ids_BxT >= 0).astype(jnp.int32)
         mask, positions = _defaults(input_ids_BxT, positions_BxT, attention_mask_BxT)
-        ctx = self._context(positions, layers.key_positions(positions, mask), 0)
+        ctx = self._context(positions, layers.key_positions(positions, mask), 0, segment_ids_BxT)
         x = self._layers_full(self._embed(input_ids_BxT), ctx)
         return ARCHS[self.config.arch].final_norm(self.config, self._top(), x)
 
-    def __call__(self, input_ids_BxT, positions_BxT=None, attention_mask_BxT=None):
-        return self.logits(self.hidden_states(input_ids_BxT, positions_BxT, attention_mask_BxT))
+    def __call__(self, input_ids_BxT, positions_BxT=None, attention_mask_BxT=None, segment_ids_BxT=None):
+        return self.logits(self.hidden_states(input_ids_BxT, positions_BxT, attention_mask_BxT, segment_ids_BxT))
 
     def forward_with_cache(self, input_ids_BxT, positions_BxT, attention_mask_BxT, cache, index,
                            *, last_only: bool = False):

@@ -1,18 +1,34 @@
 """The training batch: one dict of arrays, every leaf with the prompt batch ``B`` first.
 
-The field names are shared with the data pipeline (``repo_jax.data.tokenize.collate_responses``
-produces exactly these); this module is where the train step's side of the contract lives.
-``K`` responses per prompt (2 for pairwise losses), ``T`` tokens per row (prompt + response,
-right-padded to a length bucket).
+The field names are shared with the data pipeline (``repo_jax.data.tokenize.collate_shared`` and
+``collate_responses`` produce exactly these); this module is where the train step's side of the
+contract lives. ``K`` responses per prompt (2 for pairwise losses). Two token layouts
+(``train.layout``), told apart by their fields:
 
-Always present:
+**shared** (the default): one row per example, its prompt once and then each of its K
+responses, right-padded to a length bucket ``T``::
+
+    input_ids_BxT    int32  prompt | response 0 | response 1 | ... | pad
+    segment_ids_BxT  int32  0 on the prompt, k + 1 on response k, -1 on padding
+    positions_BxT    int32  0 .. P-1 on the prompt; every response continues from P
+    list_mask_BxK    bool   present responses (required: it carries K)
+
+The model attends block-causally (a response token sees the prompt and its own earlier tokens,
+never another response: ``models.layers.make_context``), so each response's log-prob equals the
+one of its own ``prompt | response`` row, while the prompt is run once per example instead of K
+times.
+
+**rows**: one row per response, ``T`` tokens per row (prompt + response, right-padded).
+
+Rows layout, always present:
   ``input_ids_BxKxT``      int32   prompt | response | pad tokens of each row.
   ``loss_mask_BxKxT``      int32   1 iff token ``t + 1`` is a response token (aligned with the
                                    *targets*: hidden ``t`` predicts token ``t + 1``; the last
                                    column is 0), as in ``repo_jax.logprobs``.
-Optional:
+Rows layout, optional:
   ``attention_mask_BxKxT`` int32   1 on real tokens, 0 on padding (default: all 1).
   ``positions_BxKxT``      int32   RoPE positions (default: the model's own from the mask).
+Either layout, optional:
   ``example_mask_B``       bool    False on padding prompts (excluded from every mean).
   ``ref_logps_BxK``        float32 reference log-probs (``train.reference = batch``).
   ``row_B``                int32   the example's row in the data (carried, never used here).
@@ -37,8 +53,13 @@ Batch = dict[str, Any]
 
 HOST_ONLY = ("prompt_text_B",)  # strings: never sent to devices
 TOKEN_FIELDS = ("input_ids_BxKxT", "loss_mask_BxKxT", "positions_BxKxT", "attention_mask_BxKxT")
+SHARED_TOKEN_FIELDS = ("input_ids_BxT", "segment_ids_BxT", "positions_BxT")
 REQUIRED = ("input_ids_BxKxT", "loss_mask_BxKxT")
+SHARED_REQUIRED = (*SHARED_TOKEN_FIELDS, "list_mask_BxK")
 DTYPES = {
+    "input_ids_BxT": np.int32,
+    "segment_ids_BxT": np.int32,
+    "positions_BxT": np.int32,
     "input_ids_BxKxT": np.int32,
     "loss_mask_BxKxT": np.int32,
     "positions_BxKxT": np.int32,
@@ -58,18 +79,37 @@ def shape_of(name: str, b: int, k: int, t: int) -> tuple[int, ...]:
     return tuple({"B": b, "K": k, "T": t}[c] for c in suffix.split("x"))
 
 
+def is_shared(batch: Mapping[str, Any]) -> bool:
+    """Whether ``batch`` is in the shared-prefix layout (it has ``segment_ids_BxT``)."""
+    return "segment_ids_BxT" in batch
+
+
+def dims(batch: Mapping[str, Any]) -> tuple[int, int, int]:
+    """``(B, K, T)`` of either layout (static shapes; works on tracers)."""
+    if is_shared(batch):
+        b, t = batch["input_ids_BxT"].shape
+        return b, batch["list_mask_BxK"].shape[1], t
+    return tuple(batch["input_ids_BxKxT"].shape)
+
+
 def validate(batch: Mapping[str, Any], *, needs: tuple[str, ...] = ()) -> tuple[int, int, int]:
     """Checks names, shapes and that ``needs`` are present; returns ``(B, K, T)``.
 
     Raises one clear error naming the field at fault.
     """
-    for name in (*REQUIRED, *needs):
+    shared = is_shared(batch)
+    for name in (*(SHARED_REQUIRED if shared else REQUIRED), *needs):
         if name not in batch:
             raise KeyError(f"batch field {name!r} is missing (fields present: {sorted(batch)})")
     unknown = sorted(set(batch) - set(DTYPES) - set(HOST_ONLY))
     if unknown:
         raise KeyError(f"unknown batch field {unknown[0]!r}; known fields: {sorted(DTYPES)}")
-    b, k, t = np.shape(batch["input_ids_BxKxT"])
+    other = set(TOKEN_FIELDS if shared else SHARED_TOKEN_FIELDS) & set(batch)
+    if other:
+        raise KeyError(f"batch field {sorted(other)[0]!r} belongs to the other token layout "
+                       f"({'rows' if shared else 'shared'}); a batch holds one layout")
+    b, k, t = (np.shape(batch["input_ids_BxT"])[0], np.shape(batch["list_mask_BxK"])[1],
+               np.shape(batch["input_ids_BxT"])[1]) if shared else np.shape(batch["input_ids_BxKxT"])
     for name, x in batch.items():
         if name in HOST_ONLY:
             continue
@@ -119,8 +159,34 @@ def rows(batch: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
+def model_inputs(batch: Mapping[str, Any]) -> dict[str, Any]:
+    """The model's keyword arguments for either layout: ``input_ids_BxT``, ``positions_BxT``,
+    ``attention_mask_BxT``, ``segment_ids_BxT`` (the rows layout's ``R = B * K`` rows are the
+    model's batch; absent fields are None)."""
+    if is_shared(batch):
+        return {"input_ids_BxT": batch["input_ids_BxT"], "positions_BxT": batch["positions_BxT"],
+                "attention_mask_BxT": None, "segment_ids_BxT": batch["segment_ids_BxT"]}
+    r = rows(batch)
+    return {"input_ids_BxT": r["input_ids_RxT"], "positions_BxT": r.get("positions_RxT"),
+            "attention_mask_BxT": r.get("attention_mask_RxT"), "segment_ids_BxT": None}
+
+
+def token_fields(batch: Mapping[str, Any]) -> tuple[str, ...]:
+    """What the per-device log-prob pass reads of a layout: ids and loss mask, or ids and segments."""
+    return ("input_ids_BxT", "segment_ids_BxT") if is_shared(batch) else ("input_ids_BxKxT", "loss_mask_BxKxT")
+
+
+def response_tokens(batch: Mapping[str, Any]) -> jax.Array:
+    """``[B, K]`` float32: how many tokens each response has (the tokens its log-prob sums)."""
+    if is_shared(batch):
+        k = batch["list_mask_BxK"].shape[1]
+        seg_BxTx1 = batch["segment_ids_BxT"][..., None]
+        return jnp.sum(seg_BxTx1 == jnp.arange(1, k + 1, dtype=seg_BxTx1.dtype), axis=1).astype(jnp.float32)
+    return jnp.sum(batch["loss_mask_BxKxT"], -1).astype(jnp.float32)
+
+
 def example_mask(batch: Mapping[str, Any]) -> jax.Array:
-    b = batch["input_ids_BxKxT"].shape[0]
+    b = dims(batch)[0]
     return jnp.asarray(batch.get("example_mask_B", jnp.ones((b,), bool)), bool)
 
 

@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from repo_jax import losses
+from repo_jax.training import batch as bt
 from repo_jax.training.config import LossConfig
 
 
@@ -38,24 +39,24 @@ class Objective:
 def _list_mask(batch) -> jax.Array:
     if "list_mask_BxK" in batch:
         return jnp.asarray(batch["list_mask_BxK"], bool)
-    b, k = batch["input_ids_BxKxT"].shape[:2]
+    b, k, _ = bt.dims(batch)
     return jnp.ones((b, k), bool)
 
 
 def _no_pairs(batch) -> jax.Array:
-    b, k = batch["input_ids_BxKxT"].shape[:2]
+    b, k, _ = bt.dims(batch)
     return jnp.zeros((b, k, k), bool)
 
 
 def _nll_per_token(logps_BxK, batch) -> jax.Array:
     """SFT: minus the response's log-likelihood over its token count (``K = 1``; with
     ``ref_logps = 0`` the log-ratio is the log-likelihood)."""
-    tokens_B = jnp.sum(batch["loss_mask_BxKxT"][:, 0], -1).astype(jnp.float32)
+    tokens_B = bt.response_tokens(batch)[:, 0]
     return -logps_BxK[:, 0] / jnp.maximum(tokens_B, 1.0)
 
 
 def _chosen_first(batch) -> jax.Array:
-    b = batch["input_ids_BxKxT"].shape[0]
+    b = bt.dims(batch)[0]
     return jnp.broadcast_to(jnp.array([[False, True], [False, False]]), (b, 2, 2))
 
 

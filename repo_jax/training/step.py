@@ -4,7 +4,8 @@
   1. split the batch into ``train.micro_batches`` (strided, so no data moves) and ``lax.scan``
      over them, accumulating float32 gradients and metric sums;
   2. per micro-batch: merge the graphdef with the (optionally bf16-cast) parameters, run the
-     model on the ``B * K`` flattened rows to final hidden states, then a ``shard_map`` over the
+     model on the batch's rows (``B`` shared-prefix rows, or ``B * K`` flattened rows; see
+     ``batch.py``) to final hidden states, then a ``shard_map`` over the
      batch axes computes each device's rows' sequence log-probs with the chunked kernel
      (``repo_jax.logprobs``), the log-ratios, the registered loss and the metric sums, and
      ``psum``s them: the masked mean is (global loss sum) / (global example count);
@@ -105,8 +106,7 @@ def _hidden_and_unembedding(graphdef, params, buffers, batch):
     model = nnx.merge(graphdef, params, *rest)
     if model.config.jnp_dtype != model.config.jnp_param_dtype:
         model = nnx.merge(graphdef, _cast_floats(params, model.config.jnp_dtype), *rest)
-    r = bt.rows(batch)
-    h_RxTxD = model.hidden_states(r["input_ids_RxT"], r.get("positions_RxT"), r.get("attention_mask_RxT"))
+    h_RxTxD = model.hidden_states(**bt.model_inputs(batch))
     w_DxV, b_V = model.unembedding()
     return h_RxTxD, w_DxV, b_V
 
@@ -117,47 +117,58 @@ def _local_logps(h_RxTxD, w_DxV, b_V, ids_RxT, mask_RxT, chunk):
     return logprobs.sequence_logprobs(h_RxTxD[:, :-1], w_DxV, ids_RxT[:, 1:], mask_RxT[:, :-1], b_V, chunk_size=chunk)
 
 
+def _local_logps_BxK(h, w_DxV, b_V, tokens, k: int, chunk: int):
+    """This device's examples' response log-probs ``[B, K]`` from the model's hidden states and
+    the layout's token fields (:func:`batch.token_fields`): ``R = B * K`` rows, or shared-prefix
+    rows (``h`` is then ``[B, T, D]``)."""
+    if "segment_ids_BxT" in tokens:
+        return logprobs.shared_prefix_logprobs(h, w_DxV, tokens["input_ids_BxT"], tokens["segment_ids_BxT"], k, b_V,
+                                               chunk_size=chunk)
+    ids_BxKxT, mask_BxKxT = tokens["input_ids_BxKxT"], tokens["loss_mask_BxKxT"]
+    b, _, t = ids_BxKxT.shape
+    return _local_logps(h, w_DxV, b_V, ids_BxKxT.reshape(b * k, t), mask_BxKxT.reshape(b * k, t), chunk).reshape(b, k)
+
+
 def _per_device(mesh, fn, in_specs, out_specs):
     # check_vma=False: the chunked kernel's custom_vjp accumulates dW in a device-invariant scan
     # carry; with it off, shard_map still psums the cotangent of the replicated unembedding.
     return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)
 
 
-def sequence_logps(h_RxTxD, w_DxV, b_V, ids_RxT, mask_RxT, *, mesh, chunk: int) -> jax.Array:
-    """Per-row log-probs ``[R]``, each device computing its own rows (sharded over batch axes)."""
+def batch_logps(h, w_DxV, b_V, batch, *, mesh, chunk: int) -> jax.Array:
+    """Per-response log-probs ``[B, K]`` of either layout, each device computing its own
+    examples (sharded over the batch axes)."""
     ba = shd.batch_axes(mesh)
-    fn = lambda h, w, b, i, m: _local_logps(h, w, b, i, m, chunk)
-    return _per_device(mesh, fn, (P(ba), P(), P(), P(ba), P(ba)), P(ba))(h_RxTxD, w_DxV, b_V, ids_RxT, mask_RxT)
+    k = bt.dims(batch)[1]
+    tokens = {f: batch[f] for f in bt.token_fields(batch)}
+    fn = lambda h, w, b, tok: _local_logps_BxK(h, w, b, tok, k, chunk)
+    return _per_device(mesh, fn, (P(ba), P(), P(), P(ba)), P(ba))(h, w_DxV, b_V, tokens)
 
 
-def loss_sums(h_RxTxD, w_DxV, b_V, batch, ref_logps_BxK, *, mesh, train: TrainConfig) -> dict[str, jax.Array]:
+def loss_sums(h, w_DxV, b_V, batch, ref_logps_BxK, *, mesh, train: TrainConfig) -> dict[str, jax.Array]:
     """Globally summed loss and metric sums of one micro-batch (see ``objectives.metric_sums``)."""
     ba = shd.batch_axes(mesh)
     objective = objectives.get(train.loss.name)
-    fields = {k: v for k, v in batch.items() if k not in ("input_ids_BxKxT", "loss_mask_BxKxT")}
+    k = bt.dims(batch)[1]
+    names = bt.token_fields(batch)
+    tokens = {f: batch[f] for f in names}
+    fields = {f: v for f, v in batch.items() if f not in names}
 
-    def local(h, w, b, ids_BxKxT, mask_BxKxT, ref_BxK, fields):
-        bl, k, t = ids_BxKxT.shape
-        logps_R = _local_logps(h, w, b, ids_BxKxT.reshape(bl * k, t), mask_BxKxT.reshape(bl * k, t), train.logprob_chunk)
-        rho_BxK = logps_R.reshape(bl, k) - ref_BxK
-        local_batch = {"input_ids_BxKxT": ids_BxKxT, "loss_mask_BxKxT": mask_BxKxT, **fields}
+    def local(h, w, b, tokens, ref_BxK, fields):
+        rho_BxK = _local_logps_BxK(h, w, b, tokens, k, train.logprob_chunk) - ref_BxK
+        local_batch = {**tokens, **fields}
         sums = objectives.metric_sums(objective, rho_BxK, local_batch, train.loss, bt.example_mask(local_batch))
         return jax.lax.psum(sums, ba)
 
-    specs = (P(ba), P(), P(), P(ba), P(ba), P(ba), P(ba))
-    return _per_device(mesh, local, specs, P())(
-        h_RxTxD, w_DxV, b_V, batch["input_ids_BxKxT"], batch["loss_mask_BxKxT"], ref_logps_BxK, fields
-    )
+    specs = (P(ba), P(), P(), P(ba), P(ba), P(ba))
+    return _per_device(mesh, local, specs, P())(h, w_DxV, b_V, tokens, ref_logps_BxK, fields)
 
 
 def response_logps(graphdef, params, buffers, batch, *, mesh, train: TrainConfig):
-    """``logps_BxK``: each response's summed log-prob under ``params`` (the loss-masked tokens),
+    """``logps_BxK``: each response's summed log-prob under ``params`` (its tokens only),
     float32; the one forward pass behind both reference modes."""
     h, w, b = _hidden_and_unembedding(graphdef, params, buffers, batch)
-    ids, mask = batch["input_ids_BxKxT"], batch["loss_mask_BxKxT"]
-    bsz, k, t = ids.shape
-    logps_R = sequence_logps(h, w, b, ids.reshape(-1, t), mask.reshape(-1, t), mesh=mesh, chunk=train.logprob_chunk)
-    return logps_R.reshape(bsz, k)
+    return batch_logps(h, w, b, batch, mesh=mesh, chunk=train.logprob_chunk)
 
 
 def _ref_logps(graphdef, ref_params, buffers, batch, *, mesh, train: TrainConfig):
@@ -256,7 +267,7 @@ def batch_checker(train: TrainConfig, mesh) -> Callable[[Mapping[str, Any]], Non
                 f"batch size {b} must be a multiple of train.micro_batches x mesh data x fsdp = {multiple}"
             )
         if objective.pairwise and k != 2:
-            raise ValueError(f"train.loss.name={train.loss.name!r} is pairwise: input_ids_BxKxT needs K=2, got {k}")
+            raise ValueError(f"train.loss.name={train.loss.name!r} is pairwise: the batch needs K=2 responses, got {k}")
 
     return check
 
