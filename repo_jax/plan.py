@@ -45,10 +45,13 @@ def batch_fields(cfg) -> tuple[str, ...]:
     """The batch fields the configured loss and reference mode read (what the data pipeline sends)."""
     from repo_jax.training import objectives
 
-    fields = ["input_ids_BxKxT", "loss_mask_BxKxT", "attention_mask_BxKxT", "positions_BxKxT", "example_mask_B"]
+    if cfg.train.layout == "shared":
+        fields = ["input_ids_BxT", "segment_ids_BxT", "positions_BxT", "list_mask_BxK", "example_mask_B"]
+    else:
+        fields = ["input_ids_BxKxT", "loss_mask_BxKxT", "attention_mask_BxKxT", "positions_BxKxT", "example_mask_B"]
+        if not objectives.get(cfg.train.loss.name).pairwise:
+            fields.append("list_mask_BxK")
     fields += objectives.get(cfg.train.loss.name).needs
-    if not objectives.get(cfg.train.loss.name).pairwise:
-        fields.append("list_mask_BxK")
     if cfg.train.reference == "batch":
         fields.append("ref_logps_BxK")
     return tuple(fields)
@@ -79,7 +82,7 @@ def plan(cfg, *, fast_compile: bool = False, name: str = "") -> dict:
     mem = compiled.memory_analysis()
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    tokens = t.batch_size * t.num_responses * t.seq_len
+    tokens = t.batch_size * t.seq_len * (1 if t.layout == "shared" else t.num_responses)
     analytic = models.flops_per_token(mcfg, t.seq_len) * tokens
     if t.reference == "params":
         analytic += models.flops_per_token(mcfg, t.seq_len, training=False) * tokens
@@ -91,7 +94,7 @@ def plan(cfg, *, fast_compile: bool = False, name: str = "") -> dict:
         "params": models.param_count(mcfg),
         "devices": mesh.size,
         "mesh": tuple(mesh.shape[a] for a in shd.MESH_AXES),
-        "batch": f"{t.batch_size}x{t.num_responses}x{t.seq_len}",
+        "batch": f"{t.batch_size}x{t.num_responses}x{t.seq_len}" + (" shared" if t.layout == "shared" else ""),
         "micro_batches": t.micro_batches,
         "compute": f"{cfg.model.dtype} / {cfg.model.param_dtype} master, remat {cfg.model.remat}",
         "argument_gib": args / GiB,

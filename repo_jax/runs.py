@@ -105,7 +105,7 @@ class RunBase:
     def to_device(self, host: dict) -> dict:
         """A global batch every process holds whole: each feeds its own rows of it."""
         b = bt.cast(host)
-        rows = shd.process_batch_slice(len(b["input_ids_BxKxT"]))
+        rows = shd.process_batch_slice(bt.dims(b)[0])
         return shd.global_batch({k: v[rows] for k, v in b.items()}, self.mesh)
 
     @staticmethod

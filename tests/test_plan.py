@@ -73,4 +73,4 @@ def test_plan_on_tiny_config_prints_the_table():
     text = out.stdout
     assert "on 4 devices, mesh (data, fsdp, tensor) = (1, 2, 2)" in text
     assert "| config | model | params |" in text and "| tiny.yaml | mistral 2x64 |" in text
-    assert "TPU v5e (16 GiB): yes" in text and "8x2x64 (2)" in text
+    assert "TPU v5e (16 GiB): yes" in text and "8x2x80 shared (2)" in text

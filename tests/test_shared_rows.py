@@ -180,3 +180,24 @@ def test_padding_examples_and_missing_responses_count_nothing(tiny):
     m0, _ = _loss_and_grads(graphdef, params, shared, train, 1)
     m1, _ = _loss_and_grads(graphdef, params, noisy, train, 1)
     assert m0 == m1
+
+
+def test_flop_accounting_counts_the_same_work_in_both_layouts():
+    """``benchmarks.flops``: both layouts of the same items need the same useful FLOPs (the prompt
+    once, attention pairs of real tokens), and the shared layout runs fewer padded ones."""
+    from repo_jax.benchmarks import flops
+
+    cfg = models.ModelConfig(vocab_size=V, hidden_size=32, intermediate_size=48, num_layers=2, head_dim=8,
+                             **ARCHS["mistral_window"])
+    rows, shared = _both(_items(5, 6, 4), 8, 4)
+    fr, fs = flops.forward_flops(cfg, rows), flops.forward_flops(cfg, shared)
+    assert fr["useful"] == fs["useful"] and fr["real_tokens"] == fs["real_tokens"]
+    assert fs["padded"] < fr["padded"] and fs["useful"] < fs["padded"]
+    # one example by hand: a 3-token prompt, responses of 2 and 1 tokens, no window
+    one = collate_shared([{"prompt_ids": [1, 2, 3], "response_ids": [[4, 5], [6]], "row": 0}], batch_size=1,
+                         num_responses=2, buckets=(8,))
+    full = dataclasses.replace(cfg, sliding_window=None)
+    body, unembed = flops._params(full)
+    pairs = 6 + (4 + 5) + 4  # prompt causal 1+2+3; response 0: 4 and 5 keys; response 1: 4 keys
+    want = 2 * (body * 6 + unembed * 3) + 4 * full.num_layers * full.num_heads * full.head_dim * pairs
+    assert flops.forward_flops(full, one)["useful"] == want

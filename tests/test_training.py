@@ -185,7 +185,7 @@ def test_registry_and_batch_errors_name_the_culprit():
         check(random_batch(CFG, vocab=V, batch_size=6))
     with pytest.raises(KeyError, match="'ref_logps_BxK' is missing"):
         check(random_batch(CFG, vocab=V, ref_logps=False))
-    with pytest.raises(ValueError, match="pairwise: input_ids_BxKxT needs K=2, got 3"):
+    with pytest.raises(ValueError, match="pairwise: the batch needs K=2 responses, got 3"):
         check(random_batch(CFG, vocab=V, num_responses=3))
 
 

@@ -43,6 +43,7 @@ import time
 
 import numpy as np
 
+from repo_jax.benchmarks import flops as flops_lib
 from repo_jax.benchmarks.common import emit
 
 PHASES = ("sample", "annotate", "reference", "train")
@@ -82,7 +83,7 @@ def our_config(args, run_dir: str):
     overrides = [f"run_dir={run_dir}", "loop.num_responses=2", f"loop.prompts_per_round={args.prompts}",
                  "loop.epochs=1", "loop.progress=false", "annotate.panel=[{kind: rule, name: reward}]",
                  f"sample.max_new_tokens={args.new_tokens}", f"data.max_prompt_len={PROMPT_LEN}",
-                 f"train.seq_len={PROMPT_LEN + args.new_tokens}", f"train.batch_size={args.batch}",
+                 f"train.seq_len={PROMPT_LEN + 2 * args.new_tokens}", f"train.batch_size={args.batch}",
                  "eval.kl_samples=0", f"eval.num_prompts={args.eval_prompts}"]
     return config_lib.load(IrepoConfig, default_config_path(), overrides)
 
@@ -112,12 +113,17 @@ def our_round(run, t: int) -> dict[str, float]:
     ref = phases.reference_logps(run, items)
     times["time/reference"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    sums = phases.train(run, t, items, ref, lambda: False)
+    from repo_jax.training.state import model_config
+
+    work, mcfg = [], model_config(run.cfg.model)
+    sums = phases.train(run, t, items, ref, lambda: False, observe=lambda b: work.append(flops_lib.train_flops(mcfg, b)))
     times["time/train"] = time.perf_counter() - t0
     out = {p: times[f"time/{p}"] for p in PHASES}
     out["total"] = sum(out.values())
     out["cpu_s"], out["load"] = time.process_time() - c0, load
     out["steps"] = int(sums["steps"])
+    for key in ("useful", "padded", "real_tokens", "padded_tokens"):
+        out[f"train_{key}"] = sum(w[key] for w in work)
     out["sample_reward"] = phases.train_record(sums, items, 0, records, run)["round/sample_reward"]
     return out
 
@@ -287,15 +293,26 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  TRL   {trl['timed_s']:7.1f} s  {trl_ps:6.3f} prompts/s  CPU {trl['cpu_s']:6.1f} s  load "
               f"{trl['load']:.1f}  (OnlineDPOTrainer, {trl['steps'] - 1} timed steps after 1 warm-up; same prompt "
               f"tokens as ours: {trl['same_prompt_tokens']})", flush=True)
+        from repo_jax.benchmarks.train import jax_matmul_peak
+
+        peak = jax_matmul_peak()["jax_float32"] * 1e9
+        tr = ours["train"]
+        print(f"  our train phase: {ours['train_real_tokens']:.0f} real of {ours['train_padded_tokens']:.0f} padded "
+              f"tokens; useful {ours['train_useful'] / 1e12:.2f} TFLOPs ({100 * ours['train_useful'] / tr / peak:.1f}% of "
+              f"the {peak / 1e9:.0f} GFLOP/s jax float32 matmul peak measured now), padded "
+              f"{ours['train_padded'] / 1e12:.2f} TFLOPs ({100 * ours['train_padded'] / tr / peak:.1f}%)", flush=True)
         print(f"  ratio {ours_ps / trl_ps:.3f}", flush=True)
         result = {"bench": "round", "prompts": n, "batch": b, "new_tokens": args.new_tokens,
                   "ours": {"prompts_per_s": round(ours_ps, 4), "seconds": round(ours["total"], 2),
                            "cpu_seconds": round(ours["cpu_s"], 1), "load_at_start": round(ours["load"], 2),
-                           "phases_s": {p: round(ours[p], 2) for p in PHASES}, "updates": ours["steps"]},
+                           "phases_s": {p: round(ours[p], 2) for p in PHASES}, "updates": ours["steps"],
+                           "train_tokens": {"real": int(ours["train_real_tokens"]), "padded": int(ours["train_padded_tokens"])},
+                           "train_useful_of_peak": round(ours["train_useful"] / tr / peak, 4),
+                           "train_padded_of_peak": round(ours["train_padded"] / tr / peak, 4)},
                   "trl": {"prompts_per_s": round(trl_ps, 4), "seconds": round(trl["timed_s"], 2),
                           "cpu_seconds": round(trl["cpu_s"], 1), "load_at_start": round(trl["load"], 2),
                           "updates": trl["steps"] - 1, "same_prompt_tokens": trl["same_prompt_tokens"]},
-                  "ratio": round(ours_ps / trl_ps, 3)}
+                  "ratio": round(ours_ps / trl_ps, 3), "peak_gflops_jax_float32": round(peak / 1e9, 1)}
         if args.race_minutes > 0:
             result["race"] = race(args, tmp, common)
         load = os.getloadavg()

@@ -7,11 +7,14 @@ work per update: policy forward + backward on chosen and rejected, a reference f
 with global-norm clipping at 1.0. Step times are medians over ``--steps`` updates after the
 warm-up ones (our compile excluded; TRL's time is its ``Trainer`` step, collation included).
 
-MFU = model FLOPs per update / step time / this machine's dense float32 matmul peak, measured
-here in the framework that ran the step (``torch.matmul`` for TRL, ``jax.jit`` for ours). Model
-FLOPs (``repo_jax.models.flops_per_token``): 3x forward for the policy, 1x for the reference,
-over every token of every sequence. A bfloat16-compute row (float32 master weights and Adam) is
-reported against the bf16 matmul peak. ``ratio`` = our float32 pairs/s over TRL's.
+Ours runs in the shared-prefix layout (``train.layout=shared``: each pair one row, its prompt
+once) and, with ``--layout both`` (the default), also in the rows layout (one row per response, as
+TRL). FLOPs (``repo_jax.benchmarks.flops``): 3x forward for the policy, 1x for the reference;
+*useful* = the real tokens' work (the prompt once per pair), *padded* = what each program runs;
+both per second as a fraction of this machine's dense float32 matmul peak measured here in the
+framework that ran the step (``torch.matmul`` for TRL, ``jax.jit`` for ours). A bfloat16-compute
+row (float32 master weights and Adam) is reported against the bf16 matmul peak. ``ratio`` = our
+float32 pairs/s (first layout) over TRL's.
 """
 
 from __future__ import annotations
@@ -25,8 +28,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from repo_jax import padding
 from repo_jax.assets import load_tokenizer, smollm2_gguf_path
+from repo_jax.benchmarks import flops as flops_lib
 from repo_jax.benchmarks.common import emit, wall_times
 
 WORDS = ("the model reads a question about rivers mountains cities numbers colours animals music history and "
@@ -131,21 +134,23 @@ def trl_worker(argv: list[str]) -> int:
     return 0
 
 
-def batch_from_trl_rows(rows: list[dict], seq_len: int) -> dict[str, np.ndarray]:
-    """TRL's tokenised pairs (``prompt_ids``, ``chosen_ids``, ``rejected_ids``), truncated like its
-    collator, in our batch layout (chosen at k = 0, target-aligned loss mask)."""
-    b = len(rows)
-    ids = np.zeros((b, 2, seq_len), np.int32)
-    loss = np.zeros((b, 2, seq_len), np.int32)
-    attn = np.zeros((b, 2, seq_len), np.int32)
+def batch_from_trl_rows(rows: list[dict], seq_len: int, layout: str = "rows") -> dict[str, np.ndarray]:
+    """TRL's tokenised pairs (``prompt_ids``, ``chosen_ids``, ``rejected_ids``), each response
+    truncated as its collator truncates ``prompt + response`` to ``seq_len``, in our batch layout
+    (chosen at k = 0): ``rows`` (one ``seq_len`` row per response) or ``shared`` (the prompt once,
+    then both responses; padded to the longest such row)."""
+    from repo_jax.data.tokenize import collate_responses, collate_shared, shared_length
+
+    items = []
     for i, r in enumerate(rows):
         p = list(r["prompt_ids"])
-        for k, name in enumerate(("chosen_ids", "rejected_ids")):
-            seq = (p + list(r[name]))[:seq_len]
-            ids[i, k, : len(seq)] = seq
-            attn[i, k, : len(seq)] = 1
-            padding.mark_response(loss[i, k], len(p), len(seq))
-    return {"input_ids_BxKxT": ids, "loss_mask_BxKxT": loss, "attention_mask_BxKxT": attn}
+        items.append({"prompt_ids": p, "response_ids": [list(r[n])[:seq_len - len(p)] for n in ("chosen_ids", "rejected_ids")],
+                      "row": i})
+    if layout == "shared":
+        batch = collate_shared(items, batch_size=len(items), num_responses=2, buckets=(max(map(shared_length, items)),))
+    else:
+        batch = collate_responses(items, batch_size=len(items), num_responses=2, buckets=(seq_len,))
+    return {k: v for k, v in batch.items() if k not in ("scores_BxK", "pref_B", "row_B")}
 
 
 def run_ours(gguf, batch, *, compute_dtype: str, warmup: int, steps: int, lr: float, beta: float, chunk: int):
@@ -159,9 +164,10 @@ def run_ours(gguf, batch, *, compute_dtype: str, warmup: int, steps: int, lr: fl
     from repo_jax.training import step as sp
     from repo_jax.training.config import LossConfig, OptimConfig, RunConfig, TrainConfig
 
-    b, k, t = batch["input_ids_BxKxT"].shape
+    b, k, t = bt.dims(batch)
     cfg = RunConfig(
         train=TrainConfig(batch_size=b, num_responses=k, seq_len=t, reference="params",
+                          layout="shared" if bt.is_shared(batch) else "rows",
                           logprob_chunk=chunk, loss=LossConfig(name="dpo", beta=beta)),
         optim=OptimConfig(lr=lr, warmup_steps=0, schedule="constant", clip_norm=1.0, weight_decay=0.0),
     )
@@ -204,6 +210,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--chunk", type=int, default=128, help="log-prob kernel chunk (positions)")
     ap.add_argument("--no-trl", action="store_true", help="skip the TRL baseline (no ratio)")
     ap.add_argument("--no-bf16", action="store_true", help="skip the bfloat16-compute row")
+    ap.add_argument("--layout", choices=("shared", "rows", "both"), default="both",
+                    help="our batch layout (train.layout): the prompt once per pair, one row per response, or both rows")
     args = ap.parse_args(argv)
     lr, beta = 1e-6, 0.1
 
@@ -218,7 +226,6 @@ def main(argv: list[str] | None = None) -> int:
     mcfg = models.load_config(str(gguf))
     n, t = args.pairs, args.seq_len
     tokens = 2 * n * t
-    flops = (models.flops_per_token(mcfg, t) + models.flops_per_token(mcfg, t, training=False)) * tokens
     with tempfile.TemporaryDirectory() as tmp:
         hf_dir = os.path.join(tmp, "hf")
         models.save_pretrained(models.from_pretrained(str(gguf), dtype=jnp.float32), hf_dir)
@@ -240,30 +247,41 @@ def main(argv: list[str] | None = None) -> int:
     print(f"train: SmolLM2-135M-Instruct, DPO, {n} pairs x {t} tokens ({tokens} tokens/update), CPU "
           f"(torch {version('torch')} + trl {version('trl')} in a subprocess; jax {jax.__version__}, {jax.devices()[0].platform})",
           flush=True)
+    layouts = ("shared", "rows") if args.layout == "both" else (args.layout,)
+    batches = {lay: batch_from_trl_rows(rows, t, lay) for lay in ("rows", *layouts)}
+    assert batches["rows"]["attention_mask_BxKxT"].all(), "a sequence is shorter than --seq-len: raise the response length"
+    completion = int(batches["rows"]["loss_mask_BxKxT"].sum())
+    work = {lay: flops_lib.train_flops(mcfg, b, reference_forward=True) for lay, b in batches.items()}
+    useful = work["rows"]["useful"]  # the same work whatever the layout
     print(f"  matmul peak GFLOP/s: torch f32 {peak['torch_float32']:.0f}, jax f32 {peak['jax_float32']:.0f}, "
-          f"jax bf16 {peak['jax_bfloat16']:.0f}; model FLOPs per update {flops / 1e12:.2f} T", flush=True)
-    batch = batch_from_trl_rows(rows, t)
-    assert batch["attention_mask_BxKxT"].all(), "a sequence is shorter than --seq-len: raise the response length"
-    completion = int(batch["loss_mask_BxKxT"].sum())
+          f"jax bf16 {peak['jax_bfloat16']:.0f}; useful FLOPs per update {useful / 1e12:.2f} T (policy fwd+bwd "
+          f"and reference fwd, real tokens, the prompt once per pair); padded FLOPs per update: "
+          + ", ".join(f"{lay} {work[lay]['padded'] / 1e12:.2f} T" for lay in batches), flush=True)
 
-    def row(name, secs, cpu, peak_gflops):
-        mfu = flops / secs / (peak_gflops * 1e9)
-        print(f"  {name:31s} {secs:7.2f} s/update  {n / secs:6.3f} pairs/s  {tokens / secs:7.1f} tokens/s  "
-              f"MFU {100 * mfu:5.1f}%  (CPU time {cpu:6.1f} s)", flush=True)
+    def row(name, secs, cpu, peak_gflops, padded):
+        u, p = useful / secs / (peak_gflops * 1e9), padded / secs / (peak_gflops * 1e9)
+        print(f"  {name:38s} {secs:7.2f} s/update  {n / secs:6.3f} pairs/s  useful {100 * u:5.1f}% / padded "
+              f"{100 * p:5.1f}% of peak  (CPU time {cpu:6.1f} s)", flush=True)
         return {"seconds": round(secs, 3), "cpu_seconds": round(cpu, 2), "pairs_per_s": round(n / secs, 4),
-                "tokens_per_s": round(tokens / secs, 1), "mfu": round(mfu, 4)}
+                "tokens_per_s": round(tokens / secs, 1), "useful_of_peak": round(u, 4), "padded_of_peak": round(p, 4)}
 
     result = {"bench": "train"}
     if not args.no_trl:
-        result["trl_float32"] = row("TRL DPOTrainer float32", trl_s, trl_cpu, peak["torch_float32"])
-    ours_s, ours_cpu, compile_s, metrics = run_ours(gguf, batch, compute_dtype="float32", warmup=args.warmup, steps=args.steps,
-                                          lr=lr, beta=beta, chunk=args.chunk)
-    result["ours_float32"] = row("ours float32", ours_s, ours_cpu, peak["jax_float32"])
-    result["ours_float32"]["first_step_s"] = round(compile_s, 1)
+        result["trl_float32"] = row("TRL DPOTrainer float32", trl_s, trl_cpu, peak["torch_float32"], work["rows"]["padded"])
+    for lay in layouts:
+        ours_s, ours_cpu, compile_s, metrics = run_ours(gguf, batches[lay], compute_dtype="float32", warmup=args.warmup,
+                                                        steps=args.steps, lr=lr, beta=beta, chunk=args.chunk)
+        result[f"ours_float32_{lay}"] = row(f"ours float32, {lay} layout", ours_s, ours_cpu, peak["jax_float32"],
+                                            work[lay]["padded"])
+        result[f"ours_float32_{lay}"]["first_step_s"] = round(compile_s, 1)
+        if lay == layouts[0]:
+            first_s = ours_s
+    ours_s = first_s
     if not args.no_bf16:
-        b16_s, b16_cpu, b16_first, _ = run_ours(gguf, batch, compute_dtype="bfloat16", warmup=args.warmup, steps=args.steps,
-                                       lr=lr, beta=beta, chunk=args.chunk)
-        result["ours_bfloat16"] = row("ours bf16 compute (f32 master)", b16_s, b16_cpu, peak["jax_bfloat16"])
+        b16_s, b16_cpu, b16_first, _ = run_ours(gguf, batches[layouts[0]], compute_dtype="bfloat16", warmup=args.warmup,
+                                                steps=args.steps, lr=lr, beta=beta, chunk=args.chunk)
+        result["ours_bfloat16"] = row(f"ours bf16 compute (f32 master), {layouts[0]}", b16_s, b16_cpu,
+                                      peak["jax_bfloat16"], work[layouts[0]]["padded"])
         result["ours_bfloat16"]["first_step_s"] = round(b16_first, 1)
     print(f"  our last update: loss {metrics['loss']:.4f}, reward accuracy {metrics['reward_accuracy']:.2f}, "
           f"grad norm {metrics['grad_norm']:.3f}; completion tokens {completion} of {tokens}", flush=True)
@@ -273,7 +291,7 @@ def main(argv: list[str] | None = None) -> int:
     load = os.getloadavg()
     print(f"  load average at the end {load[0]:.2f} / {load[1]:.2f} / {load[2]:.2f} on {os.cpu_count()} cores "
           f"(above the core count, other processes shared the CPU and every figure is slower)", flush=True)
-    result.update(pairs=n, seq_len=t, model_tflops_per_update=round(flops / 1e12, 3),
+    result.update(pairs=n, seq_len=t, layout=layouts[0], useful_tflops_per_update=round(useful / 1e12, 3),
                   peak_gflops={k: round(v, 1) for k, v in peak.items()}, load_average=round(load[0], 2))
     emit(result)
     return 0

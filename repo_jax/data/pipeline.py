@@ -26,7 +26,7 @@ import numpy as np
 
 from repo_jax.data.config import DataConfig
 from repo_jax.data.sources import DataError
-from repo_jax.data.tokenize import Formatter, collate_prompts, collate_responses, plain_prompt, truncate
+from repo_jax.data.tokenize import Formatter, collate_prompts, collate_responses, collate_shared, plain_prompt, truncate
 from repo_jax.padding import ladder
 from repo_jax.data.validate import LoadReport, load_examples
 
@@ -122,20 +122,22 @@ def host_shard(cfg: DataConfig) -> tuple[int, int]:
 
 
 def make_pipeline(cfg: DataConfig, tokenizer, *, kind: Kind, run_dir=None,
-                  log: Callable[[str], None] | None = print) -> Pipeline:
+                  log: Callable[[str], None] | None = print, layout: str = "rows") -> Pipeline:
     """Loads and checks ``cfg.path`` (rejects to ``run_dir/rejects.jsonl``) and builds batches.
 
     ``kind``: ``prompt`` (left-padded prompts for sampling, see ``collate_prompts``), ``pair``
     (K = 2, ``pref_B`` = P(response 0 beats response 1)), ``list`` (K = ``data.num_responses``
-    or the most in the data, ``scores_BxK`` and ``list_mask_BxK``) or ``sft`` (K = 1); layouts in
+    or the most in the data, ``scores_BxK`` and ``list_mask_BxK``) or ``sft`` (K = 1); ``layout``
+    (``train.layout``): ``shared`` (one row per example: ``collate_shared``, buckets up to
+    ``max_prompt_len + K * max_response_len``) or ``rows`` (``collate_responses``); layouts in
     :mod:`repo_jax.data.tokenize`.
     """
     examples, report = load_examples(cfg, tokenizer=tokenizer, run_dir=run_dir, log=log)
-    return pipeline_from_examples(cfg, tokenizer, examples, report, kind=kind)
+    return pipeline_from_examples(cfg, tokenizer, examples, report, kind=kind, layout=layout)
 
 
 def pipeline_from_examples(cfg: DataConfig, tokenizer, examples: list[dict], report: LoadReport, *,
-                           kind: Kind) -> Pipeline:
+                           kind: Kind, layout: str = "rows") -> Pipeline:
     """:func:`make_pipeline` on examples already loaded (and perhaps split or turned into pairs);
     ``row_B`` of a batch indexes ``examples``."""
     import datasets
@@ -145,11 +147,13 @@ def pipeline_from_examples(cfg: DataConfig, tokenizer, examples: list[dict], rep
     k = fixed[kind] if kind in fixed else cfg.num_responses or max(len(e["responses"]) for e in examples)
     table = datasets.Dataset.from_list([{f: e[f] for f in _features()} for e in examples], features=_features())
     del examples
-    longest = cfg.max_prompt_len + (0 if kind == "prompt" else cfg.max_response_len)
+    longest = cfg.max_prompt_len + (0 if kind == "prompt" else (k if layout == "shared" else 1) * cfg.max_response_len)
     buckets = tuple(sorted(cfg.length_buckets)) or ladder(longest)
     if buckets[-1] < longest:
+        what = "max_prompt_len + K x max_response_len: train.layout=shared" if layout == "shared" and kind != "prompt" \
+            else "max_prompt_len + max_response_len"
         raise ValueError(f"data.length_buckets tops out at {buckets[-1]}, below the longest sequence {longest} "
-                         "(max_prompt_len + max_response_len); add a bucket of at least that length")
+                         f"({what}); add a bucket of at least that length")
     index, count = host_shard(cfg)
     n_pad = math.ceil(len(table) / count) * count
     ds = grain.MapDataset.range(n_pad)
@@ -162,7 +166,8 @@ def pipeline_from_examples(cfg: DataConfig, tokenizer, examples: list[dict], rep
     if kind == "prompt":
         collate = _Collate(collate_prompts, dict(batch_size=cfg.batch_size, buckets=buckets, pad_id=pad_id))
     else:
-        collate = _Collate(collate_responses, dict(batch_size=cfg.batch_size, num_responses=k, buckets=buckets,
+        collate = _Collate(collate_shared if layout == "shared" else collate_responses,
+                           dict(batch_size=cfg.batch_size, num_responses=k, buckets=buckets,
                                                    pad_id=pad_id))
     batches = ds.batch(cfg.batch_size, drop_remainder=False, batch_fn=collate)
     return Pipeline(cfg, kind, table, report, batches, k, buckets, n_pad / count / cfg.batch_size)

@@ -173,10 +173,16 @@ def check(cfg: IrepoConfig) -> None:
     if cfg.data.batch_size != DataConfig().batch_size and cfg.data.batch_size != loop.prompts_per_round:
         raise ConfigError("data.batch_size is not read by the iREPO loop (it draws loop.prompts_per_round prompts "
                           "a round); remove it")
-    longest = cfg.data.max_prompt_len + max(cfg.sample.max_new_tokens, cfg.eval_max_new_tokens)
+    if train.layout == "shared":  # a row holds the prompt and all of an example's responses
+        longest = cfg.data.max_prompt_len + max(train.num_responses * cfg.sample.max_new_tokens,
+                                                cfg.eval.kl_samples * cfg.eval_max_new_tokens)
+        what = "data.max_prompt_len + max(train.num_responses x sample.max_new_tokens, eval.kl_samples x eval max new tokens)"
+    else:
+        longest = cfg.data.max_prompt_len + max(cfg.sample.max_new_tokens, cfg.eval_max_new_tokens)
+        what = "data.max_prompt_len + max new tokens"
     if train.seq_len < longest:
-        raise ConfigError(f"train.seq_len={train.seq_len} is shorter than data.max_prompt_len + max new tokens = "
-                          f"{longest}; raise train.seq_len")
+        raise ConfigError(f"train.seq_len={train.seq_len} is shorter than {what} = {longest} "
+                          f"(train.layout={train.layout}); raise train.seq_len")
     listwise = not LOSSES[train.loss.name].pairwise
     if listwise and train.num_responses != loop.num_responses:
         raise ConfigError(f"train.num_responses={train.num_responses} must equal loop.num_responses="

@@ -10,8 +10,8 @@ DESIGN.md's keys:
   prompts and second on odd ones, so a judge's position bias cancels;
 * ``eval/kl``       mean over ``eval.kl_samples`` responses per prompt, sampled at temperature 1
   from ``pi_t``, of ``log pi_t(y) - log pi_0(y)`` (an unbiased estimate of KL(pi_t || pi_0));
-  0 at iteration 0. Both log-probs come from the reference pass of the train step's shapes
-  (``make_reference_logprobs``), so no extra program is compiled.
+  0 at iteration 0. Both log-probs come from the reference pass (``make_reference_logprobs``),
+  each prompt's samples sharing its row (``train.layout=shared``).
 """
 
 from __future__ import annotations
@@ -49,13 +49,24 @@ def win_scores(panel, prompts: Sequence[str], current: Sequence[str], first: Seq
     return wins / np.maximum(wins + losses, 1e-12)
 
 
-def kl_estimate(ref_logprobs: Callable, params_t, params_0, prompt_ids, responses, *, batch_size: int,
-                num_responses: int, seq_len: int, pad_id: int, to_device: Callable, to_host: Callable) -> float:
-    """``mean log pi_t(y) - log pi_0(y)`` over ``responses`` (one per entry of ``prompt_ids``),
-    packed ``num_responses`` rows to an example so the reference program's shape is reused."""
-    rows = list(zip(prompt_ids, responses))
+def kl_estimate(ref_logprobs: Callable, params_t, params_0, prompt_ids, samples, *, batch_size: int,
+                num_responses: int, seq_len: int, pad_id: int, to_device: Callable, to_host: Callable,
+                layout: str = "shared") -> float:
+    """``mean log pi_t(y) - log pi_0(y)`` over ``samples`` (a list of responses per entry of
+    ``prompt_ids``) through the reference program: in the ``shared`` layout each prompt's samples
+    share its row (the prompt runs once); in ``rows`` the responses are packed ``num_responses``
+    rows to an example so the train shapes' reference program is reused."""
+    if layout == "shared":
+        items = [{"prompt_ids": list(p), "response_ids": [list(r) for r in s], "scores": [], "pref": None, "row": i}
+                 for i, (p, s) in enumerate(zip(prompt_ids, samples))]
+        k = max([len(s) for s in samples] or [1])
+        batches = collate_batches(items, range(len(items)), batch_size=batch_size, num_responses=k, seq_len=seq_len,
+                                  pad_id=pad_id, layout="shared")
+    else:
+        rows = [(p, r) for p, s in zip(prompt_ids, samples) for r in s]
+        batches = pack_rows(rows, batch_size=batch_size, num_responses=num_responses, seq_len=seq_len, pad_id=pad_id)
     diffs = []
-    for batch in pack_rows(rows, batch_size=batch_size, num_responses=num_responses, seq_len=seq_len, pad_id=pad_id):
+    for batch in batches:
         dev = to_device(batch)
         lt, l0 = to_host(ref_logprobs(params_t, dev)), to_host(ref_logprobs(params_0, dev))
         diffs.append((lt - l0)[batch["list_mask_BxK"]])
@@ -71,7 +82,7 @@ def pack_rows(rows: Sequence[tuple[Sequence[int], Sequence[int]]], *, batch_size
              for i, (p, r) in enumerate(rows)]
     out = []
     for flat in collate_batches(items, range(len(items)), batch_size=b * k, num_responses=1, seq_len=seq_len,
-                                pad_id=pad_id):
+                                pad_id=pad_id, layout="rows"):
         batch = {name: x.reshape(b, k, *x.shape[2:]) for name, x in flat.items() if x.ndim >= 2}
         batch["example_mask_B"] = flat["example_mask_B"].reshape(b, k).any(axis=1)
         batch["list_mask_BxK"] = flat["list_mask_BxK"].reshape(b, k)

@@ -43,11 +43,10 @@ def evaluate(run: Run, iteration: int) -> tuple[dict, list[str]]:
             temperature=1.0, top_p=None, top_k=None, eos_id=run.eos_id, pad_id=run.pad_id,
             seed=run.seed(iteration, 2), chunk=cfg.loop.sample_batch, mesh=run.sampler_mesh(),
             progress=lambda x, **k: run.bar(x, desc=f"eval {iteration}: KL samples", unit="batch", **k))
-        flat = [(kl_ids[i], r) for i, rows in enumerate(samples) for r in rows]
-        out["eval/kl"] = kl_estimate(run.ref_logprobs, run.state.params, run.pi0, [p for p, _ in flat],
-                                     [r for _, r in flat], batch_size=cfg.train.batch_size,
-                                     num_responses=cfg.train.num_responses, seq_len=cfg.train.seq_len,
-                                     pad_id=run.pad_id, to_device=run.to_device, to_host=run.to_host)
+        out["eval/kl"] = kl_estimate(run.ref_logprobs, run.state.params, run.pi0, kl_ids, samples,
+                                     batch_size=cfg.train.batch_size, num_responses=cfg.train.num_responses,
+                                     seq_len=cfg.train.seq_len, pad_id=run.pad_id, to_device=run.to_device,
+                                     to_host=run.to_host, layout=cfg.train.layout)
     if run.main:
         reporting.write_jsonl_atomic(run.run_dir / "eval" / f"answers_{iteration:03d}.jsonl", [
             {"iteration": iteration, "prompt": p, "answer": a, "tokens": len(r)}
@@ -104,17 +103,18 @@ def reference_logps(run: Run, items: list[dict]) -> np.ndarray:
         return np.array([list(it["ref_logps"]) + [0.0] * (k - len(it["ref_logps"])) for it in items], np.float32)
     batches = rounds.collate_batches(items, range(len(items)), batch_size=cfg.train.batch_size,
                                      num_responses=cfg.train.num_responses, seq_len=cfg.train.seq_len,
-                                     pad_id=run.pad_id)
+                                     pad_id=run.pad_id, layout=cfg.train.layout)
     out = [run.to_host(run.ref_logprobs(run.state.params, run.to_device(b)))
            for b in run.bar(batches, desc="reference log-probs", unit="batch")]
     return np.concatenate(out)[:len(items)] if out else np.zeros((0, cfg.train.num_responses), np.float32)
 
 
-def train(run: Run, t: int, items: list[dict], ref_MxK: np.ndarray, stop) -> dict:
+def train(run: Run, t: int, items: list[dict], ref_MxK: np.ndarray, stop, observe=None) -> dict:
     """``loop.epochs`` epochs over the round's items from ``run.progress.train_pos``; saves mid-round
     every ``checkpoint.every_steps`` steps and when ``stop()`` says so (then raises Preempted).
     Step ``n``'s metrics are read once step ``n + 1`` is dispatched, so the host collates the next
-    batch while the devices run this one."""
+    batch while the devices run this one. ``observe(host_batch)``, when given, sees each batch
+    (the round benchmark counts its FLOPs)."""
     cfg = run.cfg
     b = cfg.train.batch_size
     per_epoch = rounds.num_batches(len(items), b)
@@ -126,11 +126,16 @@ def train(run: Run, t: int, items: list[dict], ref_MxK: np.ndarray, stop) -> dic
         epoch, j = divmod(pos, per_epoch)
         order = np.random.default_rng(run.seed(t, 3, epoch)).permutation(len(items))[j * b:(j + 1) * b]
         host = rounds.collate_batches(items, order, batch_size=b, num_responses=cfg.train.num_responses,
-                                      seq_len=cfg.train.seq_len, pad_id=run.pad_id)[0]
+                                      seq_len=cfg.train.seq_len, pad_id=run.pad_id, layout=cfg.train.layout)[0]
         host["ref_logps_BxK"] = np.zeros(host["list_mask_BxK"].shape, np.float32)
         host["ref_logps_BxK"][:len(order)] = ref_MxK[order]
         run.state, m = run.train_step(run.state, run.to_device(host))
         sums.push(m)  # reads the previous step's metrics, now that this one is queued
+        if observe is not None:
+            observe(host)
+        real, padded = rounds.token_counts(host)
+        sums.add("tokens", real)
+        sums.add("padded_tokens", padded)
         bar.set_postfix(loss=f"{sums.mean('loss'):.4f}")
         bar.update(1)
         run.progress.global_steps += 1
@@ -148,6 +153,10 @@ def train_record(sums: dict, items: list[dict], ties: int, records: list[dict], 
     task reward of what it sampled (``round/sample_reward``)."""
     keys = [k for k in TRAIN_METRICS if k != "calibration_error" or "pref_B" in objectives.get(run.cfg.train.loss.name).needs]
     out = {**sp.mean_record(sums, keys), "train/examples": len(items), "train/ties_dropped": ties}
+    if sums.get("padded_tokens"):  # what the model ran: real tokens and the share of padding
+        out["train/tokens"] = int(sums["tokens"])
+        out["train/padded_tokens"] = int(sums["padded_tokens"])
+        out["train/pad_fraction"] = 1.0 - sums["tokens"] / sums["padded_tokens"]
     if run.task is not None:
         rewards = [run.task.reward(r["prompt"], x["text"]) for r in records for x in r["responses"]]
         out["round/sample_reward"] = float(np.mean(rewards))

@@ -7,7 +7,8 @@ resumed run can rebuild the same batches from that file instead of sampling agai
     prompts (token ids) --sample_responses--> D responses (token ids, text)
       --annotate--> judgements [H, P, D, D] --> weighted counts --zermelo--> strengths
       --select--> pairs + p_hat          (one JSON record per prompt: round_records)
-      --train_items--> items --collate_batches--> train batches (ids, loss masks, pref / scores)
+      --train_items--> items --collate_batches--> train batches (shared-prefix rows or one row per
+      response, length-bucketed; pref / scores)
 
 Tokens go from the sampler to the train batch as ids: a response is exactly the sampled
 tokens, up to and including EOS (or the ``max_new_tokens`` cut), never re-tokenised text.
@@ -23,8 +24,8 @@ from collections.abc import Callable, Sequence
 import jax
 import numpy as np
 
-from repo_jax import preferences, sampling
-from repo_jax.data.tokenize import collate_responses
+from repo_jax import padding, preferences, sampling
+from repo_jax.data.tokenize import collate_responses, collate_shared, shared_length
 from repo_jax.loop.config import IrepoConfig
 from repo_jax.training import objectives
 
@@ -170,15 +171,32 @@ def train_items(records: Sequence[dict], cfg: IrepoConfig) -> tuple[list[dict], 
 
 
 def collate_batches(items: Sequence[dict], order: Sequence[int], *, batch_size: int, num_responses: int,
-                    seq_len: int, pad_id: int) -> list[dict[str, np.ndarray]]:
-    """``items`` in ``order``, ``batch_size`` per batch (the last one filled with masked rows),
-    every batch padded to ``seq_len`` tokens: one shape, so one compiled train step."""
+                    seq_len: int, pad_id: int, layout: str = "shared") -> list[dict[str, np.ndarray]]:
+    """``items`` in ``order``, ``batch_size`` per batch (the last one filled with masked rows) in
+    ``layout`` (``shared``: one row per example; ``rows``: one per response), each batch padded
+    to the smallest rung of ``padding.ladder(seq_len)`` that holds its longest row: a handful of
+    shapes, so a handful of compiled steps. A row longer than ``seq_len`` is an error naming it."""
+    collate = collate_shared if layout == "shared" else collate_responses
+    buckets = padding.ladder(seq_len)
     out = []
     for start in range(0, len(order), batch_size):
         chunk = [items[i] for i in order[start:start + batch_size]]
-        out.append(collate_responses(chunk, batch_size=batch_size, num_responses=num_responses, buckets=(seq_len,),
-                                     pad_id=pad_id))
+        for it in chunk:
+            n = shared_length(it) if layout == "shared" else len(it["prompt_ids"]) + max(map(len, it["response_ids"]))
+            if n > seq_len:
+                raise ValueError(f"example {it['row']} needs a row of {n} tokens (train.layout={layout}), more than "
+                                 f"train.seq_len={seq_len}; raise train.seq_len")
+        out.append(collate(chunk, batch_size=batch_size, num_responses=num_responses, buckets=buckets, pad_id=pad_id))
     return out
+
+
+def token_counts(batch: dict[str, np.ndarray]) -> tuple[int, int]:
+    """``(real tokens, padded tokens)`` of a host batch in either layout (what the model runs)."""
+    if "segment_ids_BxT" in batch:
+        seg = batch["segment_ids_BxT"]
+        return int((seg >= 0).sum()), int(seg.size)
+    mask = batch["attention_mask_BxKxT"]
+    return int(mask.sum()), int(mask.size)
 
 
 def num_batches(num_items: int, batch_size: int) -> int:

@@ -13,7 +13,8 @@
 What the programs derive instead of reading twice: one optimiser step sees ``train.batch_size``
 examples (lists, pairs or responses), so each host's pipeline batch is ``train.batch_size /
 processes`` (``data.batch_size`` is not read); rows are padded to ``data``'s length buckets up
-to ``data.max_prompt_len + data.max_response_len`` (``train.seq_len`` is not read); ``K`` comes
+to ``data.max_prompt_len + data.max_response_len`` (times K in the prompt-once ``train.layout=shared``;
+``train.seq_len`` is not read); ``K`` comes
 from the data (``data.num_responses`` or the longest list). The run trains ``train.steps`` steps,
 or fewer when ``data.num_epochs`` passes end first (``data.num_epochs=0`` cycles).
 :func:`check` names, in one sentence each, the keys that do not fit together.
@@ -127,8 +128,9 @@ def planned_train(cfg: OfflineConfig):
     from repo_jax.padding import ladder
 
     d = cfg.data
-    t = max(d.length_buckets or ladder(d.max_prompt_len + d.max_response_len))
     k = 1 if isinstance(cfg, SftConfig) else 2 if pair_mode(cfg) != "list" else d.num_responses or 4
+    per_row = k if cfg.train.layout == "shared" else 1
+    t = max(d.length_buckets or ladder(d.max_prompt_len + per_row * d.max_response_len))
     return dataclasses.replace(cfg.train, seq_len=t, num_responses=k)
 
 

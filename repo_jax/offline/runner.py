@@ -143,15 +143,16 @@ class OfflineRun(RunBase):
         if cfg.train.batch_size % n_proc:
             raise config_lib.ConfigError(f"train.batch_size={cfg.train.batch_size} is not divisible by the {n_proc} processes")
         train_data = dataclasses.replace(data, batch_size=cfg.train.batch_size // n_proc)
-        self.pipeline = pipeline_from_examples(train_data, self.tokenizer, train_ex, report, kind=kind)
+        self.pipeline = pipeline_from_examples(train_data, self.tokenizer, train_ex, report, kind=kind,
+                                               layout=cfg.train.layout)
         self.iterator = self.pipeline.iterator()
         one_pass = dataclasses.replace(data, batch_size=cfg.eval.batch_size or cfg.train.batch_size, shuffle=False,
                                        num_epochs=1, shard_index=0, shard_count=1)
         # the reference pass reads each list once (a pair mode's pairs look their two responses up)
         self.reference_pipeline = pipeline_from_examples(one_pass, self.tokenizer, lists, report,
-                                                         kind="sft" if self.sft else "list")
+                                                         kind="sft" if self.sft else "list", layout=cfg.train.layout)
         self.eval_pipeline = (pipeline_from_examples(one_pass, self.tokenizer, eval_ex, report,
-                                                     kind="sft" if self.sft else "list") if eval_ex else None)
+                                                     kind="sft" if self.sft else "list", layout=cfg.train.layout) if eval_ex else None)
         epochs = cfg.data.num_epochs
         self.total_steps = min(cfg.train.steps, len(self.pipeline)) if epochs else cfg.train.steps
         if self.main:
@@ -191,7 +192,7 @@ class OfflineRun(RunBase):
             out["logps"][rows[keep]] = logps[keep]
             out["scores"][rows[keep]] = host["scores_BxK"][keep]
             out["mask"][rows[keep]] = host["list_mask_BxK"][keep]
-            out["tokens"][rows[keep]] = host["loss_mask_BxKxT"][keep].sum(-1)
+            out["tokens"][rows[keep]] = np.asarray(bt.response_tokens(host))[keep]
         return out
 
     # ------------------------------------------------------------------ reference
@@ -237,7 +238,7 @@ class OfflineRun(RunBase):
             m = rho_Mx2.shape[0]
             batch = {"pref_B": np.ones((m,), np.float32), "scores_BxK": s_Mx2, "list_mask_BxK": np.ones((m, 2), bool)}
             return self.objective.loss(rho_Mx2, batch, loss_cfg).mean()
-        # the SFT objective counts response tokens from the loss mask: a [N, K, 1] "mask" of counts
+        # the SFT objective counts response tokens from the rows layout's loss mask: a [N, K, 1] "mask" of counts
         batch = {"scores_BxK": scores_NxK, "list_mask_BxK": mask_NxK, "loss_mask_BxKxT": tokens_NxK[..., None]}
         return self.objective.loss(rho_NxK, batch, loss_cfg).mean()
 

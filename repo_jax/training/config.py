@@ -83,8 +83,14 @@ class OptimConfig:
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-    """One optimiser step sees ``batch_size`` prompts (each with ``num_responses`` responses of
-    ``seq_len`` tokens), split into ``micro_batches`` accumulated with ``lax.scan``.
+    """One optimiser step sees ``batch_size`` prompts (each with ``num_responses`` responses),
+    split into ``micro_batches`` accumulated with ``lax.scan``.
+
+    ``layout`` (``repo_jax.training.batch``): ``shared`` puts each example in one row, its prompt
+    once and then its responses (block-causal attention); ``rows`` gives every response a row of
+    its own (prompt + response). ``seq_len`` is the longest padded row (in ``shared``, the prompt
+    plus all ``num_responses`` responses): the iREPO loop pads each batch to the smallest rung of
+    ``padding.ladder(seq_len)`` that holds it, one compiled step per rung.
 
     ``reference``: ``batch`` reads ``ref_logps_BxK`` from the batch (iREPO computes them once per
     round with :func:`repo_jax.training.step.make_reference_logprobs`); ``params`` runs a frozen
@@ -97,6 +103,7 @@ class TrainConfig:
     batch_size: int = 8
     num_responses: int = 2
     seq_len: int = 512
+    layout: Literal["shared", "rows"] = "shared"
     micro_batches: int = 1
     steps: int = 1000
     seed: int = 0

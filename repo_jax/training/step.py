@@ -82,6 +82,10 @@ class StepSums:
     def mean(self, key: str) -> float:
         return self.sums[key] / max(self.sums["examples"], 1.0)
 
+    def add(self, key: str, value: float) -> None:
+        """A host-side count kept with the sums (e.g. the tokens a step ran), checkpointed with them."""
+        self.sums[key] = self.sums.get(key, 0.0) + float(value)
+
 
 def mean_record(sums: Mapping[str, float], keys: Sequence[str]) -> dict[str, float]:
     """``train/<key>`` example-weighted means over the summed steps (``StepSums.flush()``),
