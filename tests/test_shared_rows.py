@@ -201,3 +201,21 @@ def test_flop_accounting_counts_the_same_work_in_both_layouts():
     pairs = 6 + (4 + 5) + 4  # prompt causal 1+2+3; response 0: 4 and 5 keys; response 1: 4 keys
     want = 2 * (body * 6 + unembed * 3) + 4 * full.num_layers * full.num_heads * full.head_dim * pairs
     assert flops.forward_flops(full, one)["useful"] == want
+
+
+def test_epoch_order_groups_by_length_and_is_a_seeded_permutation():
+    from repo_jax import padding
+    from repo_jax.loop.rounds import epoch_order
+
+    lengths = np.random.default_rng(0).integers(80, 200, 37)
+    a = epoch_order(lengths, 8, 5, group_by_length=True)
+    assert sorted(a.tolist()) == list(range(37)) and (a == epoch_order(lengths, 8, 5, group_by_length=True)).all()
+    assert not (a == epoch_order(lengths, 8, 6, group_by_length=True)).all()
+    batches = [a[i:i + 8] for i in range(0, 37, 8)]
+    assert len(batches[-1]) == 5  # the short batch last, so step j is always items [8j, 8j + 8)
+    spans = [np.ptp(lengths[x]) for x in batches[:-1]]
+    plain = epoch_order(lengths, 8, 5, group_by_length=False)
+    plain_spans = [np.ptp(lengths[plain[i:i + 8]]) for i in range(0, 32, 8)]
+    assert max(spans) < min(plain_spans)
+    pad = lambda order: sum(padding.fit(max(lengths[order[i:i + 8]]), padding.ladder(208)) for i in range(0, 37, 8))
+    assert pad(a) < pad(plain)

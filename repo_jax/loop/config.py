@@ -39,6 +39,9 @@ class LoopConfig:
       mean ``p_hat`` against the others, on UltraFeedback's 0-10 scale) or ``strength`` (the
       Zermelo strength ``w``, geometric mean 1).
     epochs: passes over the round's pairs (reshuffled each epoch, seeded).
+    group_by_length: each epoch's batches hold examples of similar length (the shuffled pairs
+      sorted by their row's length, cut into batches, the batches shuffled; seeded), so a batch
+      pads less to its length bucket; ``false``: plain shuffled batches.
     optimizer: ``reset`` (fresh AdamW moments and schedule every round: ``optim.total_steps``
       counts one round's steps) or ``carry`` (one optimiser over the whole run).
     sample_batch: prompts per sampler call (a progress-bar tick; rows = this x num_responses).
@@ -58,6 +61,7 @@ class LoopConfig:
     prompts_per_round: int = 32
     num_responses: int = 4
     epochs: int = 1
+    group_by_length: bool = True
     pairs: Literal["best_vs_worst", "all_pairs"] = "best_vs_worst"
     list_scores: Literal["win_rate", "strength"] = "win_rate"
     optimizer: Literal["reset", "carry"] = "reset"

@@ -122,9 +122,11 @@ def train(run: Run, t: int, items: list[dict], ref_MxK: np.ndarray, stop, observ
     sums = sp.StepSums(TRAIN_METRICS, cfg.train.max_nonfinite_in_a_row, run.progress.train_sums)
     bar = run.bar(total=total, desc=f"round {t}: train", unit="step")
     bar.update(run.progress.train_pos)
+    lengths = [rounds.row_length(it, cfg.train.layout) for it in items]
     for pos in range(run.progress.train_pos, total):
         epoch, j = divmod(pos, per_epoch)
-        order = np.random.default_rng(run.seed(t, 3, epoch)).permutation(len(items))[j * b:(j + 1) * b]
+        order = rounds.epoch_order(lengths, b, run.seed(t, 3, epoch),
+                                   group_by_length=cfg.loop.group_by_length)[j * b:(j + 1) * b]
         host = rounds.collate_batches(items, order, batch_size=b, num_responses=cfg.train.num_responses,
                                       seq_len=cfg.train.seq_len, pad_id=run.pad_id, layout=cfg.train.layout)[0]
         host["ref_logps_BxK"] = np.zeros(host["list_mask_BxK"].shape, np.float32)

@@ -182,12 +182,34 @@ def collate_batches(items: Sequence[dict], order: Sequence[int], *, batch_size: 
     for start in range(0, len(order), batch_size):
         chunk = [items[i] for i in order[start:start + batch_size]]
         for it in chunk:
-            n = shared_length(it) if layout == "shared" else len(it["prompt_ids"]) + max(map(len, it["response_ids"]))
+            n = row_length(it, layout)
             if n > seq_len:
                 raise ValueError(f"example {it['row']} needs a row of {n} tokens (train.layout={layout}), more than "
                                  f"train.seq_len={seq_len}; raise train.seq_len")
         out.append(collate(chunk, batch_size=batch_size, num_responses=num_responses, buckets=buckets, pad_id=pad_id))
     return out
+
+
+def epoch_order(lengths: Sequence[int], batch_size: int, seed: int, *, group_by_length: bool) -> np.ndarray:
+    """The order of one epoch's items, ``batch_size`` at a time: a seeded permutation; with
+    ``group_by_length``, that permutation sorted by ``lengths`` (stable), cut into batches, the
+    full batches in a seeded random order and a short one last. Depends on the seed only, so a
+    resumed round rebuilds the same batches."""
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(lengths))
+    if not group_by_length:
+        return order
+    order = order[np.argsort(np.asarray(lengths)[order], kind="stable")]
+    full = len(order) // batch_size
+    batches = [order[i * batch_size:(i + 1) * batch_size] for i in rng.permutation(full)]
+    return np.concatenate([*batches, order[full * batch_size:]]).astype(np.int64)
+
+
+def row_length(item: dict, layout: str) -> int:
+    """Tokens of an item's longest row in ``layout``."""
+    if layout == "shared":
+        return shared_length(item)
+    return len(item["prompt_ids"]) + max(map(len, item["response_ids"]))
 
 
 def token_counts(batch: dict[str, np.ndarray]) -> tuple[int, int]:
