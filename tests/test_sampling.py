@@ -292,7 +292,7 @@ def test_nucleus_past_the_candidates_same_tokens_on_a_mesh(model, monkeypatch):
     device and 8 devices still give the same tokens."""
     if len(jax.devices()) < 8:
         pytest.skip("needs 8 devices")
-    from repo_jax import sampling_policies
+    from repo_jax.sampling import policies as sampling_policies
 
     monkeypatch.setattr(sampling_policies, "CANDIDATES", 4)
     sampling.clear_cache()

@@ -18,8 +18,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from repo_jax.padding import positions_from_mask
-from repo_jax.sampling_policies import SamplingPolicy, choose_tokens
-from repo_jax.sampling_rows import _compact
+from repo_jax.sampling.policies import SamplingPolicy, choose_tokens
+from repo_jax.sampling.rows import _compact
 
 
 @flax.struct.dataclass

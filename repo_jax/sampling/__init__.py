@@ -5,8 +5,8 @@ The whole generation (prefill, the first token, and the decode loop) is one jitt
 default) so that a long run compiles only a handful of times. ``jax.jit``'s own cache keeps the
 programs, keyed by the static arguments (the model's graphdef and a hashable ``Static``: the
 sampling policy, buffer, stop ids, stages) and the arguments' shapes, dtypes and shardings.
-The program itself is :mod:`repo_jax.sampling_program`, the token choice
-:mod:`repo_jax.sampling_policies`, the decode-row bookkeeping :mod:`repo_jax.sampling_rows`;
+The program itself is :mod:`repo_jax.sampling.program`, the token choice
+:mod:`repo_jax.sampling.policies`, the decode-row bookkeeping :mod:`repo_jax.sampling.rows`;
 this module is the host side (buckets, padding, placement) and the public API.
 
 Layout of one call (``P`` = prompt bucket, ``N`` = new-token bucket, ``S = P + N`` cache slots):
@@ -44,9 +44,9 @@ from flax import nnx
 
 from repo_jax import sharding as shd
 from repo_jax.padding import round_up
-from repo_jax.sampling_policies import SamplingPolicy, choose_tokens, filter_logits
-from repo_jax.sampling_program import DecodeState, Static, clear_cache, compile_seconds, generate_program
-from repo_jax.sampling_rows import _stage_rows
+from repo_jax.sampling.policies import SamplingPolicy, choose_tokens, filter_logits
+from repo_jax.sampling.program import DecodeState, Static, clear_cache, compile_seconds, generate_program
+from repo_jax.sampling.rows import _stage_rows
 
 __all__ = ["DecodeState", "SampleOutput", "SamplingPolicy", "bucket", "choose_tokens", "clear_cache",
            "decoding_model", "filter_logits", "generate", "param_shardings", "sample"]
