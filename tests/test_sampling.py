@@ -341,3 +341,25 @@ def test_refilled_greedy_rows_equal_each_alone(model):
     prompts = [MIXED[i % 5] + [i + 1] for i in range(7)]
     refilled = sampling.generate(model, prompts, max_new_tokens=10, eos_id=[3, 20], slots=2, prefill_group=1)
     assert refilled == [sampling.generate(model, [p], max_new_tokens=10, eos_id=[3, 20])[0] for p in prompts]
+
+
+def test_shared_prefix_is_prefilled_once(model):
+    """Prompts with a common 10-token head (a chat template's system turn): the head is prefilled
+    once (a batch-1 forward) and each prompt's rest after it; tokens and log-probs as without."""
+    head = [7, 8, 9, 10, 11, 12, 13, 14, 15, 16]
+    prompts = [head + MIXED[i % 5][: 1 + i % 3] for i in range(6)]
+    kw = dict(max_new_tokens=10, num_samples=2, temperature=0.8, seed=2, eos_id=[3, 20])
+    plain = sampling.sample(model, prompts, share_prefix=False, **kw)
+    CALLS.clear()
+    shared = sampling.sample(model, prompts, **kw)
+    assert sorted(c for c in CALLS if c[1] > 1) == [(1, 12), (8, 8)]  # head (bucket 12), then the rests
+    refilled = sampling.sample(model, prompts, slots=4, prefill_group=1, **kw)
+    outs = [shared, refilled]
+    if len(jax.devices()) >= 8:  # the head's rows over the mesh too
+        mesh = make_mesh(MeshConfig(data=2, fsdp=4, tensor=1), jax.devices()[:8])
+        outs.append(sampling.sample(model, prompts, slots=8, mesh=mesh, **kw))
+    for out in outs:
+        np.testing.assert_array_equal(plain.tokens_BxS, out.tokens_BxS)
+        np.testing.assert_array_equal(plain.lengths_B, out.lengths_B)
+        np.testing.assert_allclose(plain.logps_BxS, out.logps_BxS, atol=1e-5)
+    assert sampling._common_prefix([head + [1], head[:9]]) == 8 and sampling._common_prefix([[1] * 5, [1] * 5]) == 0

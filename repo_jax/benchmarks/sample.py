@@ -20,8 +20,10 @@ prefill time and decode-step time (from a 1-token call of the same compiled prog
 ``--samples``; arithmetic-task prompts in SmolLM2's chat template, whose responses end at mixed
 lengths) at each of ``--temperatures`` (no top-k / top-p, as the default config), up to
 ``--new-tokens`` tokens, stopping at EOS, three ways: ``refill`` (all prompts in one call,
-``--slots`` decode slots refilled as rows finish), ``chunks`` (the loop before refill: one call
-per ``--slots`` rows' worth of prompts, compaction inside each) and transformers ``generate``
+``--slots`` decode slots refilled as rows finish, the chat template's common prefix prefilled
+once), with ``--unshared`` ``refill_unshared`` (the same, each prompt prefilled whole), ``chunks`` (the loop before
+refill: one call per ``--slots`` rows' worth of prompts, compaction inside each, prompts
+prefilled whole) and transformers ``generate``
 (the same chunks, ``num_return_sequences``, ``do_sample`` at the same temperature, ``top_k=0``).
 Tokens/s count the tokens returned (to each row's EOS); ours is the calls' ``run_seconds``
 (compile excluded), one timed call each. The JSON's ``ratio`` is refill / chunks at the largest
@@ -87,8 +89,10 @@ def loop_prompts(tok, n: int) -> list[list[int]]:
                                                tokenize=False), add_special_tokens=False) for t in texts]
 
 
-def bench_loop_ours(model, prompts, *, samples, slots, temperature, new_tokens, eos_id, pad_id, refill: bool) -> dict:
-    kw = dict(max_new_tokens=new_tokens, temperature=temperature, eos_id=eos_id, pad_id=pad_id, num_samples=samples)
+def bench_loop_ours(model, prompts, *, samples, slots, temperature, new_tokens, eos_id, pad_id, refill: bool,
+                    share_prefix: bool = True) -> dict:
+    kw = dict(max_new_tokens=new_tokens, temperature=temperature, eos_id=eos_id, pad_id=pad_id, num_samples=samples,
+              share_prefix=share_prefix)
     if refill:
         calls = [sampling.sample(model, prompts, seed=1, slots=slots, **kw)]
     else:  # the loop before refill: `slots` rows' worth of prompts per call (rounds.sample_with_logps)
@@ -153,8 +157,10 @@ def loop_main(args) -> int:
         for temp in args.temperatures:
             kw = dict(samples=args.samples, slots=args.slots, temperature=temp, new_tokens=args.new_tokens,
                       eos_id=tok.eos_token_id, pad_id=pad_id)
-            res = {"refill": bench_loop_ours(model, prompts, refill=True, **kw),
-                   "chunks": bench_loop_ours(model, prompts, refill=False, **kw)}
+            res = {"refill": bench_loop_ours(model, prompts, refill=True, **kw)}
+            if args.unshared:
+                res["refill_unshared"] = bench_loop_ours(model, prompts, refill=True, share_prefix=False, **kw)
+            res["chunks"] = bench_loop_ours(model, prompts, refill=False, share_prefix=False, **kw)
             if not args.no_hf:
                 res["transformers"] = bench_loop_hf(hf, prompts, **kw)
             row = {f"{k}_tokens_per_s": round(r["tokens_per_s"], 1) for k, r in res.items()}
@@ -195,6 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--slots", type=int, default=64, help="--loop: decode slots (loop.sample_batch)")
     ap.add_argument("--temperatures", type=float, nargs="+", default=[0.5, 0.8], help="--loop")
     ap.add_argument("--no-hf", action="store_true", help="--loop: skip transformers")
+    ap.add_argument("--unshared", action="store_true", help="--loop: also refill without the shared prefix")
     args = ap.parse_args(argv)
     if args.loop:
         return loop_main(args)

@@ -87,7 +87,8 @@ class SampleOutput:
         top-k, top-p applied); 0 for greedy.
       lengths_B: int32 [B*K]: new tokens per row, the stop token included.
       prompt_index_B: int32 [B*K]: the prompt each row continues.
-      num_steps: decode-loop iterations run after the prefill (``<= max_new_tokens - 1``).
+      num_steps: decode steps run (each feeds every decode slot one token; prefills not counted;
+        ``<= max_new_tokens - 1`` without refill).
       compile_seconds: time spent tracing and compiling in this call (0 when ``jax.jit``
         already held the program).
       run_seconds: wall time of the call less ``compile_seconds`` (prefill + decode, blocked on).
@@ -130,6 +131,18 @@ def _prefill_layout(b: int, num_samples: int, mult: int) -> tuple[int, int]:
         b += 1
     f = next(f for f in range(1, num_samples + 1) if num_samples % f == 0 and (b * f) % mult == 0)
     return b, f
+
+
+MIN_SHARED_PREFIX = 8  # a shorter common prefix is prefilled with each prompt
+
+
+def _common_prefix(prompts) -> int:
+    """Length of the prompts' longest common prefix, leaving every prompt at least one token
+    (its last logits start the response); 0 when under ``MIN_SHARED_PREFIX``."""
+    first, c = prompts[0], min(len(x) for x in prompts) - 1
+    for x in prompts[1:]:
+        c = next((i for i in range(c) if x[i] != first[i]), c)
+    return c if c >= MIN_SHARED_PREFIX else 0
 
 
 def _left_padded(prompts, b: int, p: int, pad_id: int):
@@ -178,6 +191,7 @@ def sample(
     max_compactions: int = 3,
     slots: int | None = None,
     prefill_group: int | None = None,
+    share_prefix: bool = True,
 ) -> SampleOutput:
     """Samples ``num_samples`` continuations of each prompt; see the module docstring.
 
@@ -210,6 +224,9 @@ def sample(
         one group's rows. The tokens do not depend on it.
       prefill_group: prompts per refill (default ``slots / (8 * num_samples)``, at least 1); under a
         mesh it may grow like the batch bucket (see ``_prefill_layout``).
+      share_prefix: prefill the prompts' longest common prefix (a chat template's system turn)
+        once and copy its cache into every row, when it is at least ``MIN_SHARED_PREFIX`` tokens
+        (each prompt keeps one token of its own). The tokens do not depend on it.
       *_buckets: allowed sizes. Defaults: batch and new-token buffer powers of two, prompt length
         ``2^k`` or ``3 * 2^(k-1)`` (prefill cost is linear in it); under a mesh the batch bucket
         may grow by filler slots (see ``_prefill_layout``).
@@ -234,10 +251,14 @@ def sample(
         group, f = _prefill_layout(max(1, int(prefill_group or slots // (8 * k))), k, mult)
         n_slots = max(slots, group * k)
         q = group * bucket(-(-n_prompts // group))
-    p = bucket(max(len(x) for x in prompts), length_buckets, minimum=8, half_steps=True)
+    c = _common_prefix(prompts) if share_prefix else 0
+    c_bucket = bucket(c, length_buckets, minimum=8, half_steps=True) if c else 0
+    p = bucket(max(len(x) for x in prompts) - c, length_buckets, minimum=8, half_steps=True)
     n = bucket(max(1, max_new_tokens), new_token_buckets, minimum=8)
+    prefix, prefix_mask, _ = _left_padded([prompts[0][:c]], mult, c_bucket, pad_id) if c else (
+        np.zeros((1, 0), np.int32), np.zeros((1, 0), np.int32), None)
     # Prefill row j holds prompt slot j // f; output row r continues prompt slot r // K.
-    tokens, mask, valid = _left_padded(prompts, q, p, pad_id)
+    tokens, mask, valid = _left_padded([x[c:] for x in prompts], q, p, pad_id)
     tokens, mask = np.repeat(tokens, f, axis=0), np.repeat(mask, f, axis=0)
 
     model = decoding_model(model, unstack)
@@ -245,7 +266,8 @@ def sample(
     stages = _stage_rows(n_slots, mult, min_rows=COMPACT_MIN_ROWS, max_compactions=max_compactions)
     static = Static(policy, k // f, n, stop_ids, int(pad_id), cache_dtype, stages, replicate=mesh is not None,
                     group=group)
-    args = (state, tokens, mask, valid, np.int32(n_prompts), np.int32(max_new_tokens), np.uint32(seed))
+    args = (state, prefix, prefix_mask, tokens, mask, valid, np.int32(n_prompts), np.int32(max_new_tokens),
+            np.uint32(seed))
     if mesh is not None:
         state_sh = shardings if shardings is not None else param_shardings(state, mesh)
         repl = shd.replicated(mesh)

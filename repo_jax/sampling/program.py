@@ -84,18 +84,23 @@ def _row_keys(seed, rows_B, index_B):
     return jax.vmap(lambda r, i: jax.random.fold_in(jax.random.fold_in(base, r), i))(rows_B, index_B)
 
 
-def _generate_program(state, tokens_QxT, mask_QxT, valid_Q, num_prompts, max_new_tokens, seed, *, graphdef,
-                      static: Static):
+def _generate_program(state, prefix_MxC, prefix_mask_MxC, tokens_QxT, mask_QxT, valid_Q, num_prompts, max_new_tokens,
+                      seed, *, graphdef, static: Static):
     """Prefill the queued prompt slots a group at a time into free decode slots (each prefill row
     repeated ``K / f`` times), decode between refills, then drain the last rows in ``while_loop``s,
     one per stage size (finished rows compacted away between stages).
 
     ``tokens_QxT``: the queue's prefill rows (prompt slot ``j`` is rows ``j*f .. j*f + f - 1``);
     ``valid_Q`` marks real prompt slots; ``num_prompts`` (dynamic): queued slots to prefill (the
-    rest of the bucket is filler and never prefilled)."""
+    rest of the bucket is filler and never prefilled). ``prefix_MxC``: the prompts' common prefix
+    (left-padded to ``C``, ``M`` equal rows: the mesh's batch devices), prefilled once into slots
+    ``[0, C)`` of every row's cache; the queue's rows are the suffixes, at slots ``[C, C + T)``.
+    ``C = 0``: no common prefix."""
     model = nnx.merge(graphdef, state)
     k, n = static.samples_per_row, static.buffer_len
-    qf, p = tokens_QxT.shape
+    qf, t = tokens_QxT.shape
+    c = prefix_MxC.shape[1]
+    p = c + t  # prompt slots: prefix, then suffix
     f = qf // valid_Q.shape[0]
     kk = k * f  # samples per prompt slot: num_samples
     q = valid_Q.shape[0]
@@ -104,6 +109,11 @@ def _generate_program(state, tokens_QxT, mask_QxT, valid_Q, num_prompts, max_new
     rows = q * kk
     max_len = p + n
     stop_ids = jnp.asarray(static.stop_ids or (-1,), jnp.int32)
+    prefix_len = prefix_mask_MxC[0].astype(jnp.int32).sum()
+    if c:  # the common prefix, once: its cache rows are every prefill's start
+        prefix_cache = model.init_cache(prefix_MxC.shape[0], max_len, dtype=static.cache_dtype)
+        _, prefix_cache = model.forward_with_cache(prefix_MxC, positions_from_mask(prefix_mask_MxC), prefix_mask_MxC,
+                                                   prefix_cache, jnp.int32(0), last_only=True)
 
     def choose(logits_BxV, row_B, index_B, live_B):
         """Token, model and sample log-probs, stopped flag of each row (padding where not live)."""
@@ -128,10 +138,14 @@ def _generate_program(state, tokens_QxT, mask_QxT, valid_Q, num_prompts, max_new
         mask_GxT = jax.lax.dynamic_slice_in_dim(mask_QxT, j * f, group * f)
         valid_G = jnp.repeat(jax.lax.dynamic_slice_in_dim(valid_Q, j, group), kk)
         # Prefill: positions count real tokens, so left padding does not shift them.
-        prompt_len_G = jnp.repeat(mask_GxT.astype(jnp.int32).sum(axis=1), k)
-        cache = model.init_cache(group * f, max_len, dtype=static.cache_dtype)
-        logits_Gx1xV, cache = model.forward_with_cache(tok_GxT, positions_from_mask(mask_GxT), mask_GxT, cache,
-                                                       jnp.int32(0), last_only=True)
+        prompt_len_G = jnp.repeat(prefix_len + mask_GxT.astype(jnp.int32).sum(axis=1), k)
+        if c:
+            cache = prefix_cache.take(jnp.zeros((group * f,), jnp.int32))
+        else:
+            cache = model.init_cache(group * f, max_len, dtype=static.cache_dtype)
+        positions_GxT = prefix_len + positions_from_mask(mask_GxT)
+        logits_Gx1xV, cache = model.forward_with_cache(tok_GxT, positions_GxT, mask_GxT, cache, jnp.int32(c),
+                                                       last_only=True)
         logits_GxV = logits_Gx1xV[:, -1].astype(jnp.float32)
         if k > 1:  # K samples per prompt from one prefill: repeat cache and logits along batch.
             cache = cache.repeat(k)
