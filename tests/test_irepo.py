@@ -105,7 +105,7 @@ def test_exported_policy_reproduces_the_last_iteration_s_answers(reference):
     ids = [fmt.prompt_ids([{"role": "user", "content": r["prompt"]}])[-48:] for r in rows]
     policy = models.from_pretrained(str(run_dir / "policy"))
     got = greedy_answers(policy, ids, max_new_tokens=16, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id,
-                         chunk=64, mesh=None, progress=lambda x, **k: x)
+                         slots=64, mesh=None, progress=lambda x, **k: x)
     assert [len(g) for g in got] == [r["tokens"] for r in rows]
     assert [tok.decode(g, skip_special_tokens=True).strip() for g in got] == [r["answer"] for r in rows]
 
@@ -296,9 +296,9 @@ def test_each_baseline_runs_a_round_through_the_loop(tmp_path, loss):
 
 
 def test_loop_on_eight_devices_matches_one_device(tmp_path):
-    """fsdp=4 x data=2, sampling 2 prompts x 4 samples per call: the same round-1 pairs as on one
-    device, and close final metrics."""
-    short = ("loop.rounds=2", "loop.sample_batch=2", "loop.prompts_per_round=8", "eval.num_prompts=8")
+    """fsdp=4 x data=2, sampling 8 prompts x 4 samples through 8 refilled decode slots: the same
+    round-1 pairs as on one device, and close final metrics."""
+    short = ("loop.rounds=2", "loop.sample_batch=8", "loop.prompts_per_round=8", "eval.num_prompts=8")
     one, eight = tmp_path / "one", tmp_path / "eight"
     run_loop(one, *short)
     run_loop(eight, *short, "mesh.fsdp=4", "mesh.data=2", devices=8)

@@ -33,6 +33,10 @@ class TinyCache:
     def take(self, rows_B):
         return TinyCache(*(jnp.take(x, rows_B, axis=a) for x, a in zip(jax.tree.leaves(self), (1, 1, 0))))
 
+    def put(self, rows_B, other):
+        put = lambda x, y, a: x.at[(slice(None),) * a + (rows_B,)].set(y)
+        return TinyCache(*(put(x, y, a) for x, y, a in zip(jax.tree.leaves(self), jax.tree.leaves(other), (1, 1, 0))))
+
 
 def _rope(x_BxTxNxH, pos_BxT):
     h = x_BxTxNxH.shape[-1]
@@ -292,7 +296,7 @@ def test_nucleus_past_the_candidates_same_tokens_on_a_mesh(model, monkeypatch):
     device and 8 devices still give the same tokens."""
     if len(jax.devices()) < 8:
         pytest.skip("needs 8 devices")
-    from repo_jax import sampling_policies
+    from repo_jax.sampling import policies as sampling_policies
 
     monkeypatch.setattr(sampling_policies, "CANDIDATES", 4)
     sampling.clear_cache()
@@ -305,3 +309,57 @@ def test_nucleus_past_the_candidates_same_tokens_on_a_mesh(model, monkeypatch):
     np.testing.assert_array_equal(one.tokens_BxS, many.tokens_BxS)
     np.testing.assert_allclose(one.sample_logps_BxS, many.sample_logps_BxS, atol=1e-5)
     assert (one.sample_logps_BxS <= 1e-6).all() and (one.sample_logps_BxS >= one.logps_BxS - 1e-5).all()
+
+
+@pytest.mark.parametrize("mesh_cfg,group", [(None, None), (None, 3), (MeshConfig(data=2, fsdp=4, tensor=1), None)],
+                         ids=["one-device", "group-3", "fsdp4-data2"])
+def test_refilled_slots_give_the_tokens_of_one_batch(model, mesh_cfg, group):
+    """12 prompts of mixed lengths x 4 samples through 16 decode slots: rows that stop early (eos)
+    free their slots, queued prompts are prefilled into them, and every (prompt, sample) gets the
+    tokens, lengths and log-probs of the call that decodes all 48 rows at once (one device)."""
+    if mesh_cfg and len(jax.devices()) < 8:
+        pytest.skip("needs 8 devices")
+    mesh = None if mesh_cfg is None else make_mesh(mesh_cfg, jax.devices()[:8])
+    prompts = [MIXED[i % 5][: 1 + (i * 7) % 6] + [i + 1] for i in range(12)]
+    kw = dict(max_new_tokens=12, num_samples=4, temperature=0.8, top_p=0.9, seed=5, eos_id=[3, 20, 40, 41])
+    whole = sampling.sample(model, prompts, **kw)
+    CALLS.clear()
+    refilled = sampling.sample(model, prompts, slots=16, prefill_group=group, mesh=mesh, **kw)
+    assert {c[0] for c in CALLS if c[1] == 1} <= {16, 8}  # decode batches: the slots (then compactions)
+    assert len({c[0] for c in CALLS if c[1] > 1}) == 1 and max(c[0] for c in CALLS if c[1] > 1) < 12
+    assert (whole.lengths_B < 12).sum() > 8 and (whole.lengths_B == 12).any()  # rows end at mixed steps
+    np.testing.assert_array_equal(whole.tokens_BxS, refilled.tokens_BxS)
+    np.testing.assert_array_equal(whole.lengths_B, refilled.lengths_B)
+    np.testing.assert_array_equal(whole.prompt_index_B, refilled.prompt_index_B)
+    np.testing.assert_allclose(whole.logps_BxS, refilled.logps_BxS, atol=1e-5)
+    np.testing.assert_allclose(whole.sample_logps_BxS, refilled.sample_logps_BxS, atol=1e-5)
+    assert refilled.num_steps > max(whole.lengths_B) - 1  # the 16 slots took more steps than one batch
+
+
+def test_refilled_greedy_rows_equal_each_alone(model):
+    """Greedy with refill: every prompt's answer is the one it gets alone."""
+    prompts = [MIXED[i % 5] + [i + 1] for i in range(7)]
+    refilled = sampling.generate(model, prompts, max_new_tokens=10, eos_id=[3, 20], slots=2, prefill_group=1)
+    assert refilled == [sampling.generate(model, [p], max_new_tokens=10, eos_id=[3, 20])[0] for p in prompts]
+
+
+def test_shared_prefix_is_prefilled_once(model):
+    """Prompts with a common 10-token head (a chat template's system turn): the head is prefilled
+    once (a batch-1 forward) and each prompt's rest after it; tokens and log-probs as without."""
+    head = [7, 8, 9, 10, 11, 12, 13, 14, 15, 16]
+    prompts = [head + MIXED[i % 5][: 1 + i % 3] for i in range(6)]
+    kw = dict(max_new_tokens=10, num_samples=2, temperature=0.8, seed=2, eos_id=[3, 20])
+    plain = sampling.sample(model, prompts, share_prefix=False, **kw)
+    CALLS.clear()
+    shared = sampling.sample(model, prompts, **kw)
+    assert sorted(c for c in CALLS if c[1] > 1) == [(1, 12), (8, 8)]  # head (bucket 12), then the rests
+    refilled = sampling.sample(model, prompts, slots=4, prefill_group=1, **kw)
+    outs = [shared, refilled]
+    if len(jax.devices()) >= 8:  # the head's rows over the mesh too
+        mesh = make_mesh(MeshConfig(data=2, fsdp=4, tensor=1), jax.devices()[:8])
+        outs.append(sampling.sample(model, prompts, slots=8, mesh=mesh, **kw))
+    for out in outs:
+        np.testing.assert_array_equal(plain.tokens_BxS, out.tokens_BxS)
+        np.testing.assert_array_equal(plain.lengths_B, out.lengths_B)
+        np.testing.assert_allclose(plain.logps_BxS, out.logps_BxS, atol=1e-5)
+    assert sampling._common_prefix([head + [1], head[:9]]) == 8 and sampling._common_prefix([[1] * 5, [1] * 5]) == 0

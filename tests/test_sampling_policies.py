@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from repo_jax import sampling_policies as sp
+from repo_jax.sampling import policies as sp
 
 V = 300
 

@@ -11,7 +11,7 @@ orders and averaged::
 
 which makes the judgement exactly symmetric (``p_ij + p_ji = 1``) and cancels a constant
 position bias. All pairs of a call (both orders) are batched into bucketed forwards of one
-jitted function (see :mod:`repo_jax.annotators.forward`).
+jitted function (see :mod:`repo_jax.models.forward`).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from repo_jax.annotators.base import PairwiseAnnotator
-from repo_jax.annotators.forward import BucketedForward, last_logits
+from repo_jax.models.forward import BucketedForward, last_logits
 
 DEFAULT_TEMPLATE = (
     "Which response answers the question better?\n\n"

@@ -24,7 +24,7 @@ import numpy as np
 from flax import nnx
 
 from repo_jax.annotators.base import ScoreAnnotator
-from repo_jax.annotators.forward import BucketedForward
+from repo_jax.models.forward import BucketedForward
 from repo_jax.data.tokenize import Formatter
 
 

@@ -133,7 +133,7 @@ def score(policy, run) -> dict[str, float]:
     from repo_jax.loop.evaluate import greedy_answers
 
     ids = greedy_answers(policy, run.eval_ids, max_new_tokens=run.cfg.eval_max_new_tokens, eos_id=run.eos_id,
-                         pad_id=run.pad_id, chunk=32, mesh=None, progress=lambda x, **k: x)
+                         pad_id=run.pad_id, slots=32, mesh=None, progress=lambda x, **k: x)
     texts = [run.decode(r) for r in ids]
     pairs = list(zip(run.eval_texts, texts))
     return {"accuracy": float(np.mean([run.task.metrics(p, a)["accuracy"] for p, a in pairs])),

@@ -15,7 +15,7 @@ the harness runs in-process::
 
 * ``loglikelihood``: ``(context, continuation)`` -> ``(sum of the continuation's token
   log-probs, whether every continuation token is the argmax)``. Rows are sorted by length and
-  run through :class:`~repo_jax.annotators.forward.BucketedForward` (one compiled program per
+  run through :class:`~repo_jax.models.forward.BucketedForward` (one compiled program per
   ``(batch, length)`` bucket), float32 log-probs from the chunked unembedding.
 * ``loglikelihood_rolling``: the whole text's log-prob, in lm-eval's disjoint rolling windows of
   ``max_length`` tokens (each token predicted once, with as much context as fits).
@@ -34,7 +34,7 @@ import numpy as np
 
 from repo_jax import logprobs, sampling
 from repo_jax import sharding as shd
-from repo_jax.annotators.forward import BucketedForward
+from repo_jax.models.forward import BucketedForward
 
 try:
     from lm_eval.api.model import TemplateLM

@@ -59,7 +59,7 @@ class Policy:
 
         return sample_responses(self.model, prompt_ids, num_samples=num_samples, max_new_tokens=max_new_tokens,
                                 temperature=temperature, top_p=top_p, top_k=None, eos_id=self.eos_id,
-                                pad_id=self.pad_id, seed=seed, chunk=max(1, self.batch_size // num_samples),
+                                pad_id=self.pad_id, seed=seed, slots=self.batch_size,
                                 mesh=self.mesh)
 
     def decode(self, ids: Sequence[int]) -> str:

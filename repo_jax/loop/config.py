@@ -44,7 +44,10 @@ class LoopConfig:
       pads less to its length bucket; ``false``: plain shuffled batches.
     optimizer: ``reset`` (fresh AdamW moments and schedule every round: ``optim.total_steps``
       counts one round's steps) or ``carry`` (one optimiser over the whole run).
-    sample_batch: prompts per sampler call (a progress-bar tick; rows = this x num_responses).
+    sample_batch: decode slots of the sampler: rows (prompt x response) decoded together. A
+      round's prompts (and the eval's) go to one sampler call; rows that finish are refilled
+      with the prompts still queued (``sampling.sample``'s ``slots``). Rounded up to a multiple
+      of the mesh's batch devices and of the responses per prompt.
     progress: progress bars on stderr.
     reference: how the round's reference log-probs (``pi_ref = pi_{t-1}``, the policy that
       sampled the round) are obtained: ``forward`` (a forward pass over the round's train rows
@@ -65,7 +68,7 @@ class LoopConfig:
     pairs: Literal["best_vs_worst", "all_pairs"] = "best_vs_worst"
     list_scores: Literal["win_rate", "strength"] = "win_rate"
     optimizer: Literal["reset", "carry"] = "reset"
-    sample_batch: int = 16
+    sample_batch: int = 64
     progress: bool = True
     reference: Literal["forward", "sampler"] = "forward"
     export: bool = True

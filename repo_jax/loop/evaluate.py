@@ -23,10 +23,10 @@ import numpy as np
 from repo_jax.loop.rounds import collate_batches, sample_responses
 
 
-def greedy_answers(policy, prompt_ids, *, max_new_tokens: int, eos_id, pad_id: int, chunk: int, mesh,
+def greedy_answers(policy, prompt_ids, *, max_new_tokens: int, eos_id, pad_id: int, slots: int, mesh,
                    progress) -> list[list[int]]:
     rows = sample_responses(policy, prompt_ids, num_samples=1, max_new_tokens=max_new_tokens, temperature=0.0,
-                            top_p=None, top_k=None, eos_id=eos_id, pad_id=pad_id, seed=0, chunk=chunk, mesh=mesh,
+                            top_p=None, top_k=None, eos_id=eos_id, pad_id=pad_id, seed=0, slots=slots, mesh=mesh,
                             progress=progress)
     return [r[0] for r in rows]
 

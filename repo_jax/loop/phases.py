@@ -22,9 +22,8 @@ TRAIN_METRICS = ("loss", "reward_margin", "reward_accuracy", "calibration_error"
 def evaluate(run: Run, iteration: int) -> tuple[dict, list[str]]:
     """``eval/*`` of the current policy (``run.policy``); also writes the answers file."""
     cfg, t0 = run.cfg, time.perf_counter()
-    chunk = cfg.loop.sample_batch * cfg.loop.num_responses
     ids = greedy_answers(run.policy, run.eval_ids, max_new_tokens=cfg.eval_max_new_tokens, eos_id=run.eos_id,
-                         pad_id=run.pad_id, chunk=chunk, mesh=run.sampler_mesh(),
+                         pad_id=run.pad_id, slots=cfg.loop.sample_batch, mesh=run.sampler_mesh(),
                          progress=lambda x, **k: run.bar(x, desc=f"eval {iteration}: answers", unit="batch", **k))
     texts = [run.decode(r) for r in ids]
     first = texts if iteration == 0 else run.progress.baseline_answers
@@ -41,7 +40,7 @@ def evaluate(run: Run, iteration: int) -> tuple[dict, list[str]]:
         samples = rounds.sample_responses(
             run.policy, kl_ids, num_samples=cfg.eval.kl_samples, max_new_tokens=cfg.eval_max_new_tokens,
             temperature=1.0, top_p=None, top_k=None, eos_id=run.eos_id, pad_id=run.pad_id,
-            seed=run.seed(iteration, 2), chunk=cfg.loop.sample_batch, mesh=run.sampler_mesh(),
+            seed=run.seed(iteration, 2), slots=cfg.loop.sample_batch, mesh=run.sampler_mesh(),
             progress=lambda x, **k: run.bar(x, desc=f"eval {iteration}: KL samples", unit="batch", **k))
         out["eval/kl"] = kl_estimate(run.ref_logprobs, run.state.params, run.pi0, kl_ids, samples,
                                      batch_size=cfg.train.batch_size, num_responses=cfg.train.num_responses,
@@ -76,7 +75,7 @@ def sample_and_annotate(run: Run, t: int, batch: dict) -> tuple[list[dict], dict
     responses, logps = rounds.sample_with_logps(
         run.policy, prompt_ids, num_samples=cfg.loop.num_responses, max_new_tokens=s.max_new_tokens,
         temperature=s.temperature, top_p=s.top_p, top_k=s.top_k, eos_id=run.eos_id, pad_id=run.pad_id,
-        seed=run.seed(t, 1), chunk=cfg.loop.sample_batch, mesh=run.sampler_mesh(),
+        seed=run.seed(t, 1), slots=cfg.loop.sample_batch, mesh=run.sampler_mesh(),
         progress=lambda x, **k: run.bar(x, desc=f"round {t}: sample", unit="batch", **k))
     run.policy = None  # free the sampling copy before training
     times["time/sample"] = time.perf_counter() - t0

@@ -34,36 +34,33 @@ from repo_jax.training import objectives
 
 def sample_responses(policy, prompts: Sequence[Sequence[int]], *, num_samples: int, max_new_tokens: int,
                      temperature: float, top_p: float | None, top_k: int | None, eos_id, pad_id: int, seed: int,
-                     chunk: int, mesh=None, progress: Callable = lambda x, **k: x) -> list[list[list[int]]]:
+                     slots: int, mesh=None, progress: Callable = lambda x, **k: x) -> list[list[list[int]]]:
     """``num_samples`` responses per prompt, as token-id lists (stop token included).
 
-    Prompts go to the sampler ``chunk`` at a time (one progress tick each); chunk ``c`` uses
-    seed ``seed + c``, so the result depends on the seed and the chunk size only.
+    Every prompt goes to one sampler call with ``slots`` decode slots (``loop.sample_batch``):
+    rows that finish make room for the prompts still queued (one progress tick). The result
+    depends on the seed only, not on ``slots``.
     """
     return sample_with_logps(policy, prompts, num_samples=num_samples, max_new_tokens=max_new_tokens,
                              temperature=temperature, top_p=top_p, top_k=top_k, eos_id=eos_id, pad_id=pad_id,
-                             seed=seed, chunk=chunk, mesh=mesh, progress=progress)[0]
+                             seed=seed, slots=slots, mesh=mesh, progress=progress)[0]
 
 
 def sample_with_logps(policy, prompts: Sequence[Sequence[int]], *, num_samples: int, max_new_tokens: int,
                       temperature: float, top_p: float | None, top_k: int | None, eos_id, pad_id: int, seed: int,
-                      chunk: int, mesh=None, progress: Callable = lambda x, **k: x
+                      slots: int, mesh=None, progress: Callable = lambda x, **k: x
                       ) -> tuple[list[list[list[int]]], list[list[float]]]:
     """:func:`sample_responses` and, per response, ``log policy(response | prompt)`` under the
     unmodified model (temperature 1, no filtering: the sampler's ``logps_BxS`` summed over the
     response's tokens), float64 sums of the float32 per-token values."""
-    out: list[list[list[int]]] = []
-    logps: list[list[float]] = []
-    starts = range(0, len(prompts), chunk)
-    for c, start in enumerate(progress(starts, total=len(starts))):
-        res = sampling.sample(policy, list(prompts[start:start + chunk]), max_new_tokens=max_new_tokens,
-                              temperature=temperature, top_p=top_p, top_k=top_k, eos_id=eos_id, seed=seed + c,
-                              num_samples=num_samples, pad_id=pad_id, mesh=mesh)
-        rows = [row[:n].tolist() for row, n in zip(res.tokens_BxS, res.lengths_B)]
-        sums = [float(np.sum(lp[:n], dtype=np.float64)) for lp, n in zip(res.logps_BxS, res.lengths_B)]
-        out += [rows[i:i + num_samples] for i in range(0, len(rows), num_samples)]
-        logps += [sums[i:i + num_samples] for i in range(0, len(sums), num_samples)]
-    return out, logps
+    for _ in progress(range(1), total=1):
+        res = sampling.sample(policy, list(prompts), max_new_tokens=max_new_tokens, temperature=temperature,
+                              top_p=top_p, top_k=top_k, eos_id=eos_id, seed=seed, num_samples=num_samples,
+                              pad_id=pad_id, mesh=mesh, slots=slots)
+    rows = [row[:n].tolist() for row, n in zip(res.tokens_BxS, res.lengths_B)]
+    sums = [float(np.sum(lp[:n], dtype=np.float64)) for lp, n in zip(res.logps_BxS, res.lengths_B)]
+    return ([rows[i:i + num_samples] for i in range(0, len(rows), num_samples)],
+            [sums[i:i + num_samples] for i in range(0, len(sums), num_samples)])
 
 
 # ---------------------------------------------------------------------------------- annotate

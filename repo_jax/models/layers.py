@@ -143,6 +143,12 @@ class KVCache:
         take = lambda x, axis: jnp.take(x, rows_B, axis=axis)
         return KVCache(take(self.k_LxBxGxSxH, 1), take(self.v_LxBxGxSxH, 1), take(self.pos_BxS, 0))
 
+    def put(self, rows_B, other: "KVCache") -> "KVCache":
+        """Rows ``rows_B`` replaced by ``other``'s rows, all slots (prefilled rows into free decode slots)."""
+        put = lambda x, y, axis: x.at[(slice(None),) * axis + (rows_B,)].set(y.astype(x.dtype))
+        return KVCache(put(self.k_LxBxGxSxH, other.k_LxBxGxSxH, 1), put(self.v_LxBxGxSxH, other.v_LxBxGxSxH, 1),
+                       put(self.pos_BxS, other.pos_BxS, 0))
+
 
 @flax.struct.dataclass
 class LayerKVCache:
@@ -173,6 +179,12 @@ class LayerKVCache:
         """The rows ``rows_B`` (decode rows gathered after others finished)."""
         take = lambda xs: tuple(jnp.take(x, rows_B, axis=0) for x in xs)
         return LayerKVCache(take(self.k_layers), take(self.v_layers), jnp.take(self.pos_BxS, rows_B, axis=0))
+
+    def put(self, rows_B, other: "LayerKVCache") -> "LayerKVCache":
+        """Rows ``rows_B`` replaced by ``other``'s rows, all slots (prefilled rows into free decode slots)."""
+        put = lambda xs, ys: tuple(x.at[rows_B].set(y.astype(x.dtype)) for x, y in zip(xs, ys))
+        return LayerKVCache(put(self.k_layers, other.k_layers), put(self.v_layers, other.v_layers),
+                            self.pos_BxS.at[rows_B].set(other.pos_BxS))
 
 
 @flax.struct.dataclass
@@ -205,6 +217,17 @@ def make_context(positions_BxT, key_pos_BxS, index, *, rotary_dim, theta, window
     else:
         q_slot_T = index + jnp.arange(t, dtype=jnp.int32)
         allowed = (key_pos_BxS[:, None, :] >= 0) & (jnp.arange(s, dtype=jnp.int32)[None, None, :] <= q_slot_T[None, :, None])
+    if window is not None:
+        allowed &= positions_BxT[:, :, None] - key_pos_BxS[:, None, :] < window
+    return AttentionContext(rope_angles(positions_BxT, rotary_dim, theta), allowed)
+
+
+def make_cache_context(positions_BxT, key_pos_BxS, *, rotary_dim, theta, window):
+    """Context for queries over a sampler's cache, causal by *position*: a query may attend to every
+    key slot holding a real token at a position up to its own, wherever the slot lies. The sampler
+    writes decode tokens into a ring of slots (a refilled row starts anywhere in the ring), so a
+    row's slot order is not its token order; every slot a row does not own holds position -1."""
+    allowed = (key_pos_BxS[:, None, :] >= 0) & (key_pos_BxS[:, None, :] <= positions_BxT[:, :, None])
     if window is not None:
         allowed &= positions_BxT[:, :, None] - key_pos_BxS[:, None, :] < window
     return AttentionContext(rope_angles(positions_BxT, rotary_dim, theta), allowed)

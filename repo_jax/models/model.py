@@ -13,7 +13,8 @@ Forward entry points (``B`` batch, ``T`` tokens, left padding allowed):
   (w_DxV, b_V | None)``: what the chunked log-prob kernel consumes;
 * ``model.init_cache(B, S)`` and ``model.forward_with_cache(ids, positions, mask, cache, index)
   -> (logits, cache)``: prefill / one-token decode for the sampler; the ``T`` new tokens go to
-  cache slots ``index .. index + T - 1``.
+  cache slots ``index .. index + T - 1``; attention is causal by position, not slot (the
+  sampler's decode slots are a ring, see ``layers.make_cache_context``).
 
 Decoding layout: ``model.unstacked()`` returns a :class:`DecodeLM`, the same model with one
 parameter dict per layer (an ``nnx.List``) and a cache of per-layer buffers; its forward is a
@@ -118,6 +119,11 @@ class _LanguageModel(nnx.Module):
             rotary_dim=cfg.rotary_dim, theta=cfg.rope_theta, window=cfg.sliding_window, segment_ids_BxT=segment_ids_BxT,
         )
 
+    def _cache_context(self, positions_BxT, key_pos_BxS):
+        cfg = self.config
+        return layers.make_cache_context(positions_BxT, key_pos_BxS, rotary_dim=cfg.rotary_dim,
+                                         theta=cfg.rope_theta, window=cfg.sliding_window)
+
     def logits(self, h_BxTxD):
         """Float32 logits of hidden states (the full ``[B, T, V]``: use ``logprobs`` for training)."""
         w_DxV, b_V = self.unembedding()
@@ -150,7 +156,7 @@ class _LanguageModel(nnx.Module):
         index = jnp.asarray(index, jnp.int32)
         new_pos_BxT = layers.key_positions(positions_BxT, attention_mask_BxT)
         pos_BxS = jax.lax.dynamic_update_slice(cache.pos_BxS, new_pos_BxT, (jnp.int32(0), index))
-        ctx = self._context(positions_BxT, pos_BxS, index)
+        ctx = self._cache_context(positions_BxT, pos_BxS)
         x, cache = self._layers_cached(self._embed(input_ids_BxT), ctx, cache.replace(pos_BxS=pos_BxS), index)
         x = x[:, -1:] if last_only else x
         h = ARCHS[self.config.arch].final_norm(self.config, self._top(), x)

@@ -256,7 +256,7 @@ class OfflineRun(RunBase):
         if self.eval_ids:
             policy = sampling.sampling_copy(nnx.merge(self.graphdef, self.state.params, self.state.buffers), self.mesh)
             ids = greedy_answers(policy, self.eval_ids, max_new_tokens=cfg.eval.max_new_tokens, eos_id=self.eos_id,
-                                 pad_id=self.pad_id, chunk=max(cfg.eval.batch_size or cfg.train.batch_size, 16),
+                                 pad_id=self.pad_id, slots=max(cfg.eval.batch_size or cfg.train.batch_size, 16),
                                  mesh=self.mesh if self.mesh.size > 1 else None,
                                  progress=lambda x, **k: self.bar(x, desc=f"eval {step}: answers", unit="batch", **k))
             del policy

@@ -1,35 +1,49 @@
-"""Batched sampling with the models' KV cache: one prefill, then a ``while_loop`` of decode steps.
+"""Batched sampling with the models' KV cache: prefills of queued prompts into a decode batch, and a
+``while_loop`` of decode steps.
 
-The whole generation (prefill, the first token, and the decode loop) is one jitted program per
+The whole generation (prefills, first tokens, the decode loops) is one jitted program per
 *bucket*: batch size, prompt length and new-token buffer are rounded up (powers of two by
 default) so that a long run compiles only a handful of times. ``jax.jit``'s own cache keeps the
 programs, keyed by the static arguments (the model's graphdef and a hashable ``Static``: the
 sampling policy, buffer, stop ids, stages) and the arguments' shapes, dtypes and shardings.
-The program itself is :mod:`repo_jax.sampling_program`, the token choice
-:mod:`repo_jax.sampling_policies`, the decode-row bookkeeping :mod:`repo_jax.sampling_rows`;
+The program itself is :mod:`repo_jax.sampling.program`, the token choice
+:mod:`repo_jax.sampling.policies`, the decode-row bookkeeping :mod:`repo_jax.sampling.rows`;
 this module is the host side (buckets, padding, placement) and the public API.
 
-Layout of one call (``P`` = prompt bucket, ``N`` = new-token bucket, ``S = P + N`` cache slots):
+Layout of one call (``P`` = prompt bucket, ``N`` = new-token bucket, ``S = P + N`` cache slots,
+``K`` = ``num_samples``; an output row ``r = prompt * K + sample`` is one response):
 
 * prompts are left-padded to ``P``; slots ``[0, P)`` hold the prompt (padding slots are masked
   by ``attention_mask``), positions count real tokens only, so padding never shifts RoPE;
 * the prefill logits at the last prompt slot give the first new token;
-* decode step ``i`` (``i = 1 .. max_new_tokens - 1``) feeds token ``i - 1`` at slot
-  ``P + i - 1`` and samples token ``i``;
-* ``num_samples = K`` responses per prompt reuse one prefill: the cache and the last logits are
-  repeated along batch, so row ``r`` continues prompt ``r // K``. Under a mesh whose batch axes do
-  not divide the prompts, each prompt is prefilled ``f`` times (``f`` divides ``K``) and each of
-  those rows repeated ``K / f`` times: the same rows in the same order, so the per-row keys
-  ``fold_in(fold_in(key(seed), step), r)`` and hence the tokens are those of one device.
+* ``K`` responses per prompt reuse one prefill: the cache and the last logits are repeated along
+  batch. Under a mesh whose batch axes do not divide the prompts, each prompt is prefilled ``f``
+  times (``f`` divides ``K``) and each of those rows repeated ``K / f`` times (``_prefill_layout``);
+* each decode step feeds every row its last token and samples the next. Step ``g`` writes the
+  fed tokens' keys at slot ``P + g % N``: the decode slots are a ring, and a row (at most
+  ``N - 1`` decode steps) owns ``N - 1`` consecutive ones from wherever it started; attention is
+  causal by position (``models.layers.make_cache_context``), so the ring's order never matters;
+* the random key of token ``i`` of output row ``r`` is ``fold_in(fold_in(key(seed), r), i)``, and
+  a row's logits depend only on its own prompt and tokens, so a row's tokens do not depend on
+  the batch it is decoded in, when it started, or the mesh.
+
+**Refilled decode rows.** With ``slots`` fewer than the ``prompts x K`` rows, the call keeps a
+decode batch of ``slots`` rows and a queue of prompts (the prefill / insert-into-slot model of
+serving engines): once ``prefill_group x K`` slots are free, the next ``prefill_group`` prompts
+are prefilled together (one compiled prefill shape) and their rows -- cache, first token,
+position -- written into the free slots; decoding goes on. The batch stays full until the queue
+runs out, and the tokens are those of one batch holding every row. Without ``slots`` every
+prompt is prefilled at once (no queue).
 
 A sequence stops *after* emitting a stop id (the stop token is returned and counted in
 ``lengths``, like transformers' greedy output), or after ``max_new_tokens``; the loop ends as soon
-as every row has stopped.  Everything after a row's end is ``pad_id`` (log-probs 0).
+as the queue is empty and every row has stopped. Everything after a row's end is ``pad_id``
+(log-probs 0).
 
-Finished rows stop costing steps: once no more than half the decode batch is live, the live rows
-(with their cache) are gathered into a batch of half the size and decoding goes on there, up to
-``max_compactions`` times per call (each size is one more loop body in the same program). Each
-decoded row remembers its output row, which keys its random stream, so the tokens do not change.
+Once the queue is empty, finished rows stop costing steps: when no more than half the decode
+batch is live, the live rows (with their cache) are gathered into a batch of half the size and
+decoding goes on there, up to ``max_compactions`` times per call (each size is one more loop body
+in the same program; ``rows.py``). Before that, refill keeps the batch full instead.
 """
 
 from __future__ import annotations
@@ -44,9 +58,9 @@ from flax import nnx
 
 from repo_jax import sharding as shd
 from repo_jax.padding import round_up
-from repo_jax.sampling_policies import SamplingPolicy, choose_tokens, filter_logits
-from repo_jax.sampling_program import DecodeState, Static, clear_cache, compile_seconds, generate_program
-from repo_jax.sampling_rows import _stage_rows
+from repo_jax.sampling.policies import SamplingPolicy, choose_tokens, filter_logits
+from repo_jax.sampling.program import DecodeState, Static, clear_cache, compile_seconds, generate_program
+from repo_jax.sampling.rows import _stage_rows
 
 __all__ = ["DecodeState", "SampleOutput", "SamplingPolicy", "bucket", "choose_tokens", "clear_cache",
            "decoding_model", "filter_logits", "generate", "param_shardings", "sample"]
@@ -73,7 +87,8 @@ class SampleOutput:
         top-k, top-p applied); 0 for greedy.
       lengths_B: int32 [B*K]: new tokens per row, the stop token included.
       prompt_index_B: int32 [B*K]: the prompt each row continues.
-      num_steps: decode-loop iterations run after the prefill (``<= max_new_tokens - 1``).
+      num_steps: decode steps run (each feeds every decode slot one token; prefills not counted;
+        ``<= max_new_tokens - 1`` without refill).
       compile_seconds: time spent tracing and compiling in this call (0 when ``jax.jit``
         already held the program).
       run_seconds: wall time of the call less ``compile_seconds`` (prefill + decode, blocked on).
@@ -116,6 +131,18 @@ def _prefill_layout(b: int, num_samples: int, mult: int) -> tuple[int, int]:
         b += 1
     f = next(f for f in range(1, num_samples + 1) if num_samples % f == 0 and (b * f) % mult == 0)
     return b, f
+
+
+MIN_SHARED_PREFIX = 8  # a shorter common prefix is prefilled with each prompt
+
+
+def _common_prefix(prompts) -> int:
+    """Length of the prompts' longest common prefix, leaving every prompt at least one token
+    (its last logits start the response); 0 when under ``MIN_SHARED_PREFIX``."""
+    first, c = prompts[0], min(len(x) for x in prompts) - 1
+    for x in prompts[1:]:
+        c = next((i for i in range(c) if x[i] != first[i]), c)
+    return c if c >= MIN_SHARED_PREFIX else 0
 
 
 def _left_padded(prompts, b: int, p: int, pad_id: int):
@@ -162,6 +189,9 @@ def sample(
     cache_dtype=None,
     unstack: bool | None = None,
     max_compactions: int = 3,
+    slots: int | None = None,
+    prefill_group: int | None = None,
+    share_prefix: bool = True,
 ) -> SampleOutput:
     """Samples ``num_samples`` continuations of each prompt; see the module docstring.
 
@@ -183,10 +213,20 @@ def sample(
         stacked weights copies every layer's slice per decoded token (1.5x slower per token at
         batch 16 for SmolLM2-135M); accelerators read the slices in place and keep one copy of
         the weights. A loop sampling many times can pass ``model.unstacked()`` itself.
-      max_compactions: how many times the decode batch may halve once half its rows have
+      max_compactions: how many times the decode batch may halve once the queue is empty and half its rows have
         finished (live rows gathered, see ``_stage_rows``; batches under ``2 * COMPACT_MIN_ROWS``
         rows never compact). Each size is one more compiled loop body; 0 turns it off. The tokens
         are those of an uncompacted call.
+      slots: decode slots (rows decoded together). ``None``: every row at once (one prefill of
+        all prompts, no refill). Fewer slots than ``prompts x num_samples`` rows: the prompts
+        queue, ``prefill_group`` at a time are prefilled into the slots that finished rows freed
+        (see the module doc); rounded up to a multiple of the mesh's batch devices and to at least
+        one group's rows. The tokens do not depend on it.
+      prefill_group: prompts per refill (default ``slots / (8 * num_samples)``, at least 1); under a
+        mesh it may grow like the batch bucket (see ``_prefill_layout``).
+      share_prefix: prefill the prompts' longest common prefix (a chat template's system turn)
+        once and copy its cache into every row, when it is at least ``MIN_SHARED_PREFIX`` tokens
+        (each prompt keeps one token of its own). The tokens do not depend on it.
       *_buckets: allowed sizes. Defaults: batch and new-token buffer powers of two, prompt length
         ``2^k`` or ``3 * 2^(k-1)`` (prefill cost is linear in it); under a mesh the batch bucket
         may grow by filler slots (see ``_prefill_layout``).
@@ -198,25 +238,40 @@ def sample(
         raise ValueError(f"num_samples must be >= 1, got {num_samples}")
     stop_ids = () if eos_id is None else ((int(eos_id),) if np.isscalar(eos_id) else tuple(int(e) for e in eos_id))
     policy = SamplingPolicy(float(temperature), None if top_k is None else int(top_k), None if top_p is None else float(top_p))
-    n_prompts = len(prompts)
+    n_prompts, k = len(prompts), int(num_samples)
     mult = 1 if mesh is None else shd.batch_size_multiple(mesh)
-    b, f = _prefill_layout(bucket(n_prompts, batch_buckets), int(num_samples), mult)
-    p = bucket(max(len(x) for x in prompts), length_buckets, minimum=8, half_steps=True)
+    b = bucket(n_prompts, batch_buckets)
+    if slots is not None:
+        slots = max(int(slots), k)
+        slots += -slots % mult
+    if slots is None or b * k <= slots:  # every row fits at once: one prefill, no refill
+        q, f = _prefill_layout(b, k, mult)
+        group, n_slots = 0, q * k
+    else:  # a queue of prompt slots, `group` of them prefilled per refill
+        group, f = _prefill_layout(max(1, int(prefill_group or slots // (8 * k))), k, mult)
+        n_slots = max(slots, group * k)
+        q = group * bucket(-(-n_prompts // group))
+    c = _common_prefix(prompts) if share_prefix else 0
+    c_bucket = bucket(c, length_buckets, minimum=8, half_steps=True) if c else 0
+    p = bucket(max(len(x) for x in prompts) - c, length_buckets, minimum=8, half_steps=True)
     n = bucket(max(1, max_new_tokens), new_token_buckets, minimum=8)
-    # Prefill row j holds slot j // f; decode row r continues prefill row r // (K / f), i.e. prompt r // K.
-    tokens, mask, valid = (np.repeat(x, f, axis=0) for x in _left_padded(prompts, b, p, pad_id))
+    prefix, prefix_mask, _ = _left_padded([prompts[0][:c]], mult, c_bucket, pad_id) if c else (
+        np.zeros((1, 0), np.int32), np.zeros((1, 0), np.int32), None)
+    # Prefill row j holds prompt slot j // f; output row r continues prompt slot r // K.
+    tokens, mask, valid = _left_padded([x[c:] for x in prompts], q, p, pad_id)
+    tokens, mask = np.repeat(tokens, f, axis=0), np.repeat(mask, f, axis=0)
 
     model = decoding_model(model, unstack)
     graphdef, state = nnx.split(model)
-    stages = _stage_rows(b * int(num_samples), mult, min_rows=COMPACT_MIN_ROWS, max_compactions=max_compactions)
-    static = Static(policy, int(num_samples) // f, n, stop_ids, int(pad_id), cache_dtype, stages,
-                     replicate=mesh is not None)
-    args = (state, tokens, mask, valid, np.int32(max_new_tokens), np.uint32(seed))
+    stages = _stage_rows(n_slots, mult, min_rows=COMPACT_MIN_ROWS, max_compactions=max_compactions)
+    static = Static(policy, k // f, n, stop_ids, int(pad_id), cache_dtype, stages, replicate=mesh is not None,
+                    group=group)
+    args = (state, prefix, prefix_mask, tokens, mask, valid, np.int32(n_prompts), np.int32(max_new_tokens),
+            np.uint32(seed))
     if mesh is not None:
         state_sh = shardings if shardings is not None else param_shardings(state, mesh)
-        rows_sh, repl = shd.batch_sharding(mesh), shd.replicated(mesh)
-        placed = map(_place, args[1:], (rows_sh, rows_sh, rows_sh, repl, repl))
-        args = (jax.device_put(state, state_sh), *placed)
+        repl = shd.replicated(mesh)
+        args = (jax.device_put(state, state_sh), *(_place(x, repl) for x in args[1:]))
 
     before = compile_seconds()
     t0 = time.perf_counter()
@@ -225,13 +280,13 @@ def sample(
     compiled_in = compile_seconds() - before
     run_seconds = time.perf_counter() - t0 - compiled_in
     out = jax.device_get(out)
-    keep = n_prompts * num_samples
+    keep = n_prompts * k
     return SampleOutput(
         tokens_BxS=np.asarray(out["tokens_BxN"][:keep, :max_new_tokens]),
         logps_BxS=np.asarray(out["logps_BxN"][:keep, :max_new_tokens]),
         sample_logps_BxS=np.asarray(out["sample_logps_BxN"][:keep, :max_new_tokens]),
         lengths_B=np.asarray(out["lengths_B"][:keep]),
-        prompt_index_B=np.repeat(np.arange(n_prompts, dtype=np.int32), num_samples),
+        prompt_index_B=np.repeat(np.arange(n_prompts, dtype=np.int32), k),
         num_steps=int(out["num_steps"]),
         compile_seconds=compiled_in,
         run_seconds=run_seconds,

@@ -1,5 +1,5 @@
 """Decode-row bookkeeping of the sampler: the decode stages' batch sizes, and compacting finished
-rows away between stages (see :mod:`repo_jax.sampling`'s module docstring). A model's KV cache
+rows away between stages once the prompt queue is empty (see :mod:`repo_jax.sampling`'s module docstring). A model's KV cache
 repeats and gathers its own rows (``cache.repeat(k)``, ``cache.take(rows_B)``)."""
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ def _compact(s, size: int):
     there are at most ``size``), then finished rows as filler (they write only padding)."""
     keep_B = jnp.argsort(s.done_B, stable=True)[:size]
     take = lambda x_B: jnp.take(x_B, keep_B, axis=0)
-    return s.replace(cache=s.cache.take(keep_B), row_B=take(s.row_B),
+    return s.replace(cache=s.cache.take(keep_B), row_B=take(s.row_B), index_B=take(s.index_B),
                      last_token_B=take(s.last_token_B), position_B=take(s.position_B), done_B=take(s.done_B))
 
 

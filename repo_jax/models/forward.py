@@ -1,7 +1,8 @@
 """A jitted, shape-bucketed forward pass of an NNX model over many token sequences.
 
-Annotators built on our JAX models (the LLM judge, the reward model) run one forward per
-sequence and read something off the *last* position. Sequences are sorted by length, cut into
+Users of our JAX models that score whole sequences (the LLM judge and the reward model in
+:mod:`repo_jax.annotators`, the lm-eval harness in :mod:`repo_jax.evals.harness`) run one forward
+per sequence and read something off the *last* position (or every position). Sequences are sorted by length, cut into
 micro-batches of ``batch_size``, left-padded (so the last column is every row's last token) to a
 length bucket and a power-of-two batch bucket, and fed to one ``jax.jit`` function of the model
 state: XLA compiles once per ``(batch, length)`` bucket, not once per call.
