@@ -22,8 +22,8 @@ lengths) at each of ``--temperatures`` (no top-k / top-p, as the default config)
 ``--new-tokens`` tokens, stopping at EOS, three ways: ``refill`` (all prompts in one call,
 ``--slots`` decode slots refilled as rows finish, the chat template's common prefix prefilled
 once), with ``--unshared`` ``refill_unshared`` (the same, each prompt prefilled whole), ``chunks`` (the loop before
-refill: one call per ``--slots`` rows' worth of prompts, compaction inside each, prompts
-prefilled whole) and transformers ``generate``
+refill: one call per ``--chunk-slots`` (default ``--slots``) rows' worth of prompts,
+compaction inside each, prompts prefilled whole) and transformers ``generate``
 (the same chunks, ``num_return_sequences``, ``do_sample`` at the same temperature, ``top_k=0``).
 Tokens/s count the tokens returned (to each row's EOS); ours is the calls' ``run_seconds``
 (compile excluded), one timed call each. The JSON's ``ratio`` is refill / chunks at the largest
@@ -147,8 +147,8 @@ def loop_main(args) -> int:
         hf = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32).eval()
     model = sampling.decoding_model(model32)  # the loop's sampling copy (sampling_copy), made once
     print(f"sample --loop: SmolLM2-135M-Instruct float32, arithmetic prompts x {args.samples} samples, up to "
-          f"{args.new_tokens} new tokens, EOS {tok.eos_token_id}; {args.slots} decode slots (refill) = chunks of "
-          f"{max(1, args.slots // args.samples)} prompts (chunks, transformers); ours on "
+          f"{args.new_tokens} new tokens, EOS {tok.eos_token_id}; {args.slots} decode slots (refill), chunks of "
+          f"{max(1, (args.chunk_slots or args.slots) // args.samples)} prompts (chunks, transformers); ours on "
           f"{jnp.zeros(()).devices().pop().platform}, transformers torch {torch.__version__} "
           f"({torch.get_num_threads()} threads)", flush=True)
     rows, last = {}, None
@@ -160,9 +160,10 @@ def loop_main(args) -> int:
             res = {"refill": bench_loop_ours(model, prompts, refill=True, **kw)}
             if args.unshared:
                 res["refill_unshared"] = bench_loop_ours(model, prompts, refill=True, share_prefix=False, **kw)
-            res["chunks"] = bench_loop_ours(model, prompts, refill=False, share_prefix=False, **kw)
+            chunks_kw = {**kw, "slots": args.chunk_slots or args.slots}
+            res["chunks"] = bench_loop_ours(model, prompts, refill=False, share_prefix=False, **chunks_kw)
             if not args.no_hf:
-                res["transformers"] = bench_loop_hf(hf, prompts, **kw)
+                res["transformers"] = bench_loop_hf(hf, prompts, **chunks_kw)
             row = {f"{k}_tokens_per_s": round(r["tokens_per_s"], 1) for k, r in res.items()}
             row["refill_over_chunks"] = round(res["refill"]["tokens_per_s"] / res["chunks"]["tokens_per_s"], 3)
             if "transformers" in res:
@@ -179,6 +180,7 @@ def loop_main(args) -> int:
             rows[f"{n_rows}/T={temp:g}"] = last = row
     emit({"bench": "sample", "mode": "loop", "ratio": last["refill_over_chunks"],
           "ratio_transformers": last.get("refill_over_transformers"), "slots": args.slots,
+          "chunk_slots": args.chunk_slots or args.slots,
           "new_tokens": args.new_tokens, "rows": rows})
     return 0
 
@@ -202,6 +204,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--temperatures", type=float, nargs="+", default=[0.5, 0.8], help="--loop")
     ap.add_argument("--no-hf", action="store_true", help="--loop: skip transformers")
     ap.add_argument("--unshared", action="store_true", help="--loop: also refill without the shared prefix")
+    ap.add_argument("--chunk-slots", type=int, default=0,
+                    help="--loop: rows per call of chunks and transformers (default --slots)")
     args = ap.parse_args(argv)
     if args.loop:
         return loop_main(args)

@@ -222,8 +222,11 @@ def sample(
         queue, ``prefill_group`` at a time are prefilled into the slots that finished rows freed
         (see the module doc); rounded up to a multiple of the mesh's batch devices and to at least
         one group's rows. The tokens do not depend on it.
-      prefill_group: prompts per refill (default ``slots / (8 * num_samples)``, at least 1); under a
-        mesh it may grow like the batch bucket (see ``_prefill_layout``).
+      prefill_group: prompts per refill (default ``slots / (32 * num_samples)``, at least 1: refilling
+        as soon as a prompt's rows fit keeps the batch fullest, and a small prefill costs little
+        more per token; SmolLM2, 64 slots, 256 rows at T=0.8 on 2 CPU cores: 455 tokens/s with
+        groups of 1 prompt, 382 with 4, 332 with 8); under a mesh it may grow like the batch
+        bucket (see ``_prefill_layout``).
       share_prefix: prefill the prompts' longest common prefix (a chat template's system turn)
         once and copy its cache into every row, when it is at least ``MIN_SHARED_PREFIX`` tokens
         (each prompt keeps one token of its own). The tokens do not depend on it.
@@ -248,7 +251,7 @@ def sample(
         q, f = _prefill_layout(b, k, mult)
         group, n_slots = 0, q * k
     else:  # a queue of prompt slots, `group` of them prefilled per refill
-        group, f = _prefill_layout(max(1, int(prefill_group or slots // (8 * k))), k, mult)
+        group, f = _prefill_layout(max(1, int(prefill_group or slots // (32 * k))), k, mult)
         n_slots = max(slots, group * k)
         q = group * bucket(-(-n_prompts // group))
     c = _common_prefix(prompts) if share_prefix else 0
