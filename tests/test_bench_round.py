@@ -26,7 +26,7 @@ def test_our_config_is_the_compared_round():
     assert (cfg.loop.num_responses, cfg.loop.prompts_per_round, cfg.loop.epochs) == (2, 16, 1)
     assert [(s.kind, s.name) for s in cfg.annotate.panel] == [("rule", "reward")]
     assert (cfg.sample.max_new_tokens, cfg.train.batch_size, cfg.train.num_responses) == (32, 4, 2)
-    assert cfg.train.seq_len == cfg.data.max_prompt_len + 32 and cfg.data.max_prompt_len >= 72
+    assert cfg.train.seq_len == cfg.data.max_prompt_len + 2 * 32 and cfg.data.max_prompt_len >= 72  # one shared row per pair
     assert cfg.task == "arithmetic" and cfg.train.loss.name == "irepo" and cfg.sample.temperature == 0.5
 
 
