@@ -363,3 +363,23 @@ def test_shared_prefix_is_prefilled_once(model):
         np.testing.assert_array_equal(plain.lengths_B, out.lengths_B)
         np.testing.assert_allclose(plain.logps_BxS, out.logps_BxS, atol=1e-5)
     assert sampling._common_prefix([head + [1], head[:9]]) == 8 and sampling._common_prefix([[1] * 5, [1] * 5]) == 0
+
+
+def test_a_temperature_per_prompt_gives_each_row_its_policy(model):
+    """Greedy prompts and sampled ones in one refilled call (an evaluation's answers and KL
+    samples): each greedy row is the greedy call's, each sampled row the uniform-temperature
+    call's (same rows, same keys); 0.5 has an exact reciprocal, so the logits scale alike."""
+    prompts = [MIXED[i % 5][: 2 + i % 4] + [i + 1] for i in range(8)]
+    temps = [0.0 if i % 3 else 0.5 for i in range(8)]
+    kw = dict(max_new_tokens=10, eos_id=[3, 20], seed=4, slots=4, prefill_group=1)
+    mixed = sampling.sample(model, prompts, temperature=temps, **kw)
+    greedy = sampling.sample(model, prompts, temperature=0.0, **kw)
+    hot = sampling.sample(model, prompts, temperature=0.5, **kw)
+    assert not (greedy.tokens_BxS == hot.tokens_BxS).all()  # the two policies differ on these prompts
+    for i, t in enumerate(temps):
+        want = hot if t else greedy
+        np.testing.assert_array_equal(mixed.tokens_BxS[i], want.tokens_BxS[i], err_msg=f"prompt {i}")
+        np.testing.assert_allclose(mixed.logps_BxS[i], want.logps_BxS[i], atol=1e-5)
+        np.testing.assert_allclose(mixed.sample_logps_BxS[i], want.sample_logps_BxS[i], atol=1e-5)
+    with pytest.raises(ValueError, match="one value >= 0 per prompt"):
+        sampling.sample(model, prompts, temperature=[0.5], max_new_tokens=4)

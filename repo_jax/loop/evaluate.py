@@ -10,8 +10,10 @@ DESIGN.md's keys:
   prompts and second on odd ones, so a judge's position bias cancels;
 * ``eval/kl``       mean over ``eval.kl_samples`` responses per prompt, sampled at temperature 1
   from ``pi_t``, of ``log pi_t(y) - log pi_0(y)`` (an unbiased estimate of KL(pi_t || pi_0));
-  0 at iteration 0. Both log-probs come from the reference pass (``make_reference_logprobs``),
-  each prompt's samples sharing its row (``train.layout=shared``).
+  0 at iteration 0. ``log pi_t`` is the sampler's own (the samples come from the same call as
+  the greedy answers when ``eval.kl_samples`` is 1: one temperature per prompt), ``log pi_0`` a
+  reference pass (``make_reference_logprobs``), each prompt's samples sharing its row
+  (``train.layout=shared``).
 """
 
 from __future__ import annotations
@@ -49,13 +51,15 @@ def win_scores(panel, prompts: Sequence[str], current: Sequence[str], first: Seq
     return wins / np.maximum(wins + losses, 1e-12)
 
 
-def kl_estimate(ref_logprobs: Callable, params_t, params_0, prompt_ids, samples, *, batch_size: int,
+def kl_estimate(ref_logprobs: Callable, params_0, prompt_ids, samples, logps_t, *, batch_size: int,
                 num_responses: int, seq_len: int, pad_id: int, to_device: Callable, to_host: Callable,
                 layout: str = "shared") -> float:
     """``mean log pi_t(y) - log pi_0(y)`` over ``samples`` (a list of responses per entry of
-    ``prompt_ids``) through the reference program: in the ``shared`` layout each prompt's samples
-    share its row (the prompt runs once); in ``rows`` the responses are packed ``num_responses``
-    rows to an example so the train shapes' reference program is reused."""
+    ``prompt_ids``): ``logps_t`` (same nesting) are the sampler's own log-probs of them under
+    ``pi_t`` (raw logits, temperature 1: equal to a forward pass up to float rounding), ``log
+    pi_0`` comes from the reference program: in the ``shared`` layout each prompt's samples share
+    its row (the prompt runs once); in ``rows`` the responses are packed ``num_responses`` rows to
+    an example so the train shapes' reference program is reused."""
     if layout == "shared":
         items = [{"prompt_ids": list(p), "response_ids": [list(r) for r in s], "scores": [], "pref": None, "row": i}
                  for i, (p, s) in enumerate(zip(prompt_ids, samples))]
@@ -65,12 +69,11 @@ def kl_estimate(ref_logprobs: Callable, params_t, params_0, prompt_ids, samples,
     else:
         rows = [(p, r) for p, s in zip(prompt_ids, samples) for r in s]
         batches = pack_rows(rows, batch_size=batch_size, num_responses=num_responses, seq_len=seq_len, pad_id=pad_id)
-    diffs = []
+    l0 = []
     for batch in batches:
-        dev = to_device(batch)
-        lt, l0 = to_host(ref_logprobs(params_t, dev)), to_host(ref_logprobs(params_0, dev))
-        diffs.append((lt - l0)[batch["list_mask_BxK"]])
-    return float(np.mean(np.concatenate(diffs))) if diffs else 0.0
+        l0.append(to_host(ref_logprobs(params_0, to_device(batch)))[batch["list_mask_BxK"]])
+    lt = np.array([x for row in logps_t for x in row], np.float64)
+    return float(np.mean(lt - np.concatenate(l0))) if l0 else 0.0
 
 
 def pack_rows(rows: Sequence[tuple[Sequence[int], Sequence[int]]], *, batch_size: int, num_responses: int,

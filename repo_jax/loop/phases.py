@@ -11,7 +11,7 @@ import numpy as np
 from repo_jax import reporting
 from repo_jax.data import unpad_prompts
 from repo_jax.loop import rounds
-from repo_jax.loop.evaluate import greedy_answers, kl_estimate, win_rate
+from repo_jax.loop.evaluate import kl_estimate, win_rate
 from repo_jax.loop.state import Run
 from repo_jax.runs import Preempted
 from repo_jax.training import objectives
@@ -22,9 +22,18 @@ TRAIN_METRICS = ("loss", "reward_margin", "reward_accuracy", "calibration_error"
 def evaluate(run: Run, iteration: int) -> tuple[dict, list[str]]:
     """``eval/*`` of the current policy (``run.policy``); also writes the answers file."""
     cfg, t0 = run.cfg, time.perf_counter()
-    ids = greedy_answers(run.policy, run.eval_ids, max_new_tokens=cfg.eval_max_new_tokens, eos_id=run.eos_id,
-                         pad_id=run.pad_id, slots=cfg.loop.sample_batch, mesh=run.sampler_mesh(),
-                         progress=lambda x, **k: run.bar(x, desc=f"eval {iteration}: answers", unit="batch", **k))
+    e = len(run.eval_ids)
+    kl_ids = run.eval_ids[:cfg.eval.kl_prompts or None] if cfg.eval.kl_samples and iteration > 0 else []
+    one_call = bool(kl_ids) and cfg.eval.kl_samples == 1  # greedy answers and KL samples in one sampler call
+    prompts = run.eval_ids + (kl_ids if one_call else [])
+    rows, logps = rounds.sample_with_logps(
+        run.policy, prompts, num_samples=1, max_new_tokens=cfg.eval_max_new_tokens,
+        temperature=[0.0] * e + [1.0] * len(kl_ids) if one_call else 0.0, top_p=None, top_k=None,
+        eos_id=run.eos_id, pad_id=run.pad_id, seed=run.seed(iteration, 2), slots=cfg.loop.sample_batch,
+        mesh=run.sampler_mesh(),
+        progress=lambda x, **k: run.bar(x, desc=f"eval {iteration}: answers" + (" + KL samples" if one_call else ""),
+                                        unit="batch", **k))
+    ids = [r[0] for r in rows[:e]]
     texts = [run.decode(r) for r in ids]
     first = texts if iteration == 0 else run.progress.baseline_answers
     out: dict[str, Any] = {}
@@ -35,14 +44,16 @@ def evaluate(run: Run, iteration: int) -> tuple[dict, list[str]]:
     out["eval/win_rate"] = win_rate(run.panel, run.eval_texts, texts, first)
     out["eval/length"] = float(np.mean([len(r) for r in ids]))
     out["eval/kl"] = 0.0
-    if cfg.eval.kl_samples and iteration > 0:
-        kl_ids = run.eval_ids[:cfg.eval.kl_prompts or None]
-        samples = rounds.sample_responses(
-            run.policy, kl_ids, num_samples=cfg.eval.kl_samples, max_new_tokens=cfg.eval_max_new_tokens,
-            temperature=1.0, top_p=None, top_k=None, eos_id=run.eos_id, pad_id=run.pad_id,
-            seed=run.seed(iteration, 2), slots=cfg.loop.sample_batch, mesh=run.sampler_mesh(),
-            progress=lambda x, **k: run.bar(x, desc=f"eval {iteration}: KL samples", unit="batch", **k))
-        out["eval/kl"] = kl_estimate(run.ref_logprobs, run.state.params, run.pi0, kl_ids, samples,
+    if kl_ids:
+        if one_call:
+            samples, logps_t = rows[e:], logps[e:]
+        else:
+            samples, logps_t = rounds.sample_with_logps(
+                run.policy, kl_ids, num_samples=cfg.eval.kl_samples, max_new_tokens=cfg.eval_max_new_tokens,
+                temperature=1.0, top_p=None, top_k=None, eos_id=run.eos_id, pad_id=run.pad_id,
+                seed=run.seed(iteration, 2), slots=cfg.loop.sample_batch, mesh=run.sampler_mesh(),
+                progress=lambda x, **k: run.bar(x, desc=f"eval {iteration}: KL samples", unit="batch", **k))
+        out["eval/kl"] = kl_estimate(run.ref_logprobs, run.pi0, kl_ids, samples, logps_t,
                                      batch_size=cfg.train.batch_size, num_responses=cfg.train.num_responses,
                                      seq_len=cfg.train.seq_len, pad_id=run.pad_id, to_device=run.to_device,
                                      to_host=run.to_host, layout=cfg.train.layout)

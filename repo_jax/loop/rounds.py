@@ -47,7 +47,7 @@ def sample_responses(policy, prompts: Sequence[Sequence[int]], *, num_samples: i
 
 
 def sample_with_logps(policy, prompts: Sequence[Sequence[int]], *, num_samples: int, max_new_tokens: int,
-                      temperature: float, top_p: float | None, top_k: int | None, eos_id, pad_id: int, seed: int,
+                      temperature: float | Sequence[float], top_p: float | None, top_k: int | None, eos_id, pad_id: int, seed: int,
                       slots: int, mesh=None, progress: Callable = lambda x, **k: x
                       ) -> tuple[list[list[list[int]]], list[list[float]]]:
     """:func:`sample_responses` and, per response, ``log policy(response | prompt)`` under the

@@ -174,7 +174,7 @@ def sample(
     prompts: Sequence[Sequence[int]],
     *,
     max_new_tokens: int,
-    temperature: float = 0.0,
+    temperature: float | Sequence[float] = 0.0,
     top_k: int | None = None,
     top_p: float | None = None,
     eos_id: int | Sequence[int] | None = None,
@@ -240,8 +240,17 @@ def sample(
     if num_samples < 1:
         raise ValueError(f"num_samples must be >= 1, got {num_samples}")
     stop_ids = () if eos_id is None else ((int(eos_id),) if np.isscalar(eos_id) else tuple(int(e) for e in eos_id))
-    policy = SamplingPolicy(float(temperature), None if top_k is None else int(top_k), None if top_p is None else float(top_p))
     n_prompts, k = len(prompts), int(num_samples)
+    per_row = not np.isscalar(temperature)
+    if per_row:
+        temps = np.asarray(temperature, np.float32)
+        if temps.shape != (n_prompts,) or (temps < 0).any():
+            raise ValueError(f"temperature: one value >= 0 per prompt ({n_prompts}), got shape {temps.shape}")
+        if top_k is not None or top_p is not None:
+            raise ValueError("a temperature per prompt takes no top_k / top_p")
+        temperature = float(temps.max())
+    policy = SamplingPolicy(float(temperature), None if top_k is None else int(top_k), None if top_p is None else float(top_p))
+    per_row = per_row and not policy.greedy
     mult = 1 if mesh is None else shd.batch_size_multiple(mesh)
     b = bucket(n_prompts, batch_buckets)
     if slots is not None:
@@ -268,9 +277,12 @@ def sample(
     graphdef, state = nnx.split(model)
     stages = _stage_rows(n_slots, mult, min_rows=COMPACT_MIN_ROWS, max_compactions=max_compactions)
     static = Static(policy, k // f, n, stop_ids, int(pad_id), cache_dtype, stages, replicate=mesh is not None,
-                    group=group)
+                    group=group, per_row=per_row)
+    temperature_R = np.zeros((q * k,), np.float32)  # output row r continues prompt r // K
+    if per_row:
+        temperature_R[:n_prompts * k] = np.repeat(temps, k)
     args = (state, prefix, prefix_mask, tokens, mask, valid, np.int32(n_prompts), np.int32(max_new_tokens),
-            np.uint32(seed))
+            np.uint32(seed), temperature_R)
     if mesh is not None:
         state_sh = shardings if shardings is not None else param_shardings(state, mesh)
         repl = shd.replicated(mesh)

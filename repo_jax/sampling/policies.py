@@ -218,8 +218,13 @@ def _truncated(logits_BxV, u_B, live_B, policy: SamplingPolicy):
     return jax.lax.switch(branch, [lambda _: (token_B, logp_B), subset, every_row], None)
 
 
-def choose_tokens(logits_BxV: jax.Array, keys_B: jax.Array, policy: SamplingPolicy, live_B: jax.Array | None = None):
+def choose_tokens(logits_BxV: jax.Array, keys_B: jax.Array, policy: SamplingPolicy, live_B: jax.Array | None = None,
+                  temperature_B: jax.Array | None = None):
     """Picks one token per row; returns ``(token_B, model_logp_B, sample_logp_B)``.
+
+    ``temperature_B`` (no top-k / top-p): each row's own temperature, greedy where it is 0 (an
+    evaluation's greedy answers and its temperature-1 KL samples in one batch); a row's token is
+    the one the uniform-temperature policy would pick.
 
     ``model_logp`` is the token's log-prob under the unmodified model (``log_softmax`` of the raw
     logits, temperature 1, no filtering); ``sample_logp`` is its log-prob under the distribution
@@ -228,7 +233,13 @@ def choose_tokens(logits_BxV: jax.Array, keys_B: jax.Array, policy: SamplingPoli
     """
     logits_BxV = logits_BxV.astype(jnp.float32)
     b, v = logits_BxV.shape
-    if policy.greedy:
+    if temperature_B is not None:
+        u_B = jax.vmap(lambda k: jax.random.uniform(k, dtype=jnp.float32))(keys_B)
+        hot_B = temperature_B > 0
+        drawn_B, drawn_logp_B = _draw_full(logits_BxV * (1.0 / jnp.where(hot_B, temperature_B, 1.0))[:, None], u_B)
+        token_B = jnp.where(hot_B, drawn_B, _argmax(logits_BxV))
+        sample_logp_B = jnp.where(hot_B, drawn_logp_B, 0.0)
+    elif policy.greedy:
         token_B = _argmax(logits_BxV)
         sample_logp_B = jnp.zeros(token_B.shape, jnp.float32)
     else:

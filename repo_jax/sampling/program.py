@@ -75,6 +75,7 @@ class Static:
     stages: tuple[int, ...]  # decode batch sizes: the slots, then the compactions (see _stage_rows)
     replicate: bool  # under a mesh: replicated outputs, so every process reads every row
     group: int = 0  # prompt slots prefilled per refill (0: every queued prompt at once, no refill)
+    per_row: bool = False  # temperature_R gives each output row its own temperature (0: greedy)
 
 
 def _row_keys(seed, rows_B, index_B):
@@ -85,7 +86,7 @@ def _row_keys(seed, rows_B, index_B):
 
 
 def _generate_program(state, prefix_MxC, prefix_mask_MxC, tokens_QxT, mask_QxT, valid_Q, num_prompts, max_new_tokens,
-                      seed, *, graphdef, static: Static):
+                      seed, temperature_R, *, graphdef, static: Static):
     """Prefill the queued prompt slots a group at a time into free decode slots (each prefill row
     repeated ``K / f`` times), decode between refills, then drain the last rows in ``while_loop``s,
     one per stage size (finished rows compacted away between stages).
@@ -117,7 +118,9 @@ def _generate_program(state, prefix_MxC, prefix_mask_MxC, tokens_QxT, mask_QxT, 
 
     def choose(logits_BxV, row_B, index_B, live_B):
         """Token, model and sample log-probs, stopped flag of each row (padding where not live)."""
-        token_B, logp_B, sample_logp_B = choose_tokens(logits_BxV, _row_keys(seed, row_B, index_B), static.policy, live_B)
+        temp_B = jnp.take(temperature_R, row_B, mode="clip") if static.per_row else None
+        token_B, logp_B, sample_logp_B = choose_tokens(logits_BxV, _row_keys(seed, row_B, index_B), static.policy, live_B,
+                                                       temp_B)
         token_B = jnp.where(live_B, token_B, static.pad_id)
         stopped_B = jnp.isin(token_B, stop_ids) if static.stop_ids else jnp.zeros_like(live_B)
         return token_B, jnp.where(live_B, logp_B, 0.0), jnp.where(live_B, sample_logp_B, 0.0), live_B & stopped_B
