@@ -45,8 +45,10 @@ def batch_fields(cfg) -> tuple[str, ...]:
     """The batch fields the configured loss and reference mode read (what the data pipeline sends)."""
     from repo_jax.training import objectives
 
+    from repo_jax.training import batch as bt
+
     if cfg.train.layout == "shared":
-        fields = ["input_ids_BxT", "segment_ids_BxT", "positions_BxT", "list_mask_BxK", "example_mask_B"]
+        fields = [*bt.SHARED_REQUIRED, "example_mask_B"]
     else:
         fields = ["input_ids_BxKxT", "loss_mask_BxKxT", "attention_mask_BxKxT", "positions_BxKxT", "example_mask_B"]
         if not objectives.get(cfg.train.loss.name).pairwise:

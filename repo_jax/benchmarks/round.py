@@ -102,20 +102,18 @@ def prompt_rounds(run, rounds: int) -> tuple[list[str], list[list[int]]]:
     return texts, ids
 
 
-_COMPILE_EVENTS = ("/jax/core/compile/jaxpr_trace_duration", "/jax/core/compile/jaxpr_to_mlir_module_duration",
-                   "/jax/core/compile/backend_compile_duration")
-
-
 def our_round(run, t: int) -> dict[str, float]:
     """Round ``t`` of the loop without its evaluation: phase seconds, the seconds of it spent
     tracing and compiling (a length bucket the warm-up round did not meet compiles here), the
     train phase's FLOPs and the mean sampled reward."""
     import jax
 
+    from repo_jax.sampling.program import COMPILE_EVENTS
+
     compile_s = [0.0]
 
     def on_event(event, duration, **_):
-        if event in _COMPILE_EVENTS:
+        if event in COMPILE_EVENTS:
             compile_s[0] += duration
 
     jax.monitoring.register_event_duration_secs_listener(on_event)

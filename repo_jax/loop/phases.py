@@ -133,10 +133,13 @@ def train(run: Run, t: int, items: list[dict], ref_MxK: np.ndarray, stop, observ
     bar = run.bar(total=total, desc=f"round {t}: train", unit="step")
     bar.update(run.progress.train_pos)
     lengths = [rounds.row_length(it, cfg.train.layout) for it in items]
+    epoch_items, at_epoch = None, -1
     for pos in range(run.progress.train_pos, total):
         epoch, j = divmod(pos, per_epoch)
-        order = rounds.epoch_order(lengths, b, run.seed(t, 3, epoch),
-                                   group_by_length=cfg.loop.group_by_length)[j * b:(j + 1) * b]
+        if epoch != at_epoch:  # the epoch's order, once (a function of the seed: resume rebuilds it)
+            epoch_items, at_epoch = rounds.epoch_order(lengths, b, run.seed(t, 3, epoch),
+                                                       group_by_length=cfg.loop.group_by_length), epoch
+        order = epoch_items[j * b:(j + 1) * b]
         host = rounds.collate_batches(items, order, batch_size=b, num_responses=cfg.train.num_responses,
                                       seq_len=cfg.train.seq_len, pad_id=run.pad_id, layout=cfg.train.layout)[0]
         host["ref_logps_BxK"] = np.zeros(host["list_mask_BxK"].shape, np.float32)

@@ -192,7 +192,7 @@ class OfflineRun(RunBase):
             out["logps"][rows[keep]] = logps[keep]
             out["scores"][rows[keep]] = host["scores_BxK"][keep]
             out["mask"][rows[keep]] = host["list_mask_BxK"][keep]
-            out["tokens"][rows[keep]] = np.asarray(bt.response_tokens(host))[keep]
+            out["tokens"][rows[keep]] = bt.response_tokens(host)[keep]
         return out
 
     # ------------------------------------------------------------------ reference

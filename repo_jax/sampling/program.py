@@ -228,7 +228,7 @@ def _generate_program(state, prefix_MxC, prefix_mask_MxC, tokens_QxT, mask_QxT, 
 generate_program = jax.jit(_generate_program, static_argnames=("graphdef", "static"))
 
 
-_COMPILE_EVENTS = ("/jax/core/compile/jaxpr_trace_duration", "/jax/core/compile/jaxpr_to_mlir_module_duration",
+COMPILE_EVENTS = ("/jax/core/compile/jaxpr_trace_duration", "/jax/core/compile/jaxpr_to_mlir_module_duration",
                    "/jax/core/compile/backend_compile_duration")
 _compile_clock = threading.local()  # seconds this thread spent tracing, lowering, compiling the program
 
@@ -237,7 +237,7 @@ _PROGRAM_NAMES = ("_generate_program", "jit(_generate_program)")  # as traced, a
 
 
 def _on_compile_event(event: str, duration: float, fun_name: str | None = None, **_) -> None:
-    if fun_name in _PROGRAM_NAMES and event in _COMPILE_EVENTS:
+    if fun_name in _PROGRAM_NAMES and event in COMPILE_EVENTS:
         _compile_clock.seconds = getattr(_compile_clock, "seconds", 0.0) + duration
 
 

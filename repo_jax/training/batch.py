@@ -177,12 +177,15 @@ def token_fields(batch: Mapping[str, Any]) -> tuple[str, ...]:
 
 
 def response_tokens(batch: Mapping[str, Any]) -> jax.Array:
-    """``[B, K]`` float32: how many tokens each response has (the tokens its log-prob sums)."""
+    """``[B, K]`` float32: how many tokens each response has (the tokens its log-prob sums);
+    numpy for a host batch, jax inside a jitted function."""
+    field = "segment_ids_BxT" if is_shared(batch) else "loss_mask_BxKxT"
+    xp = np if isinstance(batch[field], np.ndarray) else jnp
     if is_shared(batch):
         k = batch["list_mask_BxK"].shape[1]
         seg_BxTx1 = batch["segment_ids_BxT"][..., None]
-        return jnp.sum(seg_BxTx1 == jnp.arange(1, k + 1, dtype=seg_BxTx1.dtype), axis=1).astype(jnp.float32)
-    return jnp.sum(batch["loss_mask_BxKxT"], -1).astype(jnp.float32)
+        return xp.sum(seg_BxTx1 == xp.arange(1, k + 1, dtype=seg_BxTx1.dtype), axis=1).astype(xp.float32)
+    return xp.sum(batch["loss_mask_BxKxT"], -1).astype(xp.float32)
 
 
 def example_mask(batch: Mapping[str, Any]) -> jax.Array:
