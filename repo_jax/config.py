@@ -88,7 +88,12 @@ def _build(cls: type[C], raw: dict[str, Any], where: str = "") -> C:
     for name, value in raw.items():
         sub = f"{where}.{name}" if where else name
         kwargs[name] = _coerce(value, types_[name], sub)
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except ValueError as e:  # a section's own check (__post_init__)
+        if isinstance(e, ConfigError):
+            raise
+        raise ConfigError(f"{where or cls.__name__}: {e}") from None
 
 
 def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:

@@ -94,9 +94,19 @@ class RunBase:
     """Helpers of a built run. A subclass sets ``cfg``, ``mesh``, ``main``, ``show_progress``,
     ``state`` (a ``TrainState``), ``abstract`` and ``shardings`` (its shape and placement),
     ``checkpointer``, ``iterator`` (a grain iterator) and ``progress`` (an instance of
-    ``progress_cls``, a dataclass with ``saves`` and ``data_state`` fields)."""
+    ``progress_cls``, a dataclass with ``saves`` and ``data_state`` fields). With LoRA,
+    ``base_record`` (:meth:`record_base`) names the frozen base a checkpoint was trained on."""
 
     progress_cls: type
+    base_record: dict | None = None
+
+    def record_base(self, weights: str) -> None:
+        """With LoRA: remembers the base's source and exact checksum (``lora.checksum``); every
+        save stores them, and :meth:`restore` refuses a checkpoint made on another base."""
+        if self.state.frozen is not None:
+            from repo_jax.models import lora
+
+            self.base_record = {"weights": weights or "random init", "checksum": lora.checksum(self.state.frozen)}
 
     def bar(self, iterable=None, *, desc: str, total=None, unit="it"):
         return reporting.progress(iterable, total=total, desc=desc, unit=unit,
@@ -119,14 +129,24 @@ class RunBase:
     def save(self, **changes) -> None:
         """Checkpoints the train state with ``progress`` updated by ``changes``."""
         p = dataclasses.replace(self.progress, **changes, saves=self.progress.saves + 1)
-        self.checkpointer.save(p.saves, self.state, loop=dataclasses.asdict(p), force=True)
+        loop = dataclasses.asdict(p) | ({"lora_base": self.base_record} if self.base_record else {})
+        self.checkpointer.save(p.saves, self.state, loop=loop, force=True)
         self.progress = p
 
     def restore(self) -> bool:
         """Restores the newest checkpoint, if any (state, progress, the iterator's position)."""
         if self.checkpointer.latest_step() is None:
             return False
-        self.state, loop = self.checkpointer.restore(self.abstract, self.shardings)
+        state, loop = self.checkpointer.restore(self.abstract, self.shardings)
+        saved_base = loop.get("lora_base")
+        if state.frozen is None and saved_base and self.base_record:
+            if saved_base["checksum"] != self.base_record["checksum"]:
+                raise config_lib.ConfigError(
+                    f"{self.checkpointer.directory}: the LoRA adapters were trained on the base "
+                    f"{saved_base['weights']} with checksum {saved_base['checksum']}, but "
+                    f"{self.base_record['weights']} now has checksum {self.base_record['checksum']}: "
+                    "resume with the same base weights")
+        self.state = state if state.frozen is not None else state.replace(frozen=self.state.frozen)
         known = {f.name for f in dataclasses.fields(self.progress_cls)}
         self.progress = self.progress_cls(**{k: v for k, v in loop.items() if k in known})
         if self.progress.data_state:

@@ -14,7 +14,7 @@ Also here, because every program needs them the same way:
   * :func:`global_batch`: this host's rows -> global arrays sharded over the batch axes.
 
 Logical names used by the models:
-  parameters  ``vocab embed q_heads kv_heads head_dim mlp layers norm``
+  parameters  ``vocab embed q_heads kv_heads head_dim mlp layers norm lora_rank``
   activations ``batch length act_embed act_heads act_mlp``
 """
 
@@ -48,6 +48,7 @@ TRAIN_RULES: Rules = (
     ("mlp", "tensor"),
     ("layers", None),
     ("norm", None),
+    ("lora_rank", None),
     ("act_embed", None),
     ("act_heads", "tensor"),
     ("act_mlp", "tensor"),

@@ -109,7 +109,7 @@ def test_reference_params_equal_precomputed_reference_logprobs(base):
     b = random_batch(cfg, vocab=V, seed=4, ref_logps=False)
     param_sh = shd.state_shardings(jax.eval_shape(lambda: host_state.params), mesh)
     ref_fn = sp.make_reference_logprobs(graphdef, cfg.train, mesh, param_sh, compiler_options=FAST)
-    ref = np.asarray(ref_fn(jax.device_put(host_state.params, param_sh), shd.global_batch(bt.cast(b), mesh)))
+    ref = np.asarray(ref_fn(jax.device_put(host_state.params, param_sh), None, shd.global_batch(bt.cast(b), mesh)))
     assert ref.shape == (8, 2) and np.all(ref < 0)
     by_params, mp = _run(base, cfg, (1, 1, 1), [b])
     by_batch, mb = _run(base, CFG, (1, 1, 1), [dict(b, ref_logps_BxK=ref)])

@@ -57,7 +57,15 @@ class LoopConfig:
       float32). Saved in the round file (``responses[].logp``).
     export: at the end, write the final policy to ``run_dir/policy`` as an HF folder
       (``config.json``, safetensors, the tokenizer when it has ``save_pretrained``), which
-      ``transformers`` and every ``--model`` of this project load (one process only).
+      ``transformers`` and every ``--model`` of this project load (one process only); with
+      LoRA the adapters are merged into it, and ``run_dir/adapter`` holds them as a PEFT folder.
+    lora_merge (``model.lora.rank`` > 0): ``never`` (one set of adapters trained over the whole
+      run on the loaded base; the checkpoints hold the adapters, not the base) or
+      ``every_round`` (at the start of each round after the first the adapters are folded into
+      the base, ``W += (alpha / rank) A B`` in the base's dtype, and fresh adapters with fresh
+      AdamW moments start: each round's update is low-rank, the run's is not; the checkpoints
+      then hold the base too). Either way the round's reference is its starting policy, and
+      the sampler decodes a copy with the adapters merged in once per round.
     """
 
     rounds: int = 3
@@ -72,6 +80,7 @@ class LoopConfig:
     progress: bool = True
     reference: Literal["forward", "sampler"] = "forward"
     export: bool = True
+    lora_merge: Literal["never", "every_round"] = "never"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -196,6 +205,8 @@ def check(cfg: IrepoConfig) -> None:
                           f"{loop.num_responses} for the listwise loss {train.loss.name!r}")
     if not listwise and train.num_responses != 2:
         raise ConfigError(f"train.num_responses must be 2 for the pairwise loss {train.loss.name!r}")
+    if loop.lora_merge != "never" and not cfg.model.lora.rank:
+        raise ConfigError("loop.lora_merge is only read with LoRA (model.lora.rank > 0); remove it")
     if train.reference != "batch":
         raise ConfigError("train.reference must be 'batch': the loop computes reference log-probs once a round")
     if not cfg.annotate.panel:

@@ -51,11 +51,12 @@ def win_scores(panel, prompts: Sequence[str], current: Sequence[str], first: Seq
     return wins / np.maximum(wins + losses, 1e-12)
 
 
-def kl_estimate(ref_logprobs: Callable, params_0, prompt_ids, samples, logps_t, *, batch_size: int,
+def kl_estimate(ref_logprobs: Callable, weights_0, prompt_ids, samples, logps_t, *, batch_size: int,
                 num_responses: int, seq_len: int, pad_id: int, to_device: Callable, to_host: Callable,
                 layout: str = "shared") -> float:
     """``mean log pi_t(y) - log pi_0(y)`` over ``samples`` (a list of responses per entry of
-    ``prompt_ids``): ``logps_t`` (same nesting) are the sampler's own log-probs of them under
+    ``prompt_ids``; ``weights_0``: ``pi_0``'s ``(params, frozen)``, the reference program's
+    first two arguments): ``logps_t`` (same nesting) are the sampler's own log-probs of them under
     ``pi_t`` (raw logits, temperature 1: equal to a forward pass up to float rounding), ``log
     pi_0`` comes from the reference program: in the ``shared`` layout each prompt's samples share
     its row (the prompt runs once); in ``rows`` the responses are packed ``num_responses`` rows to
@@ -71,7 +72,7 @@ def kl_estimate(ref_logprobs: Callable, params_0, prompt_ids, samples, logps_t, 
         batches = pack_rows(rows, batch_size=batch_size, num_responses=num_responses, seq_len=seq_len, pad_id=pad_id)
     l0 = []
     for batch in batches:
-        l0.append(to_host(ref_logprobs(params_0, to_device(batch)))[batch["list_mask_BxK"]])
+        l0.append(to_host(ref_logprobs(*weights_0, to_device(batch)))[batch["list_mask_BxK"]])
     lt = np.array([x for row in logps_t for x in row], np.float64)
     return float(np.mean(lt - np.concatenate(l0))) if l0 else 0.0
 

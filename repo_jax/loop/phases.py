@@ -114,7 +114,7 @@ def reference_logps(run: Run, items: list[dict]) -> np.ndarray:
     batches = rounds.collate_batches(items, range(len(items)), batch_size=cfg.train.batch_size,
                                      num_responses=cfg.train.num_responses, seq_len=cfg.train.seq_len,
                                      pad_id=run.pad_id, layout=cfg.train.layout)
-    out = [run.to_host(run.ref_logprobs(run.state.params, run.to_device(b)))
+    out = [run.to_host(run.ref_logprobs(run.state.params, run.state.frozen, run.to_device(b)))
            for b in run.bar(batches, desc="reference log-probs", unit="batch")]
     return np.concatenate(out)[:len(items)] if out else np.zeros((0, cfg.train.num_responses), np.float32)
 

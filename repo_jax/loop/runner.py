@@ -100,12 +100,16 @@ def _loop(r: Run, stop) -> list[dict]:
 
 
 def export_policy(r: Run) -> None:
-    """``run_dir/policy``: the final parameters as an HF folder (see ``LoopConfig.export``)."""
+    """``run_dir/policy``: the final parameters as an HF folder (see ``LoopConfig.export``); with
+    LoRA on the loaded base (``loop.lora_merge=never``) also ``run_dir/adapter``, a PEFT folder."""
     from repo_jax.training.state import export_policy as export
 
     out = r.run_dir / "policy"
-    if export(r.graphdef, r.state, r.tokenizer, out):
-        r.log(f"policy: {out} (python -m repo_jax.evaluate ... --model {out})")
+    peft = r.cfg.model.lora.rank and r.cfg.loop.lora_merge == "never"
+    adapter = r.run_dir / "adapter" if peft else None
+    if export(r.graphdef, r.state, r.tokenizer, out, adapter_out=adapter, base_model=r.cfg.model.weights):
+        r.log(f"policy: {out} (python -m repo_jax.evaluate ... --model {out})"
+              + (f"; PEFT adapter on {r.cfg.model.weights or 'the base'}: {adapter}" if adapter else ""))
     else:
         r.log("loop.export: skipped (several processes; restore the checkpoint on one host to export)")
 
@@ -129,9 +133,11 @@ def _round(r: Run, t: int, stop, tb) -> None:
         ref = np.asarray(r.progress.ref_logps, np.float32).reshape(len(items), cfg.train.num_responses)
         times.update(r.progress.times)
     else:
+        if r._fold is not None and t > 1:  # loop.lora_merge=every_round
+            r.fold_adapters(t)
         ref = reference_logps(r, items)
         if cfg.loop.optimizer == "reset":
-            r.state = r._reset_opt(r.state)
+            r.reset_optimizer()
         r.progress = dataclasses.replace(r.progress, train_pos=0, train_sums={}, ref_logps=[], data_state=before)
     times["time/reference"] = times.get("time/reference", 0.0) + time.perf_counter() - t0
     r.progress.times = times

@@ -15,7 +15,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
+from repo_jax.models import lora
 
 from repo_jax import config as config_lib
 from repo_jax import sampling
@@ -81,19 +81,28 @@ class Run(RunBase):
         del model
         self.abstract = jax.eval_shape(lambda s: s, state)
         self.state = state
-        self.pi0 = jax.tree.map(jnp.copy, state.params) if cfg.eval.kl_samples else None
+        self.record_base(cfg.model.weights)
+        fold = cfg.loop.lora_merge == "every_round"
+        # pi_0 for the KL estimate: (params, frozen); a LoRA base is shared unless folding replaces it
+        self.pi0 = ((jax.tree.map(jnp.copy, state.params),
+                     jax.tree.map(jnp.copy, state.frozen) if fold else state.frozen) if cfg.eval.kl_samples else None)
         self.train_step = sp.make_train_step(self.graphdef, cfg, self.mesh, self.shardings)
-        self.ref_logprobs = sp.make_reference_logprobs(self.graphdef, cfg.train, self.mesh, self.shardings.params)
-        tx, sh = self.tx, self.shardings
-        self._reset_opt = jax.jit(lambda s: s.replace(opt_state=tx.init(s.params)), in_shardings=(sh,),
-                                  out_shardings=sh, donate_argnums=0)
+        self.ref_logprobs = sp.make_reference_logprobs(self.graphdef, cfg.train, self.mesh, self.shardings.params,
+                                                       frozen_shardings=self.shardings.frozen)
+        tx, sh, graphdef = self.tx, self.shardings, self.graphdef
+        own = sh.replace(frozen=None)  # the LoRA base is never donated: pi0 and the sampler share it
+        self._reset_opt = jax.jit(lambda s: s.replace(opt_state=tx.init(s.params)), in_shardings=(own,),
+                                  out_shardings=own, donate_argnums=0)
+        self._fold = jax.jit(lambda s, key: st.fold_adapters(graphdef, s, tx, jax.random.wrap_key_data(key)),
+                             in_shardings=(sh, None), out_shardings=sh, donate_argnums=0) if fold else None
 
         data = self._prompt_data_config()
         self.prompts = make_pipeline(data, self.tokenizer, kind="prompt", run_dir=self.run_dir if self.main else None,
                                      log=log if self.main else None)
         self.iterator = self.prompts.iterator()
         self.eval_texts, self.eval_ids = self._eval_prompts()
-        self.checkpointer = Checkpointer(cfg.checkpoint_dir, dataclasses.replace(cfg.checkpoint, every_steps=1))
+        self.checkpointer = Checkpointer(cfg.checkpoint_dir, dataclasses.replace(cfg.checkpoint, every_steps=1),
+                                         save_base=fold)
         self.progress = Progress()
         self.policy = None  # the sampling copy of the current policy (decoding layout)
 
@@ -101,7 +110,7 @@ class Run(RunBase):
     def _start_model(self):
         m = self.cfg.model
         if m.weights:
-            return st.pretrained_model(m, self.mesh)
+            return st.pretrained_model(m, self.mesh, seed=self.cfg.train.seed)
         return st.model_factory(m, seed=self.cfg.train.seed)()
 
     def _prompt_data_config(self) -> DataConfig:
@@ -134,8 +143,20 @@ class Run(RunBase):
         return self.tokenizer.decode(list(ids), skip_special_tokens=True).strip()
 
     def make_policy(self):
-        """The current parameters in the sampling layout (one copy per round, see the sampler)."""
-        return sampling.sampling_copy(nnx.merge(self.graphdef, self.state.params, self.state.buffers), self.mesh)
+        """The current parameters in the sampling layout (one copy per round, see the sampler;
+        LoRA adapters merged into it, so decoding costs what the base costs)."""
+        return sampling.sampling_copy(lora.merge(st.model_of(self.graphdef, self.state)), self.mesh)
+
+    def reset_optimizer(self) -> None:
+        """Fresh AdamW moments (``loop.optimizer=reset``)."""
+        frozen = self.state.frozen
+        self.state = self._reset_opt(self.state.replace(frozen=None)).replace(frozen=frozen)
+
+    def fold_adapters(self, t: int) -> None:
+        """``loop.lora_merge=every_round``: round ``t``'s adapters start fresh on a base that holds
+        the previous rounds' (``training.state.fold_adapters``)."""
+        key = jax.random.key_data(jax.random.key(self.seed(t, 4)))
+        self.state = self._fold(self.state, key)
 
     def sampler_mesh(self):
         return self.mesh if self.mesh.size > 1 else None

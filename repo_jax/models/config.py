@@ -23,6 +23,35 @@ _ACTIVATIONS = ("silu", "gelu_new", "gelu_pytorch_tanh", "gelu")
 
 
 @dataclasses.dataclass(frozen=True)
+class LoraConfig:
+    """LoRA adapters on the layers' projections (``repo_jax.models.lora``); ``rank`` 0 = off.
+
+    ``targets``: regular expressions, each matched whole against a layer parameter's name
+    (``wq``, ``w_down``, ...) or its HF module name (``self_attn.q_proj``, ``mlp.down_proj``,
+    ``mlp.fc1``); ``all-linear`` (PEFT's term) is every projection of a layer (attention q, k,
+    v, o and the MLP), ``attention`` the four attention projections. An adapted projection
+    computes ``x W + (alpha / rank) * dropout(x) A B``.
+    """
+
+    rank: int = 0
+    alpha: float = 16.0
+    targets: tuple[str, ...] = ("all-linear",)
+    dropout: float = 0.0
+
+    def __post_init__(self):
+        if self.rank < 0:
+            raise ValueError(f"model.lora.rank must be >= 0, got {self.rank}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"model.lora.dropout must be in [0, 1), got {self.dropout}")
+        if self.rank and not self.targets:
+            raise ValueError("model.lora.targets is empty: name the projections to adapt (e.g. [all-linear])")
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank if self.rank else 0.0
+
+
+@dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """Everything that fixes the parameter shapes and the forward computation.
 
@@ -30,6 +59,8 @@ class ModelConfig:
     activations and matmul inputs (matmuls accumulate in float32; norms, softmax and logits are
     float32 whatever either says). ``remat`` is per-layer rematerialisation in the backward pass:
     ``none``, ``full`` (keep only each layer's input) or ``dots`` (keep matmul outputs).
+    ``lora`` adds low-rank adapters to the layers (``repo_jax.models.lora``); HF's config knows
+    nothing of them (``to_hf_dict`` leaves them out).
     """
 
     arch: Literal["mistral", "phi"] = "mistral"
@@ -54,6 +85,7 @@ class ModelConfig:
     param_dtype: str = "float32"
     dtype: str = "float32"
     remat: Literal["none", "full", "dots"] = "none"
+    lora: LoraConfig = LoraConfig()
 
     def __post_init__(self):
         if self.arch not in ("mistral", "phi"):

@@ -105,8 +105,15 @@ def from_pretrained(path, *, dtype=jnp.float32, compute_dtype=None, mesh=None, r
       dtype: parameter dtype; ``compute_dtype`` defaults to it.
       mesh, rules: place each parameter directly with the sharding its logical axis names get
         under ``rules`` (default: the training layout); without a mesh, on the default device.
-      overrides: other ``ModelConfig`` fields (e.g. ``remat="full"``).
+      overrides: other ``ModelConfig`` fields (e.g. ``remat="full"``); ``lora`` (a
+        ``LoraConfig``) adds fresh adapters on the loaded base (``lora.add_adapters``).
     """
+    from repo_jax.models import lora as lora_lib
+
+    adapters = overrides.pop("lora", None)
+    if adapters is not None and adapters.rank:
+        return lora_lib.add_adapters(from_pretrained(path, dtype=dtype, compute_dtype=compute_dtype, mesh=mesh,
+                                                     rules=rules, **overrides), adapters, mesh=mesh, rules=rules)
     path = resolve_model_path(path)
     dt = _dtype_name(dtype)
     cfg = load_config(path, param_dtype=dt, dtype=_dtype_name(compute_dtype or dtype), **overrides)
@@ -132,8 +139,12 @@ def save_pretrained(model: CausalLM, path, *, dtype=None, max_shard_bytes: int =
     """Writes ``config.json`` + safetensors that ``transformers.AutoModelForCausalLM`` loads.
 
     Parameters are fetched one at a time (a stacked layer parameter, then split per layer), so
-    the host holds one parameter at a time. ``dtype`` defaults to the parameter dtype.
+    the host holds one parameter at a time. ``dtype`` defaults to the parameter dtype. LoRA
+    adapters are merged into their weights first (``lora.merge``).
     """
+    from repo_jax.models import lora as lora_lib
+
+    model = lora_lib.merge(model)
     cfg = model.config
     out_dtype = np.dtype(jnp.dtype(dtype or cfg.param_dtype))
     path = Path(path)

@@ -7,13 +7,15 @@ in float32.
 
 Dimension letters (DESIGN.md's alphabet): B batch (here the sequences of a forward: the train
 step's ``R = B * K`` rows are its ``B``), T query length, S key length (cache slots), D model,
-N query heads, G kv heads, H head dim, F mlp hidden, V vocab, L layers; and two local to
-attention: Q query heads per kv head (``N = G * Q``), E the flattened heads (``E = N * H``).
+N query heads, G kv heads, H head dim, F mlp hidden, V vocab, L layers; and three local to
+this file: Q query heads per kv head (``N = G * Q``), E the flattened heads (``E = N * H``),
+J the LoRA rank (:func:`project`).
 """
 
 from __future__ import annotations
 
 import functools
+import zlib
 
 import flax.struct
 import jax
@@ -62,6 +64,51 @@ matmul.defvjp(_matmul_fwd, _matmul_bwd)
 def dense(x, w, spec: str, dtype):
     """``einsum(spec, x, w)`` with float32 accumulation, result in ``dtype`` (see :func:`matmul`)."""
     return matmul(spec, x, w, dtype).astype(dtype)
+
+
+def adapter_specs(spec: str) -> tuple[str, str]:
+    """The two einsums of a low-rank update beside ``spec`` (``J`` the LoRA rank):
+    ``"BTD,DNH->BTNH"`` -> ``("BTD,DJ->BTJ", "BTJ,JNH->BTNH")``."""
+    lhs, rest = spec.split(",")
+    rhs, out = rest.split("->")
+    into = "".join(c for c in rhs if c in lhs)
+    outof = "".join(c for c in rhs if c not in lhs)
+    batch = "".join(c for c in lhs if c not in rhs)
+    if out != batch + outof:
+        raise ValueError(f"no low-rank form for {spec!r}")
+    return f"{lhs},{into}J->{batch}J", f"{batch}J,J{outof}->{out}"
+
+
+def project(x, w, spec: str, dtype, adapter=None):
+    """:func:`dense`, plus a LoRA update when ``adapter`` is given: ``(a, b, scale, rate, key)``
+    with ``a`` over ``w``'s input dimensions and the rank, ``b`` over the rank and ``w``'s
+    output dimensions (``models.lora``); ``x W + scale * dropout(x) A B``, summed in float32,
+    so a zero ``b`` gives exactly ``dense``'s result. ``rate`` > 0 with a ``key``: inverted
+    dropout on the adapter's input only (as PEFT)."""
+    if adapter is None:
+        return dense(x, w, spec, dtype)
+    a, b, scale, rate, key = adapter
+    spec_a, spec_b = adapter_specs(spec)
+    x_in = x
+    if rate and key is not None:
+        keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+        x_in = jnp.where(keep, x / (1.0 - rate), 0.0).astype(x.dtype)
+    low = matmul(spec_a, x_in, a, dtype).astype(dtype)
+    return (matmul(spec, x, w, dtype) + scale * matmul(spec_b, low, b, dtype)).astype(dtype)
+
+
+def adapter_of(p, name: str, lora):
+    """:func:`project`'s ``adapter`` for the layer parameter ``name`` from one layer's dict ``p``:
+    its ``p["lora"][name]`` arrays (``models.lora``) with ``lora``'s scale and dropout rate, and a
+    dropout key folded from ``p["lora_key"]`` when the forward has one; ``None`` when ``name`` is
+    not adapted."""
+    ad = p.get("lora", {}).get(name)
+    if ad is None:
+        return None
+    key = p.get("lora_key")
+    if key is not None:
+        key = jax.random.fold_in(key, zlib.crc32(name.encode()) & 0x7FFFFFFF)
+    return ad["a"], ad["b"], lora.scale, lora.dropout, key
 
 
 def rms_norm(x_BxTxD, scale_D, eps: float, dtype):
@@ -257,15 +304,18 @@ def attend(q_BxTxNxH, k_BxGxSxH, v_BxGxSxH, allowed_BxTxS, dtype):
     return out_BxGxQxTxH.transpose(0, 3, 1, 2, 4).reshape(b, t, n, h).astype(dtype)
 
 
-def out_proj(o_BxTxNxH, wo_NxHxD, dtype):
-    """Attention output projection, with the heads flattened first.
+def out_proj(o_BxTxNxH, wo_NxHxD, dtype, adapter=None):
+    """Attention output projection, with the heads flattened first (``adapter``: see
+    :func:`project`, its ``a`` over ``[N, H, J]``).
 
     Contracting ``(N, H)`` as one dimension pins the order the weight is read in; with the two
     dimensions separate, XLA:CPU lays out the attention output head-dim-major and copies a
     transpose of ``wo`` on every call (per decoded token, the slowest op of the step).
     """
     b, t, n, h = o_BxTxNxH.shape
-    return dense(o_BxTxNxH.reshape(b, t, n * h), wo_NxHxD.reshape(n * h, -1), "BTE,ED->BTD", dtype)
+    if adapter is not None:
+        adapter = (adapter[0].reshape(n * h, -1), *adapter[1:])
+    return project(o_BxTxNxH.reshape(b, t, n * h), wo_NxHxD.reshape(n * h, -1), "BTE,ED->BTD", dtype, adapter)
 
 
 def _rotated(q_BxTxNxH, k_BxTxGxH, v_BxTxGxH, ctx: AttentionContext):

@@ -42,6 +42,7 @@ from flax import nnx
 from repo_jax import sharding as shd
 from repo_jax.padding import positions_from_mask
 from repo_jax.models import layers, mistral, phi
+from repo_jax.models import lora as lora_lib
 from repo_jax.models.config import ModelConfig
 from repo_jax.models.spec import ParamSpec
 
@@ -71,13 +72,17 @@ def flops_per_token(cfg: ModelConfig, seq_len: int, *, training: bool = True) ->
 
     Attention scores and the weighted sum cost ``2 * 2 * T * N * H`` per token per layer for a
     full ``T x T`` score matrix (causal masking is not subtracted, as in the PaLM MFU convention).
-    The embedding gather is free; the unembedding matmul counts.
+    The embedding gather is free; the unembedding matmul counts. With LoRA the frozen weights
+    take no weight gradient (forward + input gradient: 2 passes, not 3) and the adapters add
+    their own ``2 * count`` per pass (3 passes).
     """
     n_matmul = param_count(cfg) - cfg.vocab_size * cfg.hidden_size * (0 if cfg.tie_word_embeddings else 1)
     window = min(seq_len, cfg.sliding_window or seq_len)
     attn = 4 * cfg.num_layers * window * cfg.num_heads * cfg.head_dim
-    fwd = 2 * n_matmul + attn
-    return float(3 * fwd if training else fwd)
+    adapters = 2 * lora_lib.param_count(cfg)
+    if not training:
+        return float(2 * n_matmul + attn + adapters)
+    return float((2 if cfg.lora.rank else 3) * 2 * n_matmul + 3 * attn + 3 * adapters)
 
 
 def _init(spec: ParamSpec, shape, key, dtype):
@@ -130,17 +135,20 @@ class _LanguageModel(nnx.Module):
         logits = layers.matmul("BTD,DV->BTV", h_BxTxD, w_DxV, h_BxTxD.dtype)
         return logits if b_V is None else logits + b_V.astype(jnp.float32)
 
-    def hidden_states(self, input_ids_BxT, positions_BxT=None, attention_mask_BxT=None, segment_ids_BxT=None):
+    def hidden_states(self, input_ids_BxT, positions_BxT=None, attention_mask_BxT=None, segment_ids_BxT=None,
+                      dropout_key=None):
         """Final hidden states ``[B, T, D]`` (after the final norm), compute dtype.
 
         ``segment_ids_BxT`` (with ``positions_BxT``): shared-prefix rows, one prompt (segment 0)
         then several responses (segments 1, 2, ...) attending block-causally (see
-        :func:`layers.make_context`); ``-1`` marks padding when ``attention_mask_BxT`` is None."""
+        :func:`layers.make_context`); ``-1`` marks padding when ``attention_mask_BxT`` is None.
+        ``dropout_key``: applies ``config.lora.dropout`` to the adapters' inputs (training);
+        without it the forward is deterministic."""
         if segment_ids_BxT is not None and attention_mask_BxT is None:
             attention_mask_BxT = (segment_ids_BxT >= 0).astype(jnp.int32)
         mask, positions = _defaults(input_ids_BxT, positions_BxT, attention_mask_BxT)
         ctx = self._context(positions, layers.key_positions(positions, mask), 0, segment_ids_BxT)
-        x = self._layers_full(self._embed(input_ids_BxT), ctx)
+        x = self._layers_full(self._embed(input_ids_BxT), ctx, dropout_key)
         return ARCHS[self.config.arch].final_norm(self.config, self._top(), x)
 
     def __call__(self, input_ids_BxT, positions_BxT=None, attention_mask_BxT=None, segment_ids_BxT=None):
@@ -183,15 +191,18 @@ class CausalLM(_LanguageModel):
                             out_sharding=("layers", *s.names))
             for name, s in layer.items()
         })
+        if config.lora.rank:
+            self.lora = lora_lib.make_adapters(config, rngs.params())
 
     def unstacked(self) -> "DecodeLM":
         """The decoding layout of this model (a copy of the weights, one dict per layer; see the
-        module doc). Call it outside ``jit``."""
-        return DecodeLM(self)
+        module doc; LoRA adapters folded in). Call it outside ``jit``."""
+        return DecodeLM(lora_lib.merge(self))
 
-    def _scan(self, x_BxTxD, ctx, kv, index):
+    def _scan(self, x_BxTxD, ctx, kv, index, dropout_key=None):
         """The layers as one ``scan``; ``kv``: ``None``, or the stacked ``(k, v)`` cache buffers,
-        written at slots ``index ..`` layer by layer and returned."""
+        written at slots ``index ..`` layer by layer and returned. LoRA adapters ride in each
+        layer's dict (``p["lora"]``), with a per-layer dropout key when ``dropout_key`` is given."""
         cfg, dt = self.config, self.config.jnp_dtype
         block = ARCHS[cfg.arch].block
 
@@ -206,12 +217,17 @@ class CausalLM(_LanguageModel):
 
         if cfg.remat != "none":
             body = jax.checkpoint(body, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=False)
-        xs = ({k: v[...] for k, v in self.layers.items()}, jnp.arange(cfg.num_layers, dtype=jnp.int32))
+        params = {k: v[...] for k, v in self.layers.items()}
+        if cfg.lora.rank:
+            params["lora"] = lora_lib.layer_adapters(self)
+            if dropout_key is not None and cfg.lora.dropout:
+                params["lora_key"] = jax.random.split(dropout_key, cfg.num_layers)
+        xs = (params, jnp.arange(cfg.num_layers, dtype=jnp.int32))
         (x_BxTxD, kv), _ = jax.lax.scan(body, (x_BxTxD, kv), xs)
         return x_BxTxD, kv
 
-    def _layers_full(self, x_BxTxD, ctx):
-        return self._scan(x_BxTxD, ctx, None, 0)[0]
+    def _layers_full(self, x_BxTxD, ctx, dropout_key=None):
+        return self._scan(x_BxTxD, ctx, None, 0, dropout_key)[0]
 
     def init_cache(self, batch_size: int, max_len: int, dtype=None) -> layers.KVCache:
         """Zeros: stacked ``[L, B, G, S, H]`` key and value buffers."""
@@ -255,7 +271,7 @@ class DecodeLM(_LanguageModel):
     def _layer_params(self):
         return [{k: v[...] for k, v in layer.items()} for layer in self.layers]
 
-    def _layers_full(self, x_BxTxD, ctx):
+    def _layers_full(self, x_BxTxD, ctx, dropout_key=None):
         cfg, dt = self.config, self.config.jnp_dtype
         attend = lambda q, k, v: (layers.attention(q, k, v, ctx, dt), None)
         for p in self._layer_params():

@@ -55,19 +55,20 @@ def block(cfg: ModelConfig, p, x_BxTxD, attend):
     """One parallel layer: attention (``attend(q, k, v) -> (o, cache)``, the model's) and the MLP
     both read one LayerNorm of the residual and add to it; returns ``(x, cache)``."""
     dt = cfg.jnp_dtype
+    proj = lambda x, name, spec: layers.project(x, p[name], spec, dt, layers.adapter_of(p, name, cfg.lora))
     h_BxTxD = layers.layer_norm(x_BxTxD, p["ln_scale"], p["ln_bias"], cfg.norm_eps, dt)
-    q = layers.dense(h_BxTxD, p["wq"], "BTD,DNH->BTNH", dt) + p["bq"].astype(dt)
-    k = layers.dense(h_BxTxD, p["wk"], "BTD,DGH->BTGH", dt) + p["bk"].astype(dt)
-    v = layers.dense(h_BxTxD, p["wv"], "BTD,DGH->BTGH", dt) + p["bv"].astype(dt)
+    q = proj(h_BxTxD, "wq", "BTD,DNH->BTNH") + p["bq"].astype(dt)
+    k = proj(h_BxTxD, "wk", "BTD,DGH->BTGH") + p["bk"].astype(dt)
+    v = proj(h_BxTxD, "wv", "BTD,DGH->BTGH") + p["bv"].astype(dt)
     if cfg.qk_layernorm:
         q = layers.layer_norm(q, p["q_norm_scale"], p["q_norm_bias"], cfg.norm_eps, dt)
         k = layers.layer_norm(k, p["k_norm_scale"], p["k_norm_bias"], cfg.norm_eps, dt)
     o_BxTxNxH, cache_kv = attend(q, k, v)
-    attn_BxTxD = layers.out_proj(o_BxTxNxH, p["wo"], dt) + p["bo"].astype(dt)
+    attn_BxTxD = layers.out_proj(o_BxTxNxH, p["wo"], dt, layers.adapter_of(p, "wo", cfg.lora)) + p["bo"].astype(dt)
 
-    fc1_BxTxF = layers.dense(h_BxTxD, p["w_fc1"], "BTD,DF->BTF", dt) + p["b_fc1"].astype(dt)
+    fc1_BxTxF = proj(h_BxTxD, "w_fc1", "BTD,DF->BTF") + p["b_fc1"].astype(dt)
     fc1_BxTxF = shd.constrain(layers.activation(cfg.hidden_act)(fc1_BxTxF), ("batch", "length", "act_mlp"))
-    mlp_BxTxD = layers.dense(fc1_BxTxF, p["w_fc2"], "BTF,FD->BTD", dt) + p["b_fc2"].astype(dt)
+    mlp_BxTxD = proj(fc1_BxTxF, "w_fc2", "BTF,FD->BTD") + p["b_fc2"].astype(dt)
     return shd.constrain(x_BxTxD + attn_BxTxD + mlp_BxTxD, ("batch", "length", "act_embed")), cache_kv
 
 

@@ -116,6 +116,11 @@ def write_folder(
     return [folder / n for n in names]
 
 
+def write_file(path: str | Path, tensors) -> int:
+    """One safetensors file of ``(name, shape, dtype, produce)`` tensors (no sharding); returns its size."""
+    return _write_file(Path(path), list(tensors))
+
+
 def _write_file(path: Path, items) -> int:
     header, offset = {}, 0
     for name, shape, dtype, _ in items:

@@ -10,7 +10,9 @@ log-probs once -> train steps with held-out evaluations -> checkpoints -> export
 2. computes, with the starting model and before any update, the reference log-probs of every
    training and held-out response, one pass over the lists (a pair takes its two responses'
    values from its list): ``run_dir/reference/{train,eval}.npy``, indexed by the training
-   pipeline's ``row_B``; SFT needs none;
+   pipeline's ``row_B``; SFT needs none. With LoRA (``model.lora.rank`` > 0) the starting model
+   is the base with adapters whose ``B`` is zero, so the reference is the base itself, on the
+   same arrays (no copy);
 3. trains ``train.steps`` steps (or until ``data.num_epochs`` passes end) on the grain
    pipeline's shuffled, per-host, length-bucketed batches, dispatching step ``n + 1`` before
    reading step ``n``'s metrics;
@@ -34,7 +36,6 @@ from pathlib import Path
 
 import jax
 import numpy as np
-from flax import nnx
 
 from repo_jax import config as config_lib
 from repo_jax import reporting, sampling
@@ -107,14 +108,17 @@ class OfflineRun(RunBase):
         self._build_data()
 
         m = cfg.model
-        model = st.pretrained_model(m, self.mesh) if m.weights else st.model_factory(m, seed=cfg.train.seed)()
+        model = (st.pretrained_model(m, self.mesh, seed=cfg.train.seed) if m.weights
+                 else st.model_factory(m, seed=cfg.train.seed)())
         self.tx = optim.make_optimizer(cfg.optim)
         self.graphdef, self.state, self.shardings = st.state_from_model(model, self.tx, cfg.train, self.mesh,
                                                                           tolerance=cfg.mesh.sharding_tolerance)
         del model
         self.abstract = jax.eval_shape(lambda s: s, self.state)
+        self.record_base(m.weights)
         self.train_step = sp.make_train_step(self.graphdef, cfg, self.mesh, self.shardings)
-        self.logprobs = sp.make_reference_logprobs(self.graphdef, cfg.train, self.mesh, self.shardings.params)
+        self.logprobs = sp.make_reference_logprobs(self.graphdef, cfg.train, self.mesh, self.shardings.params,
+                                                   frozen_shardings=self.shardings.frozen)
         self.checkpointer = Checkpointer(cfg.checkpoint_dir, dataclasses.replace(cfg.checkpoint, every_steps=1))
         self.progress = Progress()
         self._heldout_loss = jax.jit(self._heldout_loss_fn)
@@ -188,7 +192,7 @@ class OfflineRun(RunBase):
         for host in self.bar(pipeline.iterator(), desc=desc, total=len(pipeline), unit="batch"):
             rows = host["row_B"]
             keep = rows >= 0
-            logps = self.to_host(self.logprobs(params, self.to_device(bt.cast(host))))
+            logps = self.to_host(self.logprobs(params, self.state.frozen, self.to_device(bt.cast(host))))
             out["logps"][rows[keep]] = logps[keep]
             out["scores"][rows[keep]] = host["scores_BxK"][keep]
             out["mask"][rows[keep]] = host["list_mask_BxK"][keep]
@@ -254,7 +258,7 @@ class OfflineRun(RunBase):
                 out.update({f"eval/{k}": float(v) for k, v in
                             ranking_metrics(rho, cur["scores"], cur["mask"], beta=cfg.train.loss.beta).items()})
         if self.eval_ids:
-            policy = sampling.sampling_copy(nnx.merge(self.graphdef, self.state.params, self.state.buffers), self.mesh)
+            policy = sampling.sampling_copy(st.model_of(self.graphdef, self.state), self.mesh)
             ids = greedy_answers(policy, self.eval_ids, max_new_tokens=cfg.eval.max_new_tokens, eos_id=self.eos_id,
                                  pad_id=self.pad_id, slots=max(cfg.eval.batch_size or cfg.train.batch_size, 16),
                                  mesh=self.mesh if self.mesh.size > 1 else None,
@@ -367,8 +371,10 @@ def _evaluate_and_save(r: OfflineRun, step: int, tb, sums: dict | None = None) -
 def _finish(r: OfflineRun, tb_done: bool = False) -> None:
     out = r.run_dir / "policy"
     if r.cfg.export and not (out / "config.json").is_file():
-        if st.export_policy(r.graphdef, r.state, r.tokenizer, out):
-            r.log(f"policy: {out} (python -m repo_jax.evaluate ... --model {out})")
+        adapter = r.run_dir / "adapter" if r.cfg.model.lora.rank else None
+        if st.export_policy(r.graphdef, r.state, r.tokenizer, out, adapter_out=adapter, base_model=r.cfg.model.weights):
+            r.log(f"policy: {out} (python -m repo_jax.evaluate ... --model {out})"
+                  + (f"; PEFT adapter: {adapter}" if adapter else ""))
         else:
             r.log("export: skipped (several processes; restore the checkpoint on one host to export)")
     r.log(f"{r.run_dir}: finished ({r.total_steps} steps)\n" + reporting.summary_table(r.progress.records, r.columns))

@@ -1,9 +1,11 @@
 """Orbax checkpoints of a whole run: one save = train state + reference + data iterator + loop.
 
 Items of one step's save (``ocp.args.Composite``):
-  ``state``      the ``TrainState`` without its reference (params, optimiser state, step, RNG,
-                 non-finite counters);
+  ``state``      the ``TrainState`` without its reference and LoRA base (params, optimiser
+                 state, step, RNG, non-finite counters);
   ``reference``  the frozen reference parameters, when the state holds them;
+  ``base``       the LoRA base (``state.frozen``), only with ``save_base``: a base that stays
+                 the loaded weights is not saved (the run records its path and checksum);
   ``data``       the grain iterator's position (``grain.checkpoint.CheckpointSave``), when given;
   ``loop``       a JSON dict of the host loop's position (round, epoch, where the reference comes
                  from, ...), always present.
@@ -42,10 +44,10 @@ def abstract_target(abstract, shardings):
 class Checkpointer:
     """A thin policy layer over ``ocp.CheckpointManager`` (which steps, which items)."""
 
-    def __init__(self, directory: str | Path, cfg: CheckpointConfig = CheckpointConfig()):
+    def __init__(self, directory: str | Path, cfg: CheckpointConfig = CheckpointConfig(), *, save_base: bool = False):
         if cfg.keep < 1 or cfg.every_steps < 1:
             raise ValueError("checkpoint.keep and checkpoint.every_steps must be at least 1")
-        self.cfg = cfg
+        self.cfg, self.save_base = cfg, save_base
         self.directory = Path(directory).absolute()
         options = ocp.CheckpointManagerOptions(
             max_to_keep=cfg.keep,
@@ -71,9 +73,12 @@ class Checkpointer:
         """Saves if ``step`` is a multiple of ``every_steps`` or ``force``; returns whether it did."""
         if not force and int(step) % self.cfg.every_steps:
             return False
-        items = {"state": ocp.args.StandardSave(state.replace(ref_params=None)), "loop": ocp.args.JsonSave(loop or {})}
+        items = {"state": ocp.args.StandardSave(state.replace(ref_params=None, frozen=None)),
+                 "loop": ocp.args.JsonSave(loop or {})}
         if state.ref_params is not None:
             items["reference"] = ocp.args.StandardSave(state.ref_params)
+        if self.save_base and state.frozen is not None:
+            items["base"] = ocp.args.StandardSave(state.frozen)
         if data_iterator is not None:
             import grain
 
@@ -86,14 +91,15 @@ class Checkpointer:
 
         ``abstract_state``/``shardings``: from ``state.abstract_state`` and
         ``sharding.state_shardings`` on the *current* mesh. ``data_iterator``, when given, is
-        moved to the saved position in place.
+        moved to the saved position in place. The LoRA base comes back only when the save holds
+        it (``save_base``); else the returned state's ``frozen`` is None: the caller's base.
         """
         step = self.latest_step() if step is None else step
         if step is None:
             raise FileNotFoundError(f"no checkpoint in {self.directory}")
         target = abstract_target(abstract_state, shardings)
         items = {
-            "state": ocp.args.StandardRestore(target.replace(ref_params=None)),
+            "state": ocp.args.StandardRestore(target.replace(ref_params=None, frozen=None)),
             "loop": ocp.args.JsonRestore(),
         }
         saved = self.saved_items(step)
@@ -102,6 +108,8 @@ class Checkpointer:
                 raise ValueError(f"checkpoint step {step} in {self.directory} holds no reference parameters, "
                                  "but train.reference is 'params'")
             items["reference"] = ocp.args.StandardRestore(target.ref_params)
+        if target.frozen is not None and "base" in saved:
+            items["base"] = ocp.args.StandardRestore(target.frozen)
         if data_iterator is not None:
             if "data" not in saved:
                 raise ValueError(f"checkpoint step {step} in {self.directory} holds no data iterator state")
@@ -112,6 +120,8 @@ class Checkpointer:
         state = out["state"]
         if target.ref_params is not None:
             state = state.replace(ref_params=out["reference"])
+        if "base" in items:
+            state = state.replace(frozen=out["base"])
         return state, dict(out["loop"] or {})
 
     def wait(self) -> None:

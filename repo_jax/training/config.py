@@ -17,6 +17,7 @@ import dataclasses
 from typing import Any, Literal
 
 from repo_jax.data.config import DataConfig
+from repo_jax.models.config import LoraConfig
 from repo_jax.sharding import MeshConfig
 
 Dtype = Literal["float32", "bfloat16", "float16"]
@@ -30,7 +31,9 @@ class ModelSection:
     ``repo_jax.models.load_config`` as keyword arguments (e.g. ``num_layers: 2``).
     ``tokenizer``: where programs that read text get their tokenizer: ``""`` = from
     ``weights`` (an HF folder or ``.gguf``), ``bytes`` = the byte tokenizer of tiny random
-    models (``repo_jax.data.byte_tokenizer``), or an HF folder / ``.gguf`` path."""
+    models (``repo_jax.data.byte_tokenizer``), or an HF folder / ``.gguf`` path.
+    ``lora`` (``rank`` > 0): train low-rank adapters on a frozen base instead of every weight
+    (``repo_jax.models.lora``); the base may then stay in ``param_dtype: bfloat16``."""
 
     config: str = ""
     weights: str = ""
@@ -39,6 +42,7 @@ class ModelSection:
     param_dtype: Dtype = "float32"
     remat: Literal["none", "full", "dots"] = "none"
     overrides: dict[str, Any] = dataclasses.field(default_factory=dict)
+    lora: LoraConfig = LoraConfig()
 
 
 @dataclasses.dataclass(frozen=True)

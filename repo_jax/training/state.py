@@ -5,6 +5,12 @@ split off the model once (the graph definition stays outside, static); optax mom
 it keep the Params' logical-axis metadata, so :func:`repo_jax.sharding.state_shardings` lays
 out the whole state (moments like their parameters, scalars replicated) from one rules table.
 
+With LoRA (``model.lora.rank`` > 0) the trained ``params`` are the adapters alone
+(``nnx.LoRAParam``) and the base's ``nnx.Param``s ride in ``frozen``: gradients, the optimiser
+state and the reference copy (``train.reference = params``: the starting adapters, whose ``B``
+is zero, so the reference is the base itself on the same arrays) cover the adapters only, and
+checkpoints leave the base out (``training.checkpoint``).
+
 Initialisation never materialises an unsharded model: ``nnx.eval_shape`` gives the abstract
 state, its shardings come from the logical names, and a ``jax.jit`` with those
 ``out_shardings`` builds each shard in place.
@@ -37,7 +43,9 @@ class TrainState:
     nonfinite_in_a_row / nonfinite_total: int32 []: steps skipped for a non-finite loss or
       gradient, consecutive and in total.
     buffers: the model's non-Param variables (usually empty).
-    ref_params: frozen reference ``nnx.State`` when ``train.reference = params``, else None.
+    ref_params: frozen reference ``nnx.State`` when ``train.reference = params``, else None
+      (with LoRA: a copy of the starting adapters).
+    frozen: the LoRA base (``nnx.State`` of the model's ``nnx.Param``s, not trained), else None.
     """
 
     step: jax.Array
@@ -48,14 +56,55 @@ class TrainState:
     nonfinite_total: jax.Array
     buffers: Any = None
     ref_params: Any = None
+    frozen: Any = None
+
+
+def has_adapters(model: nnx.Module) -> bool:
+    return bool(getattr(model, "config", None) is not None and model.config.lora.rank)
 
 
 def split_model(model: nnx.Module):
-    """``model -> (graphdef, params, buffers)``: Params are trained, everything else rides along."""
-    return nnx.split(model, nnx.Param, ...)
+    """``model -> (graphdef, params, buffers, frozen)``: ``params`` are trained, ``buffers`` (the
+    non-Param variables) ride along; with LoRA ``params`` are the adapters and ``frozen`` the
+    base's Params, else ``frozen`` is None."""
+    if has_adapters(model):
+        graphdef, params, frozen, buffers = nnx.split(model, nnx.LoRAParam, nnx.Param, ...)
+        return graphdef, params, buffers, frozen
+    graphdef, params, buffers = nnx.split(model, nnx.Param, ...)
+    return graphdef, params, buffers, None
 
 
-def create(params, buffers, tx: optax.GradientTransformation, *, seed: int, with_reference: bool) -> TrainState:
+def merge(graphdef, params, buffers=None, frozen=None) -> nnx.Module:
+    """The model of :func:`split_model`'s parts (usable inside ``jit``)."""
+    return nnx.merge(graphdef, params, *[x for x in (frozen, buffers) if x is not None])
+
+
+def model_of(graphdef, state: TrainState) -> nnx.Module:
+    """The model a train state holds (adapters and base together, with LoRA)."""
+    return merge(graphdef, state.params, state.buffers, state.frozen)
+
+
+def fold_adapters(graphdef, state: TrainState, tx, key) -> TrainState:
+    """LoRA: the adapters folded into the base (``W += scale * A B`` in the base's dtype), then
+    fresh adapters (``A`` from ``key``, ``B`` zero) with fresh optimiser moments. The policy is
+    unchanged up to the base dtype's rounding. Pure: jit it (donating ``state``)."""
+    from repo_jax.models import lora
+
+    model = model_of(graphdef, state)
+    cfg = model.config
+    adapters = lora.layer_adapters(model)
+    folded = lora.merged_layers(cfg, {n: model.layers[n][...] for n in adapters}, adapters)
+    fresh = lora.make_adapters(cfg, key)
+    for n, w in folded.items():
+        model.layers[n][...] = w
+        model.lora[n]["a"][...] = fresh[n]["a"][...]
+        model.lora[n]["b"][...] = fresh[n]["b"][...]
+    _, params, _, frozen = split_model(model)
+    return state.replace(params=params, frozen=frozen, opt_state=tx.init(params))
+
+
+def create(params, buffers, tx: optax.GradientTransformation, *, seed: int, with_reference: bool,
+           frozen=None) -> TrainState:
     """A fresh train state around ``params`` (a pure function: call it inside ``jit``)."""
     zero = jnp.zeros((), jnp.int32)
     return TrainState(
@@ -67,14 +116,16 @@ def create(params, buffers, tx: optax.GradientTransformation, *, seed: int, with
         nonfinite_total=zero,
         buffers=buffers,
         ref_params=jax.tree.map(jnp.copy, params) if with_reference else None,
+        frozen=frozen,
     )
 
 
 def abstract_state(model_factory: Callable[[], nnx.Module], tx, train: TrainConfig):
     """``(graphdef, abstract TrainState)`` without allocating any weights."""
-    graphdef, params, buffers = split_model(nnx.eval_shape(model_factory))
+    graphdef, params, buffers, frozen = split_model(nnx.eval_shape(model_factory))
     abstract = jax.eval_shape(
-        lambda p, b: create(p, b, tx, seed=train.seed, with_reference=train.reference == "params"), params, buffers
+        lambda p, b, f: create(p, b, tx, seed=train.seed, with_reference=train.reference == "params", frozen=f),
+        params, buffers, frozen,
     )
     return graphdef, abstract
 
@@ -87,8 +138,8 @@ def init_state(model_factory: Callable[[], nnx.Module], tx, train: TrainConfig, 
     shardings = shd.state_shardings(abstract, mesh, rules, tolerance=tolerance)
 
     def build():
-        _, params, buffers = split_model(model_factory())
-        return create(params, buffers, tx, seed=train.seed, with_reference=train.reference == "params")
+        _, params, buffers, frozen = split_model(model_factory())
+        return create(params, buffers, tx, seed=train.seed, with_reference=train.reference == "params", frozen=frozen)
 
     with shd.mesh_rules(mesh, rules):
         state = jax.jit(build, out_shardings=shardings, compiler_options=compiler_options)()
@@ -102,20 +153,21 @@ def state_from_model(model: nnx.Module, tx, train: TrainConfig, mesh, rules=shd.
     Parameters are moved to their training shardings first (a no-op when ``from_pretrained``
     already placed them); ``reference`` (a model) overrides the reference copy of ``params``.
     """
-    graphdef, params, buffers = split_model(model)
+    graphdef, params, buffers, frozen = split_model(model)
     with_ref = train.reference == "params"
-    abstract = jax.eval_shape(lambda p, b: create(p, b, tx, seed=train.seed, with_reference=with_ref), params, buffers)
+    make = lambda p, b, f: create(p, b, tx, seed=train.seed, with_reference=with_ref, frozen=f)
+    abstract = jax.eval_shape(make, params, buffers, frozen)
     shardings = shd.state_shardings(abstract, mesh, rules, tolerance=tolerance)
     params = jax.device_put(params, shardings.params)
     buffers = jax.device_put(buffers, shardings.buffers)
-    with jax.set_mesh(mesh):
-        state = jax.jit(
-            lambda p, b: create(p, b, tx, seed=train.seed, with_reference=with_ref), out_shardings=shardings
-        )(params, buffers)
+    frozen = jax.device_put(frozen, shardings.frozen)
+    with jax.set_mesh(mesh):  # the base passes through: no copy of it is made
+        state = jax.jit(lambda p, b: make(p, b, None), out_shardings=shardings.replace(frozen=None))(params, buffers)
+    state = state.replace(frozen=frozen)
     if reference is not None:
         if not with_ref:
             raise ValueError("a reference model was given but train.reference is 'batch' (set it to 'params')")
-        _, ref_params, _ = split_model(reference)
+        _, ref_params, _, _ = split_model(reference)
         state = state.replace(ref_params=jax.device_put(ref_params, shardings.ref_params))
     return graphdef, state, shardings
 
@@ -145,7 +197,8 @@ def model_config(section):
     if not section.config:
         raise ValueError("model.config is empty: set it to an HF config.json, an HF folder or a .gguf file")
     return models.load_config(
-        resolve_path(section.config), dtype=section.dtype, param_dtype=section.param_dtype, remat=section.remat, **section.overrides
+        resolve_path(section.config), dtype=section.dtype, param_dtype=section.param_dtype, remat=section.remat,
+        lora=section.lora, **section.overrides
     )
 
 
@@ -157,30 +210,41 @@ def model_factory(section, *, seed: int = 0) -> Callable[[], nnx.Module]:
     return lambda: models.build(cfg, seed=seed)
 
 
-def pretrained_model(section, mesh=None, rules=shd.TRAIN_RULES) -> nnx.Module:
+def pretrained_model(section, mesh=None, rules=shd.TRAIN_RULES, *, seed: int = 0) -> nnx.Module:
     """The model of ``section.weights`` (HF folder or ``.gguf``), each parameter placed straight
     into its training sharding when ``mesh`` is given. The architecture comes from the weights;
-    ``dtype``/``param_dtype``/``remat`` and ``overrides`` from the section."""
+    ``dtype``/``param_dtype``/``remat`` and ``overrides`` from the section; with ``section.lora``
+    fresh adapters (from ``seed``) on top."""
     from repo_jax import models
+    from repo_jax.models import lora
 
     if not section.weights:
         raise ValueError("model.weights is empty: set it to an HF checkpoint folder or a .gguf file")
-    return models.from_pretrained(
+    model = models.from_pretrained(
         resolve_path(section.weights), dtype=jnp.dtype(section.param_dtype), compute_dtype=jnp.dtype(section.dtype),
         mesh=mesh, rules=rules, remat=section.remat, **section.overrides,
     )
+    return lora.add_adapters(model, section.lora, seed=seed, mesh=mesh, rules=rules)
 
 
-def export_policy(graphdef, state: TrainState, tokenizer, out) -> bool:
+def export_policy(graphdef, state: TrainState, tokenizer, out, *, adapter_out=None, base_model: str = "") -> bool:
     """Writes ``state``'s parameters to the folder ``out`` as an HF checkpoint (``config.json``,
     safetensors, the tokenizer when it has ``save_pretrained``), which ``transformers`` and every
-    ``--model`` of this project load. One process only: returns False (writing nothing) when
-    there are several."""
+    ``--model`` of this project load; with LoRA the adapters are merged into it, and
+    ``adapter_out`` (when given) also receives them as a PEFT folder (``base_model``: its
+    ``base_model_name_or_path``). One process only: returns False (writing nothing) when there
+    are several."""
     from repo_jax import models
+    from repo_jax.models import lora
 
     if jax.process_count() > 1:
         return False
-    models.save_pretrained(nnx.merge(graphdef, state.params, state.buffers), out)
+    model = model_of(graphdef, state)
+    models.save_pretrained(lora.merge(model), out)
     if hasattr(tokenizer, "save_pretrained"):
         tokenizer.save_pretrained(out)
+    if adapter_out is not None and has_adapters(model):
+        lora.save_peft(model, adapter_out, base_model=base_model)
+        if hasattr(tokenizer, "save_pretrained"):
+            tokenizer.save_pretrained(adapter_out)
     return True

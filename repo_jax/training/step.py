@@ -32,6 +32,7 @@ from repo_jax import logprobs
 from repo_jax import sharding as shd
 from repo_jax.training import batch as bt
 from repo_jax.training import objectives
+from repo_jax.training import state as st
 from repo_jax.training.config import RunConfig, TrainConfig
 from repo_jax.training.optim import make_optimizer, schedule
 
@@ -102,15 +103,16 @@ def _cast_floats(tree, dtype):
     return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
 
 
-def _hidden_and_unembedding(graphdef, params, buffers, batch):
-    """Model forward on the ``R = B * K`` rows: ``(h_RxTxD, w_DxV, b_V or None)``. The float
-    parameters are cast to the model's compute dtype (``model.dtype``) for the forward; the
-    master copy (``model.param_dtype``), its gradients and Adam's moments are untouched."""
-    rest = [] if buffers is None else [buffers]
-    model = nnx.merge(graphdef, params, *rest)
+def _hidden_and_unembedding(graphdef, params, buffers, batch, frozen=None, dropout_key=None):
+    """Model forward on the batch's rows: ``(h, w_DxV, b_V or None)``. The float parameters
+    (and the LoRA base ``frozen``) are cast to the model's compute dtype (``model.dtype``) for
+    the forward; the master copy (``model.param_dtype``), its gradients and Adam's moments are
+    untouched. ``dropout_key``: the LoRA adapters' dropout (training only)."""
+    model = st.merge(graphdef, params, buffers, frozen)
     if model.config.jnp_dtype != model.config.jnp_param_dtype:
-        model = nnx.merge(graphdef, _cast_floats(params, model.config.jnp_dtype), *rest)
-    h_RxTxD = model.hidden_states(**bt.model_inputs(batch))
+        cast = lambda x: None if x is None else _cast_floats(x, model.config.jnp_dtype)
+        model = st.merge(graphdef, cast(params), buffers, cast(frozen))
+    h_RxTxD = model.hidden_states(**bt.model_inputs(batch), dropout_key=dropout_key)
     w_DxV, b_V = model.unembedding()
     return h_RxTxD, w_DxV, b_V
 
@@ -168,14 +170,15 @@ def loss_sums(h, w_DxV, b_V, batch, ref_logps_BxK, *, mesh, train: TrainConfig) 
     return _per_device(mesh, local, specs, P())(h, w_DxV, b_V, tokens, ref_logps_BxK, fields)
 
 
-def response_logps(graphdef, params, buffers, batch, *, mesh, train: TrainConfig):
-    """``logps_BxK``: each response's summed log-prob under ``params`` (its tokens only),
-    float32; the one forward pass behind both reference modes."""
-    h, w, b = _hidden_and_unembedding(graphdef, params, buffers, batch)
+def response_logps(graphdef, params, buffers, batch, *, mesh, train: TrainConfig, frozen=None):
+    """``logps_BxK``: each response's summed log-prob under ``params`` (with LoRA: adapters on
+    the base ``frozen``; its tokens only), float32; the one forward pass behind both reference
+    modes."""
+    h, w, b = _hidden_and_unembedding(graphdef, params, buffers, batch, frozen)
     return batch_logps(h, w, b, batch, mesh=mesh, chunk=train.logprob_chunk)
 
 
-def _ref_logps(graphdef, ref_params, buffers, batch, *, mesh, train: TrainConfig):
+def _ref_logps(graphdef, ref_params, buffers, batch, *, mesh, train: TrainConfig, frozen=None):
     if train.reference == "batch":
         if "ref_logps_BxK" not in batch:
             raise KeyError("batch field 'ref_logps_BxK' is missing (train.reference='batch'); "
@@ -183,7 +186,8 @@ def _ref_logps(graphdef, ref_params, buffers, batch, *, mesh, train: TrainConfig
         return batch["ref_logps_BxK"].astype(jnp.float32)
     if ref_params is None:
         raise ValueError("train.reference='params' but the train state holds no ref_params")
-    return jax.lax.stop_gradient(response_logps(graphdef, ref_params, buffers, batch, mesh=mesh, train=train))
+    return jax.lax.stop_gradient(response_logps(graphdef, ref_params, buffers, batch, mesh=mesh, train=train,
+                                                frozen=frozen))
 
 
 def train_step_fn(graphdef, cfg: RunConfig, mesh, param_shardings) -> Callable:
@@ -192,36 +196,40 @@ def train_step_fn(graphdef, cfg: RunConfig, mesh, param_shardings) -> Callable:
     tx, lr_at = make_optimizer(cfg.optim), schedule(cfg.optim)
     objectives.get(train.loss.name)  # an unknown name fails here, before tracing
 
-    def micro_loss(params, state, mb, total):
-        ref_BxK = _ref_logps(graphdef, state.ref_params, state.buffers, mb, mesh=mesh, train=train)
-        h, w, b = _hidden_and_unembedding(graphdef, params, state.buffers, mb)
+    def micro_loss(params, state, mb, total, key):
+        ref_BxK = _ref_logps(graphdef, state.ref_params, state.buffers, mb, mesh=mesh, train=train, frozen=state.frozen)
+        h, w, b = _hidden_and_unembedding(graphdef, params, state.buffers, mb, state.frozen, key)
         sums = loss_sums(h, w, b, mb, ref_BxK, mesh=mesh, train=train)
         return sums["loss_sum"] / total, sums
 
+    # with LoRA, params are the adapters: no gradient of the frozen base is ever formed
     grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
 
     def step(state, batch):
         total = jnp.maximum(jnp.sum(bt.example_mask(batch).astype(jnp.float32)), 1.0)
         m = train.micro_batches
+        key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)  # LoRA dropout
         if m == 1:
-            (_, sums), grads = grad_fn(state.params, state, batch, total)
+            (_, sums), grads = grad_fn(state.params, state, batch, total, key)
         else:
             micro = bt.split_micro(batch, m)
             micro = jax.lax.with_sharding_constraint(micro, jax.NamedSharding(mesh, P(None, shd.batch_axes(mesh))))
             zero_g = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
             zero_s = jax.tree.map(
                 lambda s: jnp.zeros(s.shape, s.dtype),
-                jax.eval_shape(lambda: grad_fn(state.params, state, jax.tree.map(lambda x: x[0], micro), total)[0][1]),
+                jax.eval_shape(lambda: grad_fn(state.params, state, jax.tree.map(lambda x: x[0], micro), total,
+                                               key)[0][1]),
             )
 
-            def body(carry, mb):
+            def body(carry, xs):
                 g_acc, s_acc = carry
-                (_, sums), g = grad_fn(state.params, state, mb, total)
+                mb, i = xs
+                (_, sums), g = grad_fn(state.params, state, mb, total, jax.random.fold_in(key, i))
                 g_acc = jax.tree.map(lambda a, x: a + x.astype(jnp.float32), g_acc, g)
                 g_acc = jax.lax.with_sharding_constraint(g_acc, param_shardings)
                 return (g_acc, jax.tree.map(jnp.add, s_acc, sums)), None
 
-            (grads, sums), _ = jax.lax.scan(body, (zero_g, zero_s), micro)
+            (grads, sums), _ = jax.lax.scan(body, (zero_g, zero_s), (micro, jnp.arange(m)))
             grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, state.params)
         metrics = objectives.finalize(sums)
         grad_norm = optax.tree.norm(grads)
@@ -298,33 +306,55 @@ class Jitted:
             return self.fn.lower(*args)
 
 
+@dataclasses.dataclass(frozen=True)
+class TrainStep(Jitted):
+    """``train_step(state, batch) -> (state, metrics)``: the jitted step takes the LoRA base
+    (``state.frozen``) as an argument of its own, neither donated nor returned, so the base is
+    never copied and every other holder of it (the KL's ``pi_0``, a sampling copy) keeps it."""
+
+    def __call__(self, state, batch):
+        new, metrics = super().__call__(state.replace(frozen=None), state.frozen, batch)
+        return new.replace(frozen=state.frozen), metrics
+
+    def lower(self, state, batch):
+        return super().lower(state.replace(frozen=None), state.frozen, batch)
+
+
 def make_train_step(graphdef, cfg: RunConfig, mesh, state_shardings, rules=shd.TRAIN_RULES, *,
-                    compiler_options: dict | None = None) -> Jitted:
+                    compiler_options: dict | None = None) -> TrainStep:
     """``train_step(state, batch) -> (state, metrics)`` jitted with explicit shardings; ``state``
-    is donated (its buffers are reused for the new state). ``compiler_options`` go to XLA
-    (e.g. ``{"xla_backend_optimization_level": 0}`` halves CPU compile time in tests)."""
-    fn = train_step_fn(graphdef, cfg, mesh, state_shardings.params)
+    is donated (its buffers are reused for the new state), except a LoRA base (see
+    :class:`TrainStep`). ``compiler_options`` go to XLA (e.g.
+    ``{"xla_backend_optimization_level": 0}`` halves CPU compile time in tests)."""
+    step = train_step_fn(graphdef, cfg, mesh, state_shardings.params)
+
+    def fn(state, frozen, batch):
+        new, metrics = step(state.replace(frozen=frozen), batch)
+        return new.replace(frozen=None), metrics
+
+    own = state_shardings.replace(frozen=None)
     jitted = jax.jit(
         fn,
-        in_shardings=(state_shardings, shd.batch_sharding(mesh)),
-        out_shardings=(state_shardings, shd.replicated(mesh)),
+        in_shardings=(own, state_shardings.frozen, shd.batch_sharding(mesh)),
+        out_shardings=(own, shd.replicated(mesh)),
         donate_argnames=("state",),
         compiler_options=compiler_options,
     )
-    return Jitted(jitted, mesh, rules, batch_checker(cfg.train, mesh))
+    return TrainStep(jitted, mesh, rules, batch_checker(cfg.train, mesh))
 
 
 def make_reference_logprobs(graphdef, train: TrainConfig, mesh, param_shardings, rules=shd.TRAIN_RULES, *,
-                            compiler_options: dict | None = None) -> Jitted:
-    """``reference_logprobs(params, batch) -> ref_logps_BxK`` (float32, sharded like the batch).
+                            frozen_shardings=None, compiler_options: dict | None = None) -> Jitted:
+    """``reference_logprobs(params, frozen, batch) -> ref_logps_BxK`` (float32, sharded like the
+    batch); ``frozen`` is the LoRA base (``state.frozen``; None without LoRA).
 
     iREPO calls it once per round with the round's starting policy, and stores the result in
     the batches as ``ref_logps_BxK`` (``train.reference = batch``): the reference model never
     sits in memory during training.
     """
-    def fn(params, batch):
-        return response_logps(graphdef, params, None, batch, mesh=mesh, train=train)
+    def fn(params, frozen, batch):
+        return response_logps(graphdef, params, None, batch, mesh=mesh, train=train, frozen=frozen)
 
-    jitted = jax.jit(fn, in_shardings=(param_shardings, shd.batch_sharding(mesh)), out_shardings=shd.batch_sharding(mesh),
-                     compiler_options=compiler_options)
+    jitted = jax.jit(fn, in_shardings=(param_shardings, frozen_shardings, shd.batch_sharding(mesh)),
+                     out_shardings=shd.batch_sharding(mesh), compiler_options=compiler_options)
     return Jitted(jitted, mesh, rules)
