@@ -249,3 +249,58 @@ def test_fold_keeps_the_policy_and_restarts_the_adapters():
     assert max(float(jnp.abs(x.get_value()).max()) for p, x in nnx.to_flat_state(folded.params) if p[-1] == "b") == 0.0
     # the base now holds the old adapters' product
     assert float(jnp.abs(folded.frozen["layers"]["wq"].get_value() - state.frozen["layers"]["wq"].get_value()).max()) > 0
+
+
+# ------------------------------------------------------------------------------ PEFT export
+
+
+def _hf_base(arch, folder):
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    if arch == "phi":
+        cfg = transformers.PhiConfig(vocab_size=96, hidden_size=64, intermediate_size=64, num_hidden_layers=2,
+                                     num_attention_heads=4, max_position_embeddings=64, partial_rotary_factor=0.5,
+                                     resid_pdrop=0.0)
+        hf = transformers.PhiForCausalLM(cfg)
+    else:
+        cfg = transformers.LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+        hf = transformers.LlamaForCausalLM(cfg)
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.mul_(3.0) if p.dim() > 1 else p.add_(0.1 * torch.randn_like(p))
+    hf.eval().save_pretrained(folder)
+    return hf
+
+
+@pytest.mark.parametrize("arch", ["llama", "phi"])
+def test_exported_adapter_loads_in_peft_to_our_logits(arch, tmp_path):
+    """Our adapter folder through ``peft.PeftModel.from_pretrained`` on the HF base gives our
+    adapted logits within 1e-4, with every tensor of the file loaded (PEFT only warns about a
+    tensor it cannot place), and ``merge_and_unload`` agrees with our merged export."""
+    torch = pytest.importorskip("torch")
+    peft = pytest.importorskip("peft")
+    from safetensors.numpy import load_file
+
+    hf = _hf_base(arch, tmp_path / "base")
+    ours = models.from_pretrained(str(tmp_path / "base"), lora=LoraConfig(rank=4, alpha=12))
+    ours = randomise_b(ours, scale=0.3)
+    lora.save_peft(ours, tmp_path / "adapter", base_model=str(tmp_path / "base"))
+    ids = np.random.default_rng(0).integers(1, 96, (2, 11)).astype(np.int32)
+    want = np.asarray(ours(ids))
+
+    pm = peft.PeftModel.from_pretrained(hf, str(tmp_path / "adapter")).eval()
+    written = load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))
+    live = {n.replace(".default", ""): p for n, p in pm.named_parameters() if "lora_" in n}
+    assert set(live) == set(written) and len(written) == 2 * 2 * len(lora.target_names(ours.config))
+    for name, value in written.items():
+        np.testing.assert_array_equal(live[name].detach().numpy(), value)
+    with torch.no_grad():
+        got = pm(input_ids=torch.tensor(ids, dtype=torch.long)).logits.numpy()
+    assert np.abs(got - want).max() <= 1e-4
+    merged = pm.merge_and_unload()
+    models.save_pretrained(ours, tmp_path / "merged")  # our HF export merges the adapters in
+    with torch.no_grad():
+        peft_merged = merged(input_ids=torch.tensor(ids, dtype=torch.long)).logits.numpy()
+    np.testing.assert_allclose(np.asarray(models.from_pretrained(str(tmp_path / "merged"))(ids)), peft_merged, atol=1e-4)
