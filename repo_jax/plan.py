@@ -98,7 +98,8 @@ def plan(cfg, *, fast_compile: bool = False, name: str = "") -> dict:
         "mesh": tuple(mesh.shape[a] for a in shd.MESH_AXES),
         "batch": f"{t.batch_size}x{t.num_responses}x{t.seq_len}" + (" shared" if t.layout == "shared" else ""),
         "micro_batches": t.micro_batches,
-        "compute": f"{cfg.model.dtype} / {cfg.model.param_dtype} master, remat {cfg.model.remat}",
+        "compute": f"{cfg.model.dtype} / {cfg.model.param_dtype} master, remat {cfg.model.remat}"
+                   + (f", LoRA r{cfg.model.lora.rank}" if cfg.model.lora.rank else ""),
         "argument_gib": args / GiB,
         "temp_gib": temp / GiB,
         "peak_gib": peak / GiB,
