@@ -22,7 +22,8 @@ SHIPPED = sorted(p.name for p in (ROOT / "configs").glob("*.yaml"))
 
 def test_the_shipped_configs_are_found():
     assert {"default.yaml", "tiny.yaml", "phi2_irepo.yaml", "mistral7b_irepo.yaml", "tiny_lpo.yaml", "tiny_sft.yaml",
-            "mistral7b_lpo.yaml", "smollm2_lpo.yaml"} <= set(SHIPPED)
+            "mistral7b_lpo.yaml", "smollm2_lpo.yaml", "mistral7b_irepo_lora.yaml",
+            "phi2_irepo_lora.yaml"} <= set(SHIPPED)
 
 
 PROGRAM = {"lpo": offline.LpoConfig, "sft": offline.SftConfig}
