@@ -73,15 +73,30 @@ def forward_flops(cfg: ModelConfig, batch: dict) -> dict[str, float]:
         responses = seg > 0
         prompt_pairs_R = _pairs(np.where(seg == 0, 0, -1), pos, cfg.sliding_window)
         pairs = _pairs(seg, pos, cfg.sliding_window).sum() - prompt_pairs_R[~first_R].sum()
-    useful = 2.0 * (body * real.sum() + unembed * responses.sum()) + attn_pair * pairs
+    useful_attn = attn_pair * pairs
+    useful = 2.0 * (body * real.sum() + unembed * responses.sum()) + useful_attn
     span = min(t, cfg.sliding_window or t)
-    padded = 2.0 * (body + unembed) * rows * t + attn_pair * rows * t * span
-    return {"useful": useful, "padded": padded, "real_tokens": float(real.sum()), "padded_tokens": float(rows * t)}
+    padded_attn = attn_pair * rows * t * span
+    padded = 2.0 * (body + unembed) * rows * t + padded_attn
+    return {"useful": useful, "padded": padded, "real_tokens": float(real.sum()), "padded_tokens": float(rows * t),
+            "useful_attn": float(useful_attn), "padded_attn": float(padded_attn)}
 
 
 def train_flops(cfg: ModelConfig, batch: dict, *, reference_forward: bool = False) -> dict[str, float]:
     """One train step over ``batch``: 3 forwards' worth (forward + backward), plus one forward
-    for a reference held as parameters (``train.reference=params``)."""
+    for a reference held as parameters (``train.reference=params``). With LoRA
+    (``cfg.lora.rank``) the frozen matrices take the forward and the input gradient only (2
+    passes), attention and the adapters (``2 * count`` per token) all 3."""
+    from repo_jax.models import lora
+
     f = forward_flops(cfg, batch)
-    mult = 3.0 + (1.0 if reference_forward else 0.0)
-    return {**f, "useful": mult * f["useful"], "padded": mult * f["padded"]}
+    ref = 1.0 if reference_forward else 0.0
+    if not cfg.lora.rank:
+        return {**f, "useful": (3.0 + ref) * f["useful"], "padded": (3.0 + ref) * f["padded"]}
+    out = dict(f)
+    for kind, tokens in (("useful", f["real_tokens"]), ("padded", f["padded_tokens"])):
+        attn = f[f"{kind}_attn"]
+        weights = f[kind] - attn
+        adapters = 2.0 * lora.param_count(cfg) * tokens
+        out[kind] = 2.0 * weights + 3.0 * (attn + adapters) + ref * (weights + attn + adapters)
+    return out

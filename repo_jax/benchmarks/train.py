@@ -15,6 +15,12 @@ both per second as a fraction of this machine's dense float32 matmul peak measur
 framework that ran the step (``torch.matmul`` for TRL, ``jax.jit`` for ours). A bfloat16-compute
 row (float32 master weights and Adam) is reported against the bf16 matmul peak. ``ratio`` = our
 float32 pairs/s (first layout) over TRL's.
+
+``--lora R`` adds our update with rank-``R`` LoRA adapters (``model.lora``, ``--lora-targets``;
+float32 base, frozen; the reference is the base) on the same batch, and prints its step time and
+optimiser-state bytes as fractions of the full update's measured in the same run
+(``lora_step_ratio``, ``lora_optimizer_ratio``). Its useful FLOPs count no weight gradient for
+the frozen matrices (``models.flops_per_token``).
 """
 
 from __future__ import annotations
@@ -153,9 +159,12 @@ def batch_from_trl_rows(rows: list[dict], seq_len: int, layout: str = "rows") ->
     return {k: v for k, v in batch.items() if k not in ("scores_BxK", "pref_B", "row_B")}
 
 
-def run_ours(gguf, batch, *, compute_dtype: str, warmup: int, steps: int, lr: float, beta: float, chunk: int):
-    """Times our jitted DPO train step (reference held as frozen params, forward every step);
-    returns (median wall s, median process CPU s, first-call s incl. compile, last metrics)."""
+def run_ours(gguf, batch, *, compute_dtype: str, warmup: int, steps: int, lr: float, beta: float, chunk: int,
+             lora=None):
+    """Times our jitted DPO train step (reference held as frozen params, forward every step;
+    ``lora``: a ``LoraConfig``, adapters on the frozen base); returns (median wall s, median
+    process CPU s, first-call s incl. compile, last metrics, optimiser-state bytes, trained
+    parameters)."""
     from repo_jax import models
     from repo_jax import sharding as shd
     from repo_jax.training import batch as bt
@@ -171,11 +180,14 @@ def run_ours(gguf, batch, *, compute_dtype: str, warmup: int, steps: int, lr: fl
                           logprob_chunk=chunk, loss=LossConfig(name="dpo", beta=beta)),
         optim=OptimConfig(lr=lr, warmup_steps=0, schedule="constant", clip_norm=1.0, weight_decay=0.0),
     )
-    model = models.from_pretrained(str(gguf), dtype=jnp.float32, compute_dtype=jnp.dtype(compute_dtype))
+    model = models.from_pretrained(str(gguf), dtype=jnp.float32, compute_dtype=jnp.dtype(compute_dtype),
+                                   **({"lora": lora} if lora is not None else {}))
     mesh = shd.make_mesh(shd.MeshConfig(1, 1, 1), jax.devices()[:1])
     tx = optim.make_optimizer(cfg.optim)
     graphdef, state, shardings = st.state_from_model(model, tx, cfg.train, mesh)
     del model
+    opt_bytes = sum(x.nbytes for x in jax.tree.leaves(state.opt_state))
+    trained = sum(x.size for x in jax.tree.leaves(state.params))
     step = sp.make_train_step(graphdef, cfg, mesh, shardings)
     dev_batch = shd.global_batch(bt.cast(batch), mesh)
     t0 = time.perf_counter()
@@ -192,7 +204,7 @@ def run_ours(gguf, batch, *, compute_dtype: str, warmup: int, steps: int, lr: fl
         jax.block_until_ready(m)
         times.append((time.perf_counter() - t0, time.process_time() - c0))
     wall, cpu = np.median(np.array(times), axis=0)
-    return float(wall), float(cpu), first, {k: float(v) for k, v in m.items()}
+    return float(wall), float(cpu), first, {k: float(v) for k, v in m.items()}, opt_bytes, trained
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -212,6 +224,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-bf16", action="store_true", help="skip the bfloat16-compute row")
     ap.add_argument("--layout", choices=("shared", "rows", "both"), default="both",
                     help="our batch layout (train.layout): the prompt once per pair, one row per response, or both rows")
+    ap.add_argument("--lora", type=int, default=0, help="also time a rank-R LoRA update (0: no)")
+    ap.add_argument("--lora-targets", default="all-linear", help="model.lora.targets, comma-separated")
     args = ap.parse_args(argv)
     lr, beta = 1e-6, 0.1
 
@@ -269,16 +283,36 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_trl:
         result["trl_float32"] = row("TRL DPOTrainer float32", trl_s, trl_cpu, peak["torch_float32"], work["rows"]["padded"])
     for lay in layouts:
-        ours_s, ours_cpu, compile_s, metrics = run_ours(gguf, batches[lay], compute_dtype="float32", warmup=args.warmup,
-                                                        steps=args.steps, lr=lr, beta=beta, chunk=args.chunk)
+        ours_s, ours_cpu, compile_s, metrics, full_opt, full_n = run_ours(
+            gguf, batches[lay], compute_dtype="float32", warmup=args.warmup, steps=args.steps, lr=lr, beta=beta,
+            chunk=args.chunk)
         result[f"ours_float32_{lay}"] = row(f"ours float32, {lay} layout", ours_s, ours_cpu, peak["jax_float32"],
                                             work[lay]["padded"])
         result[f"ours_float32_{lay}"]["first_step_s"] = round(compile_s, 1)
         if lay == layouts[0]:
-            first_s = ours_s
+            first_s, first_opt, first_n = ours_s, full_opt, full_n
     ours_s = first_s
+    if args.lora:
+        from repo_jax.models.config import LoraConfig
+
+        adapters = LoraConfig(rank=args.lora, alpha=2.0 * args.lora, targets=tuple(args.lora_targets.split(",")))
+        lora_cfg = mcfg.replace(lora=adapters)
+        lora_useful = flops_lib.train_flops(lora_cfg, batches[layouts[0]], reference_forward=True)
+        l_s, l_cpu, l_first, _, l_opt, l_n = run_ours(gguf, batches[layouts[0]], compute_dtype="float32",
+                                                      warmup=args.warmup, steps=args.steps, lr=lr, beta=beta,
+                                                      chunk=args.chunk, lora=adapters)
+        result[f"ours_lora{args.lora}"] = row(f"ours float32, LoRA r{args.lora}, {layouts[0]}", l_s, l_cpu,
+                                              peak["jax_float32"], lora_useful["padded"])
+        result[f"ours_lora{args.lora}"].update(first_step_s=round(l_first, 1), optimizer_bytes=l_opt,
+                                               trained_params=l_n, useful_tflops=round(lora_useful["useful"] / 1e12, 3))
+        result["lora_step_ratio"] = round(l_s / first_s, 3)
+        result["lora_optimizer_ratio"] = round(l_opt / first_opt, 4)
+        print(f"  LoRA r{args.lora} ({args.lora_targets}): {l_n / 1e6:.2f} M trained parameters of {first_n / 1e6:.1f} M; "
+              f"step {l_s:.2f} s = {l_s / first_s:.3f}x the full update's; optimiser state {l_opt / 2**20:.1f} MiB = "
+              f"{100 * l_opt / first_opt:.2f}% of the full update's {first_opt / 2**20:.0f} MiB; useful FLOPs "
+              f"{lora_useful['useful'] / 1e12:.2f} T ({lora_useful['useful'] / useful:.2f}x)", flush=True)
     if not args.no_bf16:
-        b16_s, b16_cpu, b16_first, _ = run_ours(gguf, batches[layouts[0]], compute_dtype="bfloat16", warmup=args.warmup,
+        b16_s, b16_cpu, b16_first, *_ = run_ours(gguf, batches[layouts[0]], compute_dtype="bfloat16", warmup=args.warmup,
                                                 steps=args.steps, lr=lr, beta=beta, chunk=args.chunk)
         result["ours_bfloat16"] = row(f"ours bf16 compute (f32 master), {layouts[0]}", b16_s, b16_cpu,
                                       peak["jax_bfloat16"], work[layouts[0]]["padded"])

@@ -15,7 +15,6 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
-from repo_jax.models import lora
 
 from repo_jax import config as config_lib
 from repo_jax import sampling
@@ -145,7 +144,7 @@ class Run(RunBase):
     def make_policy(self):
         """The current parameters in the sampling layout (one copy per round, see the sampler;
         LoRA adapters merged into it, so decoding costs what the base costs)."""
-        return sampling.sampling_copy(lora.merge(st.model_of(self.graphdef, self.state)), self.mesh)
+        return sampling.sampling_copy(st.model_of(self.graphdef, self.state), self.mesh)
 
     def reset_optimizer(self) -> None:
         """Fresh AdamW moments (``loop.optimizer=reset``)."""

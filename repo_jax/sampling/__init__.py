@@ -310,9 +310,14 @@ def sample(
 
 def decoding_model(model, unstack: bool | None = None):
     """The model :func:`sample` decodes with: ``model.unstacked()`` when ``unstack`` says so
-    (``None``: when the weights live on CPU), else ``model`` (see ``sample``'s ``unstack``)."""
+    (``None``: when the weights live on CPU), else ``model`` (see ``sample``'s ``unstack``);
+    LoRA adapters are folded into the weights first (``models.lora.merge``: decoding costs what
+    the base costs)."""
     if not hasattr(model, "unstacked"):
         return model
+    from repo_jax.models import lora
+
+    model = lora.merge(model)
     if unstack is None:
         leaf = jax.tree.leaves(nnx.state(model))[0]
         unstack = all(d.platform == "cpu" for d in leaf.devices())
