@@ -16,11 +16,12 @@ framework that ran the step (``torch.matmul`` for TRL, ``jax.jit`` for ours). A 
 row (float32 master weights and Adam) is reported against the bf16 matmul peak. ``ratio`` = our
 float32 pairs/s (first layout) over TRL's.
 
-``--lora R`` adds our update with rank-``R`` LoRA adapters (``model.lora``, ``--lora-targets``;
-float32 base, frozen; the reference is the base) on the same batch, and prints its step time and
-optimiser-state bytes as fractions of the full update's measured in the same run
-(``lora_step_ratio``, ``lora_optimizer_ratio``). Its useful FLOPs count no weight gradient for
-the frozen matrices (``models.flops_per_token``).
+``--lora R`` adds rank-``R`` LoRA updates (``model.lora``, ``--lora-targets``; float32 base,
+frozen) on the same batch and prints their step time and optimiser-state bytes as fractions of
+the full update's, measured in the same run: at the loop's update (the round's reference
+log-probs precomputed, ``train.reference=batch``: ``lora_step_ratio``, ``lora_optimizer_ratio``),
+and beside the DPO rows above (a reference forward every step; with LoRA the reference is the
+base, the same arrays). Their useful FLOPs count no weight gradient for the frozen matrices.
 """
 
 from __future__ import annotations
@@ -160,7 +161,7 @@ def batch_from_trl_rows(rows: list[dict], seq_len: int, layout: str = "rows") ->
 
 
 def run_ours(gguf, batch, *, compute_dtype: str, warmup: int, steps: int, lr: float, beta: float, chunk: int,
-             lora=None):
+             lora=None, reference: str = "params"):
     """Times our jitted DPO train step (reference held as frozen params, forward every step;
     ``lora``: a ``LoraConfig``, adapters on the frozen base); returns (median wall s, median
     process CPU s, first-call s incl. compile, last metrics, optimiser-state bytes, trained
@@ -175,7 +176,7 @@ def run_ours(gguf, batch, *, compute_dtype: str, warmup: int, steps: int, lr: fl
 
     b, k, t = bt.dims(batch)
     cfg = RunConfig(
-        train=TrainConfig(batch_size=b, num_responses=k, seq_len=t, reference="params",
+        train=TrainConfig(batch_size=b, num_responses=k, seq_len=t, reference=reference,
                           layout="shared" if bt.is_shared(batch) else "rows",
                           logprob_chunk=chunk, loss=LossConfig(name="dpo", beta=beta)),
         optim=OptimConfig(lr=lr, warmup_steps=0, schedule="constant", clip_norm=1.0, weight_decay=0.0),
@@ -205,6 +206,42 @@ def run_ours(gguf, batch, *, compute_dtype: str, warmup: int, steps: int, lr: fl
         times.append((time.perf_counter() - t0, time.process_time() - c0))
     wall, cpu = np.median(np.array(times), axis=0)
     return float(wall), float(cpu), first, {k: float(v) for k, v in m.items()}, opt_bytes, trained
+
+
+def lora_rows(args, gguf, mcfg, batch, lr, beta, peak_gflops, row, full_dpo) -> dict:
+    """``--lora``: the full update and the LoRA update at the loop's shape (reference log-probs in
+    the batch), then LoRA with a reference forward beside the DPO rows (``full_dpo``: their
+    seconds, optimiser bytes, trained parameters)."""
+    from repo_jax.models.config import LoraConfig
+
+    adapters = LoraConfig(rank=args.lora, alpha=2.0 * args.lora, targets=tuple(args.lora_targets.split(",")))
+    lora_cfg = mcfg.replace(lora=adapters)
+    loop_batch = dict(batch, ref_logps_BxK=np.zeros(batch["list_mask_BxK"].shape, np.float32))
+    common = dict(compute_dtype="float32", warmup=args.warmup, steps=args.steps, lr=lr, beta=beta, chunk=args.chunk)
+    out, timed = {}, {}
+    for name, label, cfg, kw in (
+        ("ours_full_loop", "ours float32, full, reference in batch", mcfg, dict(reference="batch")),
+        (f"ours_lora{args.lora}_loop", f"ours float32, LoRA r{args.lora}, ref in batch", lora_cfg,
+         dict(reference="batch", lora=adapters)),
+        (f"ours_lora{args.lora}_dpo", f"ours float32, LoRA r{args.lora}, ref forward", lora_cfg, dict(lora=adapters)),
+    ):
+        work = flops_lib.train_flops(cfg, loop_batch, reference_forward=kw.get("reference") != "batch")
+        secs, cpu, first, _, opt_bytes, trained = run_ours(gguf, loop_batch, **common, **kw)
+        out[name] = row(label, secs, cpu, peak_gflops, work["padded"], work["useful"])
+        out[name].update(first_step_s=round(first, 1), optimizer_bytes=opt_bytes, trained_params=trained,
+                         useful_tflops=round(work["useful"] / 1e12, 3))
+        timed[name] = (secs, opt_bytes, trained, work["useful"])
+    full_s, full_opt, full_n, full_useful = timed["ours_full_loop"]
+    l_s, l_opt, l_n, l_useful = timed[f"ours_lora{args.lora}_loop"]
+    d_s = timed[f"ours_lora{args.lora}_dpo"][0]
+    out.update(lora_step_ratio=round(l_s / full_s, 3), lora_optimizer_ratio=round(l_opt / full_opt, 4),
+               lora_step_ratio_dpo=round(d_s / full_dpo[0], 3))
+    print(f"  LoRA r{args.lora} ({args.lora_targets}): {l_n / 1e6:.2f} M trained parameters of {full_n / 1e6:.1f} M; "
+          f"at the loop's update {l_s:.2f} s = {l_s / full_s:.3f}x the full update's {full_s:.2f} s (useful FLOPs "
+          f"{l_useful / full_useful:.2f}x); with a reference forward {d_s:.2f} s = {d_s / full_dpo[0]:.3f}x; "
+          f"optimiser state {l_opt / 2**20:.1f} MiB = {100 * l_opt / full_opt:.2f}% of the full update's "
+          f"{full_opt / 2**20:.0f} MiB", flush=True)
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -272,8 +309,8 @@ def main(argv: list[str] | None = None) -> int:
           f"and reference fwd, real tokens, the prompt once per pair); padded FLOPs per update: "
           + ", ".join(f"{lay} {work[lay]['padded'] / 1e12:.2f} T" for lay in batches), flush=True)
 
-    def row(name, secs, cpu, peak_gflops, padded):
-        u, p = useful / secs / (peak_gflops * 1e9), padded / secs / (peak_gflops * 1e9)
+    def row(name, secs, cpu, peak_gflops, padded, useful_flops=useful):
+        u, p = useful_flops / secs / (peak_gflops * 1e9), padded / secs / (peak_gflops * 1e9)
         print(f"  {name:38s} {secs:7.2f} s/update  {n / secs:6.3f} pairs/s  useful {100 * u:5.1f}% / padded "
               f"{100 * p:5.1f}% of peak  (CPU time {cpu:6.1f} s)", flush=True)
         return {"seconds": round(secs, 3), "cpu_seconds": round(cpu, 2), "pairs_per_s": round(n / secs, 4),
@@ -293,24 +330,8 @@ def main(argv: list[str] | None = None) -> int:
             first_s, first_opt, first_n = ours_s, full_opt, full_n
     ours_s = first_s
     if args.lora:
-        from repo_jax.models.config import LoraConfig
-
-        adapters = LoraConfig(rank=args.lora, alpha=2.0 * args.lora, targets=tuple(args.lora_targets.split(",")))
-        lora_cfg = mcfg.replace(lora=adapters)
-        lora_useful = flops_lib.train_flops(lora_cfg, batches[layouts[0]], reference_forward=True)
-        l_s, l_cpu, l_first, _, l_opt, l_n = run_ours(gguf, batches[layouts[0]], compute_dtype="float32",
-                                                      warmup=args.warmup, steps=args.steps, lr=lr, beta=beta,
-                                                      chunk=args.chunk, lora=adapters)
-        result[f"ours_lora{args.lora}"] = row(f"ours float32, LoRA r{args.lora}, {layouts[0]}", l_s, l_cpu,
-                                              peak["jax_float32"], lora_useful["padded"])
-        result[f"ours_lora{args.lora}"].update(first_step_s=round(l_first, 1), optimizer_bytes=l_opt,
-                                               trained_params=l_n, useful_tflops=round(lora_useful["useful"] / 1e12, 3))
-        result["lora_step_ratio"] = round(l_s / first_s, 3)
-        result["lora_optimizer_ratio"] = round(l_opt / first_opt, 4)
-        print(f"  LoRA r{args.lora} ({args.lora_targets}): {l_n / 1e6:.2f} M trained parameters of {first_n / 1e6:.1f} M; "
-              f"step {l_s:.2f} s = {l_s / first_s:.3f}x the full update's; optimiser state {l_opt / 2**20:.1f} MiB = "
-              f"{100 * l_opt / first_opt:.2f}% of the full update's {first_opt / 2**20:.0f} MiB; useful FLOPs "
-              f"{lora_useful['useful'] / 1e12:.2f} T ({lora_useful['useful'] / useful:.2f}x)", flush=True)
+        result.update(lora_rows(args, gguf, mcfg, batches[layouts[0]], lr, beta, peak["jax_float32"], row,
+                                (first_s, first_opt, first_n)))
     if not args.no_bf16:
         b16_s, b16_cpu, b16_first, *_ = run_ours(gguf, batches[layouts[0]], compute_dtype="bfloat16", warmup=args.warmup,
                                                 steps=args.steps, lr=lr, beta=beta, chunk=args.chunk)

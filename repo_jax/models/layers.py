@@ -15,6 +15,7 @@ J the LoRA rank (:func:`project`).
 from __future__ import annotations
 
 import functools
+import itertools
 import zlib
 
 import flax.struct
@@ -95,6 +96,32 @@ def project(x, w, spec: str, dtype, adapter=None):
         x_in = jnp.where(keep, x / (1.0 - rate), 0.0).astype(x.dtype)
     low = matmul(spec_a, x_in, a, dtype).astype(dtype)
     return (matmul(spec, x, w, dtype) + scale * matmul(spec_b, low, b, dtype)).astype(dtype)
+
+
+def project_shared(x, projections, dtype):
+    """:func:`project` of one input through several weights, ``projections`` a list of ``(w,
+    spec, adapter)`` whose specs contract the same input dimensions (q, k and v of one
+    normalised input). The adapters' first matmuls run as one (their ``A``s concatenated along
+    the rank): one read of ``x`` instead of one per adapter, where the skinny ``x A`` products
+    are bound by memory traffic, not FLOPs. Adapters with dropout keep their own masks and
+    matmuls (as PEFT: an independent mask per adapted module)."""
+    fused = [i for i, (_, _, ad) in enumerate(projections) if ad is not None and not (ad[3] and ad[4] is not None)]
+    if len(fused) < 2:
+        return [project(x, w, spec, dtype, ad) for w, spec, ad in projections]
+    spec_a, _ = adapter_specs(projections[fused[0]][1])
+    a_cat = jnp.concatenate([projections[i][2][0] for i in fused], axis=-1)
+    low = matmul(spec_a, x, a_cat, dtype).astype(dtype)
+    ranks = [projections[i][2][0].shape[-1] for i in fused]
+    lows = dict(zip(fused, jnp.split(low, list(itertools.accumulate(ranks))[:-1], axis=-1)))
+    out = []
+    for i, (w, spec, ad) in enumerate(projections):
+        if i not in lows:
+            out.append(project(x, w, spec, dtype, ad))
+            continue
+        _, spec_b = adapter_specs(spec)
+        a, b, scale, _, _ = ad
+        out.append((matmul(spec, x, w, dtype) + scale * matmul(spec_b, lows[i], b, dtype)).astype(dtype))
+    return out
 
 
 def adapter_of(p, name: str, lora):

@@ -43,19 +43,19 @@ def block(cfg: ModelConfig, p, x_BxTxD, attend):
     """One decoder layer: pre-norm attention through ``attend(q, k, v) -> (o, cache)`` (the
     model's, with or without a KV cache), then a pre-norm SwiGLU MLP; returns ``(x, cache)``."""
     dt = cfg.jnp_dtype
-    proj = lambda x, name, spec: layers.project(x, p[name], spec, dt, layers.adapter_of(p, name, cfg.lora))
+    proj = lambda name, spec: (p[name], spec, layers.adapter_of(p, name, cfg.lora))
     h_BxTxD = layers.rms_norm(x_BxTxD, p["attn_norm"], cfg.norm_eps, dt)
-    q = proj(h_BxTxD, "wq", "BTD,DNH->BTNH")
-    k = proj(h_BxTxD, "wk", "BTD,DGH->BTGH")
-    v = proj(h_BxTxD, "wv", "BTD,DGH->BTGH")
+    q, k, v = layers.project_shared(h_BxTxD, [proj("wq", "BTD,DNH->BTNH"), proj("wk", "BTD,DGH->BTGH"),
+                                              proj("wv", "BTD,DGH->BTGH")], dt)
     o_BxTxNxH, cache_kv = attend(q, k, v)
     x_BxTxD = x_BxTxD + layers.out_proj(o_BxTxNxH, p["wo"], dt, layers.adapter_of(p, "wo", cfg.lora))
     x_BxTxD = shd.constrain(x_BxTxD, ("batch", "length", "act_embed"))
 
     h_BxTxD = layers.rms_norm(x_BxTxD, p["mlp_norm"], cfg.norm_eps, dt)
-    gate_BxTxF = layers.activation(cfg.hidden_act)(proj(h_BxTxD, "w_gate", "BTD,DF->BTF"))
-    up_BxTxF = shd.constrain(gate_BxTxF * proj(h_BxTxD, "w_up", "BTD,DF->BTF"), ("batch", "length", "act_mlp"))
-    x_BxTxD = x_BxTxD + proj(up_BxTxF, "w_down", "BTF,FD->BTD")
+    gate_BxTxF, up_BxTxF = layers.project_shared(h_BxTxD, [proj("w_gate", "BTD,DF->BTF"), proj("w_up", "BTD,DF->BTF")], dt)
+    up_BxTxF = shd.constrain(layers.activation(cfg.hidden_act)(gate_BxTxF) * up_BxTxF, ("batch", "length", "act_mlp"))
+    w_down, spec, adapter = proj("w_down", "BTF,FD->BTD")
+    x_BxTxD = x_BxTxD + layers.project(up_BxTxF, w_down, spec, dt, adapter)
     return shd.constrain(x_BxTxD, ("batch", "length", "act_embed")), cache_kv
 
 

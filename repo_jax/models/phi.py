@@ -55,20 +55,23 @@ def block(cfg: ModelConfig, p, x_BxTxD, attend):
     """One parallel layer: attention (``attend(q, k, v) -> (o, cache)``, the model's) and the MLP
     both read one LayerNorm of the residual and add to it; returns ``(x, cache)``."""
     dt = cfg.jnp_dtype
-    proj = lambda x, name, spec: layers.project(x, p[name], spec, dt, layers.adapter_of(p, name, cfg.lora))
+    proj = lambda name, spec: (p[name], spec, layers.adapter_of(p, name, cfg.lora))
     h_BxTxD = layers.layer_norm(x_BxTxD, p["ln_scale"], p["ln_bias"], cfg.norm_eps, dt)
-    q = proj(h_BxTxD, "wq", "BTD,DNH->BTNH") + p["bq"].astype(dt)
-    k = proj(h_BxTxD, "wk", "BTD,DGH->BTGH") + p["bk"].astype(dt)
-    v = proj(h_BxTxD, "wv", "BTD,DGH->BTGH") + p["bv"].astype(dt)
+    # attention and the MLP read the same normalised input: one projection call for q, k, v, fc1
+    q, k, v, fc1_BxTxF = layers.project_shared(h_BxTxD, [
+        proj("wq", "BTD,DNH->BTNH"), proj("wk", "BTD,DGH->BTGH"), proj("wv", "BTD,DGH->BTGH"),
+        proj("w_fc1", "BTD,DF->BTF")], dt)
+    q, k, v = q + p["bq"].astype(dt), k + p["bk"].astype(dt), v + p["bv"].astype(dt)
     if cfg.qk_layernorm:
         q = layers.layer_norm(q, p["q_norm_scale"], p["q_norm_bias"], cfg.norm_eps, dt)
         k = layers.layer_norm(k, p["k_norm_scale"], p["k_norm_bias"], cfg.norm_eps, dt)
     o_BxTxNxH, cache_kv = attend(q, k, v)
     attn_BxTxD = layers.out_proj(o_BxTxNxH, p["wo"], dt, layers.adapter_of(p, "wo", cfg.lora)) + p["bo"].astype(dt)
 
-    fc1_BxTxF = proj(h_BxTxD, "w_fc1", "BTD,DF->BTF") + p["b_fc1"].astype(dt)
+    fc1_BxTxF = fc1_BxTxF + p["b_fc1"].astype(dt)
     fc1_BxTxF = shd.constrain(layers.activation(cfg.hidden_act)(fc1_BxTxF), ("batch", "length", "act_mlp"))
-    mlp_BxTxD = proj(fc1_BxTxF, "w_fc2", "BTF,FD->BTD") + p["b_fc2"].astype(dt)
+    w_fc2, spec, adapter = proj("w_fc2", "BTF,FD->BTD")
+    mlp_BxTxD = layers.project(fc1_BxTxF, w_fc2, spec, dt, adapter) + p["b_fc2"].astype(dt)
     return shd.constrain(x_BxTxD + attn_BxTxD + mlp_BxTxD, ("batch", "length", "act_embed")), cache_kv
 
 
