@@ -6,6 +6,7 @@ off is the base, merging and the checkpoints, on tiny Mistral (GQA, sliding wind
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import jax
 import jax.numpy as jnp
@@ -48,12 +49,13 @@ def randomise_b(model, seed=1, scale=0.2):
 @pytest.mark.parametrize("arch", ["mistral", "phi"])
 def test_fresh_adapters_give_the_base_logits_exactly(arch):
     base = models.build(tiny(arch), seed=0)
-    adapted = lora.add_adapters(base, LoraConfig(rank=4, alpha=8))
+    adapted = lora.add_adapters(base, LoraConfig(rank=4, alpha=8, targets=("all-linear",)))
     assert lora.target_names(adapted.config) == (["wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down"]
                                                  if arch == "mistral" else ["wq", "wk", "wv", "wo", "w_fc1", "w_fc2"])
     np.testing.assert_array_equal(np.asarray(adapted(IDS)), np.asarray(base(IDS)))
     # built with LoRA from the start: B is zero, A is not, A spans the weight's input dims + rank
-    fresh = models.build(tiny(arch, rank=4), seed=0)
+    fresh = models.build(tiny(arch, rank=4), seed=0)  # the default targets: attention
+    assert lora.target_names(fresh.config) == ["wq", "wk", "wv", "wo"]
     assert fresh.lora["wo"]["a"].shape == (2, 4, 8, 4) and fresh.lora["wo"]["b"].shape == (2, 4, 32)
     assert float(jnp.abs(fresh.lora["wq"]["a"][...]).max()) > 0 and float(jnp.abs(fresh.lora["wq"]["b"][...]).max()) == 0
     np.testing.assert_array_equal(np.asarray(fresh(IDS)), np.asarray(models.build(tiny(arch), seed=0)(IDS)))
@@ -73,7 +75,8 @@ def test_targets_accept_our_names_hf_modules_and_presets_and_name_a_bad_one():
 def test_adapter_gradients_equal_the_merged_weights_gradients(arch):
     """A direct reference computation: the same loss as a function of ``(A, B)`` through the
     merged weights ``W + s A B`` of a plain model."""
-    model = randomise_b(lora.add_adapters(models.build(tiny(arch), seed=0), LoraConfig(rank=3, alpha=6)))
+    model = randomise_b(lora.add_adapters(models.build(tiny(arch), seed=0),
+                                          LoraConfig(rank=3, alpha=6, targets=("all-linear",))))
     graphdef, adapters, rest = nnx.split(model, nnx.LoRAParam, ...)
     probe = jax.random.normal(jax.random.key(7), (2, IDS.shape[1], V))
 
@@ -100,7 +103,8 @@ def test_adapter_gradients_equal_the_merged_weights_gradients(arch):
 
 
 def test_merge_folds_the_adapters_and_decoding_uses_it():
-    model = randomise_b(lora.add_adapters(models.build(tiny("mistral"), seed=0), LoraConfig(rank=4, alpha=4)))
+    model = randomise_b(lora.add_adapters(models.build(tiny("mistral"), seed=0),
+                                          LoraConfig(rank=4, alpha=4, targets=("all-linear",))))
     merged = lora.merge(model)
     assert not merged.config.lora.rank and not hasattr(merged, "lora")
     assert merged.top["embed"][...] is model.top["embed"][...]  # untouched weights are shared, not copied
@@ -111,7 +115,7 @@ def test_merge_folds_the_adapters_and_decoding_uses_it():
 
 
 def test_dropout_only_with_a_key():
-    model = randomise_b(models.build(tiny("mistral", rank=4, dropout=0.5), seed=0))
+    model = randomise_b(models.build(tiny("mistral", rank=4, dropout=0.5, targets=("all-linear",)), seed=0))
     h0 = model.hidden_states(IDS)
     np.testing.assert_array_equal(np.asarray(h0), np.asarray(model.hidden_states(IDS)))  # no key: deterministic
     h1 = model.hidden_states(IDS, dropout_key=jax.random.key(0))
@@ -121,7 +125,8 @@ def test_dropout_only_with_a_key():
 
 # ------------------------------------------------------------------------------ train state
 
-CFG = tiny_config("model.lora.rank=4", "model.lora.alpha=8", "optim.lr=1e-2", "optim.warmup_steps=0")
+CFG = tiny_config("model.lora.rank=4", "model.lora.alpha=8", "model.lora.targets=[all-linear]", "optim.lr=1e-2",
+                  "optim.warmup_steps=0")
 
 
 def _mesh(shape):
@@ -284,11 +289,13 @@ def test_exported_adapter_loads_in_peft_to_our_logits(arch, tmp_path):
     from safetensors.numpy import load_file
 
     hf = _hf_base(arch, tmp_path / "base")
-    ours = models.from_pretrained(str(tmp_path / "base"), lora=LoraConfig(rank=4, alpha=12))
+    ours = models.from_pretrained(str(tmp_path / "base"), lora=LoraConfig(rank=4, alpha=12, targets=("all-linear",)))
     ours = randomise_b(ours, scale=0.3)
     lora.save_peft(ours, tmp_path / "adapter", base_model=str(tmp_path / "base"))
     ids = np.random.default_rng(0).integers(1, 96, (2, 11)).astype(np.int32)
     want = np.asarray(ours(ids))
+    # and back through our own loader (base from base_model_name_or_path)
+    np.testing.assert_allclose(np.asarray(models.from_pretrained(str(tmp_path / "adapter"))(ids)), want, atol=1e-5)
 
     pm = peft.PeftModel.from_pretrained(hf, str(tmp_path / "adapter")).eval()
     written = load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))
@@ -304,3 +311,39 @@ def test_exported_adapter_loads_in_peft_to_our_logits(arch, tmp_path):
     with torch.no_grad():
         peft_merged = merged(input_ids=torch.tensor(ids, dtype=torch.long)).logits.numpy()
     np.testing.assert_allclose(np.asarray(models.from_pretrained(str(tmp_path / "merged"))(ids)), peft_merged, atol=1e-4)
+
+
+@pytest.mark.parametrize("arch", ["llama", "phi"])
+def test_a_peft_saved_adapter_loads_into_our_model(arch, tmp_path):
+    """The other direction: an adapter trained and saved by ``peft`` itself (random ``B``, all
+    linear layers) loads through ``models.from_pretrained(adapter folder)`` (its base from
+    ``base_model_name_or_path``) to PEFT's logits; a tensor missing from the file is an error
+    naming it, not a silent zero."""
+    torch = pytest.importorskip("torch")
+    peft = pytest.importorskip("peft")
+    from safetensors.torch import load_file, save_file
+
+    hf = _hf_base(arch, tmp_path / "base")
+    modules = (["q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2"] if arch == "phi"
+               else ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    pm = peft.get_peft_model(hf, peft.LoraConfig(r=4, lora_alpha=6, target_modules=modules, lora_dropout=0.1))
+    with torch.no_grad():
+        for name, p in pm.named_parameters():
+            if "lora_B" in name:
+                p.copy_(0.3 * torch.randn_like(p))
+    pm.save_pretrained(tmp_path / "adapter")
+    cfg_path = tmp_path / "adapter" / "adapter_config.json"
+    pc = json.loads(cfg_path.read_text())
+    pc["base_model_name_or_path"] = str(tmp_path / "base")
+    cfg_path.write_text(json.dumps(pc))
+    ids = np.random.default_rng(0).integers(1, 96, (2, 11)).astype(np.int32)
+    with torch.no_grad():
+        want = pm.eval()(input_ids=torch.tensor(ids, dtype=torch.long)).logits.numpy()
+    ours = models.from_pretrained(str(tmp_path / "adapter"))
+    assert ours.config.lora.rank == 4 and ours.config.lora.scale == 1.5 and ours.config.lora.dropout == 0.1
+    assert np.abs(np.asarray(ours(ids)) - want).max() <= 1e-4
+    tensors = load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))
+    dropped = sorted(tensors)[3]
+    save_file({k: v for k, v in tensors.items() if k != dropped}, str(tmp_path / "adapter" / "adapter_model.safetensors"))
+    with pytest.raises(ValueError, match="missing tensor base_model.model.model.layers"):
+        models.from_pretrained(str(tmp_path / "adapter"))

@@ -15,7 +15,7 @@ import pytest
 from test_irepo import ROOT, _cmd, _env, _watch_and_kill, eval_values, metrics, run_loop
 
 # rank 32 on the 64-wide tiny model; a LoRA learning rate (10x the full fine-tune's)
-LORA = ("model.lora.rank=32", "model.lora.alpha=64", "optim.lr=3e-2")
+LORA = ("model.lora.rank=32", "model.lora.alpha=64", "model.lora.targets=[all-linear]", "optim.lr=3e-2")
 
 
 @pytest.fixture(scope="module")

@@ -23,6 +23,16 @@ and every seed is a function of the config and the round, so the metrics equal a
 uninterrupted run's. A finished run prints its table and exits; a ``run_dir`` holding a run
 with another config is an error naming the differing keys.
 
+LoRA (``model.lora.rank`` > 0). Only the adapters train; the base stays the loaded weights on
+the same arrays throughout (``loop.lora_merge=never``) or absorbs each round's adapters at the
+next round's start (``every_round``). Round ``t``'s reference ``pi_{t-1}`` is the base plus the
+adapters as they stand before the round's first update: its log-probs are computed once from
+them (or taken from the sampler), so no copy of the base or the adapters is kept. The sampler
+decodes a copy with the adapters merged in, made once per round. Checkpoints hold the adapters,
+their AdamW moments and the loop state; the base's source and exact checksum are recorded and a
+resume on other base weights is refused (with ``every_round`` the base is saved too). The
+export adds ``run_dir/adapter``, a PEFT folder, beside the merged ``run_dir/policy``.
+
 Several hosts. Every process runs this same program on the same config: each reads the whole
 round's prompts (the prompt pipeline is not sharded by host), the sampler's outputs are
 replicated, so every host holds every response, and annotation is deterministic, so every host

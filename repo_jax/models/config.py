@@ -28,14 +28,16 @@ class LoraConfig:
 
     ``targets``: regular expressions, each matched whole against a layer parameter's name
     (``wq``, ``w_down``, ...) or its HF module name (``self_attn.q_proj``, ``mlp.down_proj``,
-    ``mlp.fc1``); ``all-linear`` (PEFT's term) is every projection of a layer (attention q, k,
-    v, o and the MLP), ``attention`` the four attention projections. An adapted projection
-    computes ``x W + (alpha / rank) * dropout(x) A B``.
+    ``mlp.fc1``); ``attention`` (the default) is the four attention projections q, k, v, o,
+    ``all-linear`` (PEFT's term) every projection of a layer, the MLP's too. On SmolLM2 at rank
+    16, ``attention`` trains 1.4% of the parameters and an update takes 0.66x the full one's
+    time, ``all-linear`` 3.6% and 0.80x (``bench train --lora``); the 7B configs use
+    ``all-linear``. An adapted projection computes ``x W + (alpha / rank) * dropout(x) A B``.
     """
 
     rank: int = 0
     alpha: float = 16.0
-    targets: tuple[str, ...] = ("all-linear",)
+    targets: tuple[str, ...] = ("attention",)
     dropout: float = 0.0
 
     def __post_init__(self):

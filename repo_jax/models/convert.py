@@ -99,7 +99,9 @@ def load_config(path: str | Path, **overrides) -> ModelConfig:
 
 def from_pretrained(path, *, dtype=jnp.float32, compute_dtype=None, mesh=None, rules=None, **overrides) -> CausalLM:
     """Loads an HF folder (``config.json`` + safetensors, single or sharded), a ``.gguf`` file
-    (Llama architecture, dequantised), or the alias ``smollm2``.
+    (Llama architecture, dequantised), the alias ``smollm2``, or a PEFT LoRA adapter folder
+    (``adapter_config.json``: its ``base_model_name_or_path`` with the adapters on it,
+    ``lora.load_peft``).
 
     Args:
       dtype: parameter dtype; ``compute_dtype`` defaults to it.
@@ -115,6 +117,13 @@ def from_pretrained(path, *, dtype=jnp.float32, compute_dtype=None, mesh=None, r
         return lora_lib.add_adapters(from_pretrained(path, dtype=dtype, compute_dtype=compute_dtype, mesh=mesh,
                                                      rules=rules, **overrides), adapters, mesh=mesh, rules=rules)
     path = resolve_model_path(path)
+    if path.is_dir() and (path / "adapter_config.json").is_file() and not (path / "config.json").is_file():
+        base = json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path") or ""
+        if not base:
+            raise ValueError(f"{path / 'adapter_config.json'}: a PEFT adapter folder without base_model_name_or_path; "
+                             "load its base, then repo_jax.models.lora.load_peft(base, folder)")
+        model = from_pretrained(base, dtype=dtype, compute_dtype=compute_dtype, mesh=mesh, rules=rules, **overrides)
+        return lora_lib.load_peft(model, path, mesh=mesh, rules=rules)
     dt = _dtype_name(dtype)
     cfg = load_config(path, param_dtype=dt, dtype=_dtype_name(compute_dtype or dtype), **overrides)
     if path.suffix != ".gguf" and not path.is_dir():

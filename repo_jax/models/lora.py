@@ -9,11 +9,14 @@ model starts exactly equal to the base. The adapters sit in ``model.lora[name]["
 with logical axis names ``A``: the base's input names + ``lora_rank``, ``B``: ``lora_rank`` + its
 output names, so every mesh layout shards them like their weight.
 
-Why not qwix: qwix finds an intercepted ``dot_general``'s weight among the module's
-``nnx.Param`` values by identity; here the layers' weights are sliced inside a ``lax.scan``
-(one compiled layer for 32) and the matmuls are a ``custom_vjp`` (``layers.matmul``), so the
-weight operand qwix sees is a scan slice, and an adapter it added would be closed over by the
-``custom_vjp`` rather than differentiated. Two einsums beside each weight do the same job.
+Why not qwix (qwix was not installed or run here; this is from its documented mechanism): qwix
+intercepts ``dot_general`` / ``einsum`` calls inside NNX modules and recognises the weight
+operand among the module's ``nnx.Param``s. Here the layers' weights are stacked and sliced
+inside a ``lax.scan`` (one compiled layer for 32) and every matmul is a ``custom_vjp``
+(``layers.matmul``), so the operand it would see is a scan slice, not a Param, and an adapter
+it attached would be closed over by the ``custom_vjp`` rather than differentiated. Two einsums
+beside each weight do the same job in the existing path, and keep the ``custom_vjp``'s
+precision contract (QLoRA, qwix's other offer, is not provided).
 
 The train state splits ``LoRAParam`` (trained) from ``Param`` (the frozen base): see
 ``training.state.split_model``. For decoding and export the adapters are folded into the
@@ -248,3 +251,62 @@ def save_peft(model, path, *, base_model: str = "") -> Path:
     }
     (path / "adapter_config.json").write_text(json.dumps(config, indent=2))
     return path
+
+
+def load_peft(model, path, *, mesh=None, rules=None):
+    """``model`` (a base without adapters) with the PEFT LoRA folder ``path`` on it: ours
+    (:func:`save_peft`) or any ``peft`` ``save_pretrained`` of a Llama / Mistral / Phi LoRA
+    (``adapter_config.json`` + ``adapter_model.safetensors``; plain LoRA only: no rsLoRA, DoRA,
+    biases or ``modules_to_save``). Every tensor is checked: a missing, unexpected or mis-shaped
+    one is an error naming the file and tensor (PEFT itself only warns and leaves ``B`` at zero)."""
+    from repo_jax.models import safetensors_io
+    from repo_jax.models.model import param_specs
+
+    path = Path(path)
+    where = path / "adapter_config.json"
+    pc = json.loads(where.read_text())
+    if pc.get("peft_type", "LORA") != "LORA":
+        raise ValueError(f"{where}: peft_type {pc.get('peft_type')!r} is not LORA")
+    for key, plain in (("use_rslora", False), ("use_dora", False), ("fan_in_fan_out", False), ("bias", "none")):
+        if pc.get(key, plain) != plain:
+            raise ValueError(f"{where}: {key}={pc[key]!r} is not supported (plain LoRA only)")
+    for key in ("modules_to_save", "rank_pattern", "alpha_pattern"):
+        if pc.get(key):
+            raise ValueError(f"{where}: {key} is not supported (plain LoRA only)")
+    layer, _ = param_specs(model.config)
+    linear = {_module(s).split(".")[-1]: n for n, s in layer.items() if s.hf_in_dims}
+    modules = pc.get("target_modules") or []
+    modules = [modules] if isinstance(modules, str) else modules
+    unknown = [m for m in modules if m not in linear]
+    if unknown:
+        raise ValueError(f"{where}: target module {unknown[0]!r} is not a projection of a {model.config.arch} layer "
+                         f"(one of {sorted(linear)})")
+    lora = LoraConfig(rank=int(pc["r"]), alpha=float(pc.get("lora_alpha", 8)),
+                      targets=tuple(linear[m] for m in modules), dropout=float(pc.get("lora_dropout", 0.0)))
+    out = add_adapters(model, lora, mesh=mesh, rules=rules)
+    file = path / "adapter_model.safetensors"
+    source = safetensors_io.SafetensorsFile(file)
+    present = {n.replace(".default.", "."): n for n in source.names()}
+    cfg, r = out.config, lora.rank
+    expected = set()
+    for name, (sa, sb) in adapter_specs(cfg).items():
+        w = layer[name]
+        n_in, n_out = math.prod(w.shape[:w.hf_in_dims]), math.prod(w.shape[w.hf_in_dims:])
+        stacks = {"a": [], "b": []}
+        for i in range(cfg.num_layers):
+            for kind, spec, shape in (("a", sa, (r, n_in)), ("b", sb, (n_out, r))):
+                tname = f"{_PEFT_PREFIX}.{i}.{spec.hf_name}"
+                expected.add(tname)
+                if tname not in present:
+                    raise ValueError(f"{file}: missing tensor {tname}")
+                got = source.get(present[tname])
+                if tuple(got.shape) != shape:
+                    raise ValueError(f"{file}: tensor {tname} has shape {tuple(got.shape)}, expected {shape}")
+                stacks[kind].append(np.asarray(got, np.float32).T.reshape(spec.shape))
+        for kind in ("a", "b"):
+            var = out.lora[name][kind]
+            var[...] = jax.device_put(np.stack(stacks[kind]), var[...].sharding)
+    unexpected = sorted(set(present) - expected)
+    if unexpected:
+        raise ValueError(f"{file}: unexpected tensor {unexpected[0]} (not an adapter of the targets {modules})")
+    return out
