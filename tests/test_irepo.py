@@ -298,7 +298,13 @@ def test_each_baseline_runs_a_round_through_the_loop(tmp_path, loss):
 def test_loop_on_eight_devices_matches_one_device(tmp_path):
     """fsdp=4 x data=2, sampling 8 prompts x 4 samples through 8 refilled decode slots: the same
     round-1 pairs as on one device, and close final metrics."""
-    short = ("loop.rounds=2", "loop.sample_batch=8", "loop.prompts_per_round=8", "eval.num_prompts=8")
+    assert_eight_devices_match_one(tmp_path)
+
+
+def assert_eight_devices_match_one(tmp_path, *overrides):
+    """Two short rounds on 1 device and on fsdp=4 x data=2 (with ``overrides``): the same round-1
+    samples and pairs, eval and train metrics within 0.05."""
+    short = (*overrides, "loop.rounds=2", "loop.sample_batch=8", "loop.prompts_per_round=8", "eval.num_prompts=8")
     one, eight = tmp_path / "one", tmp_path / "eight"
     run_loop(one, *short)
     run_loop(eight, *short, "mesh.fsdp=4", "mesh.data=2", devices=8)

@@ -12,7 +12,7 @@ import subprocess
 
 import pytest
 
-from test_irepo import ROOT, _cmd, _env, _watch_and_kill, eval_values, metrics, run_loop
+from test_irepo import ROOT, _cmd, _env, _watch_and_kill, assert_eight_devices_match_one, eval_values, metrics, run_loop
 
 # rank 32 on the 64-wide tiny model; a LoRA learning rate (10x the full fine-tune's)
 LORA = ("model.lora.rank=32", "model.lora.alpha=64", "model.lora.targets=[all-linear]", "optim.lr=3e-2")
@@ -63,17 +63,7 @@ def test_lora_loop_resumes_after_kill_to_the_same_metrics(lora_run, tmp_path, me
 
 
 def test_lora_loop_on_eight_devices_matches_one_device(tmp_path):
-    short = (*LORA, "loop.rounds=2", "loop.sample_batch=8", "loop.prompts_per_round=8", "eval.num_prompts=8")
-    one, eight = tmp_path / "one", tmp_path / "eight"
-    run_loop(one, *short)
-    run_loop(eight, *short, "mesh.fsdp=4", "mesh.data=2", devices=8)
-    r1 = [json.loads(x) for x in (one / "rounds" / "round_001.jsonl").read_text().splitlines()]
-    r8 = [json.loads(x) for x in (eight / "rounds" / "round_001.jsonl").read_text().splitlines()]
-    assert [r["responses"] for r in r1] == [r["responses"] for r in r8]
-    for a, b in zip(metrics(one), metrics(eight)):
-        for k in ("eval/reward", "eval/win_rate", "train/loss"):
-            if k in a:
-                assert b[k] == pytest.approx(a[k], abs=0.05), (k, a[k], b[k])
+    assert_eight_devices_match_one(tmp_path, *LORA)
 
 
 def test_resuming_on_other_base_weights_is_refused(tmp_path):

@@ -47,6 +47,13 @@ PRESETS = {
 }
 
 
+def _layer_specs(cfg: ModelConfig) -> dict[str, ParamSpec]:
+    """One layer's parameter specs (``model.param_specs``' first half, without importing it)."""
+    from repo_jax.models import mistral, phi
+
+    return {"mistral": mistral, "phi": phi}[cfg.arch].layer_specs(cfg)
+
+
 def _module(spec: ParamSpec) -> str:
     """``self_attn.q_proj.weight`` -> ``self_attn.q_proj`` (the HF / PEFT module name)."""
     return spec.hf_name.removesuffix(".weight")
@@ -55,9 +62,7 @@ def _module(spec: ParamSpec) -> str:
 def target_names(cfg: ModelConfig) -> list[str]:
     """The layer parameters ``cfg.lora.targets`` adapts (in spec order); an error names a pattern
     that matches nothing."""
-    from repo_jax.models.model import param_specs
-
-    layer, _ = param_specs(cfg)
+    layer = _layer_specs(cfg)
     linear = {n: s for n, s in layer.items() if s.hf_in_dims}
     out = []
     for pattern in cfg.lora.targets:
@@ -72,9 +77,7 @@ def target_names(cfg: ModelConfig) -> list[str]:
 
 def adapter_specs(cfg: ModelConfig) -> dict[str, tuple[ParamSpec, ParamSpec]]:
     """``name -> (spec of A, spec of B)`` per layer (without the ``layers`` axis)."""
-    from repo_jax.models.model import param_specs
-
-    layer, _ = param_specs(cfg)
+    layer = _layer_specs(cfg)
     r, out = cfg.lora.rank, {}
     for name in target_names(cfg):
         s = layer[name]
@@ -162,15 +165,13 @@ def merge(model):
     What sampling and the HF export use. A model without adapters is returned as is."""
     if not model.config.lora.rank:
         return model
-    from repo_jax.models.model import CausalLM
-
     cfg = model.config
     plain = cfg.replace(lora=LoraConfig())
     adapters = layer_adapters(model)
     weights = {n: model.layers[n][...] for n in adapters}
     shardings = {n: w.sharding for n, w in weights.items()}
     folded = jax.jit(lambda w, ad: merged_layers(cfg, w, ad), out_shardings=shardings)(weights, adapters)
-    graphdef, abs_state = nnx.split(nnx.eval_shape(lambda: CausalLM(plain, rngs=nnx.Rngs(0))))
+    graphdef, abs_state = nnx.split(nnx.eval_shape(lambda: type(model)(plain, rngs=nnx.Rngs(0))))
     values = {("top", k): v[...] for k, v in model.top.items()}
     values.update({("layers", k): folded.get(k, v[...]) for k, v in model.layers.items()})
     flat = [(path, var.replace(values[path])) for path, var in nnx.to_flat_state(abs_state)]
@@ -214,7 +215,6 @@ def save_peft(model, path, *, base_model: str = "") -> Path:
     ``peft.PeftModel.from_pretrained(base, path)`` loads onto the HF base model. ``base_model``
     goes to ``base_model_name_or_path``."""
     from repo_jax.models import safetensors_io
-    from repo_jax.models.model import param_specs
 
     cfg = model.config
     if not cfg.lora.rank:
@@ -233,7 +233,7 @@ def save_peft(model, path, *, base_model: str = "") -> Path:
             items.append((f"{_PEFT_PREFIX}.{i}.{sa.hf_name}", a_JxI.shape, np.dtype(np.float32), lambda x=a_JxI: x))
             items.append((f"{_PEFT_PREFIX}.{i}.{sb.hf_name}", b_OxJ.shape, np.dtype(np.float32), lambda x=b_OxJ: x))
     safetensors_io.write_file(path / "adapter_model.safetensors", items)
-    layer, _ = param_specs(cfg)
+    layer = _layer_specs(cfg)
     modules = sorted({_module(layer[n]).split(".")[-1] for n in specs})
     config = {
         "peft_type": "LORA",
@@ -260,7 +260,6 @@ def load_peft(model, path, *, mesh=None, rules=None):
     biases or ``modules_to_save``). Every tensor is checked: a missing, unexpected or mis-shaped
     one is an error naming the file and tensor (PEFT itself only warns and leaves ``B`` at zero)."""
     from repo_jax.models import safetensors_io
-    from repo_jax.models.model import param_specs
 
     path = Path(path)
     where = path / "adapter_config.json"
@@ -273,7 +272,7 @@ def load_peft(model, path, *, mesh=None, rules=None):
     for key in ("modules_to_save", "rank_pattern", "alpha_pattern"):
         if pc.get(key):
             raise ValueError(f"{where}: {key} is not supported (plain LoRA only)")
-    layer, _ = param_specs(model.config)
+    layer = _layer_specs(model.config)
     linear = {_module(s).split(".")[-1]: n for n, s in layer.items() if s.hf_in_dims}
     modules = pc.get("target_modules") or []
     modules = [modules] if isinstance(modules, str) else modules

@@ -25,7 +25,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import optax
-from flax import nnx
 from jax import P
 
 from repo_jax import logprobs
