@@ -102,11 +102,18 @@ class AnnotatorSpec:
       raters judging by the task reward: Bradley-Terry with ``scale`` and position biases drawn
       from ``N(0, bias_std^2)``), ``judge`` (our port of the causal LM at ``model`` -- an HF
       folder, a ``.gguf`` or ``smollm2`` -- read from the logits of " A" vs " B", both orders),
-      ``hf_reward_model`` (a transformers sequence-classification folder at ``model``; needs torch).
+      ``hf_reward_model`` (a transformers sequence-classification folder at ``model``; needs torch),
+      ``served_judge`` / ``served_score`` (``repo_jax.annotators.served``: the model ``model`` served
+      at ``base_url`` over the OpenAI API, ``api_key_env`` the name of the environment variable
+      holding the key; ``endpoint`` ``chat`` or ``completions`` (with ``tokenizer``: the in-process
+      judge's exact prompt); ``template`` ("" = the shipped default); ``max_concurrency``,
+      ``timeout`` seconds, ``max_retries``, ``max_requests`` per round (0 = no budget);
+      ``score_range`` ``[low, high]`` of ``served_score``, whose ``temperature`` is the
+      Bradley-Terry temperature of its scores).
     weight: multiplies the member's judgements in the counts (``n_ij + n_ji`` = the total weight).
     """
 
-    kind: Literal["rule", "simulated", "judge", "hf_reward_model"] = "rule"
+    kind: Literal["rule", "simulated", "judge", "hf_reward_model", "served_judge", "served_score"] = "rule"
     name: str = ""
     weight: float = 1.0
     temperature: float = 0.25
@@ -118,6 +125,16 @@ class AnnotatorSpec:
     dtype: Literal["float32", "bfloat16"] = "float32"
     max_response_tokens: int = 256
     batch_size: int = 16
+    base_url: str = ""
+    api_key_env: str = ""
+    endpoint: Literal["chat", "completions"] = "chat"
+    tokenizer: str = ""
+    template: str = ""
+    max_concurrency: int = 4
+    timeout: float = 60.0
+    max_retries: int = 4
+    max_requests: int = 0
+    score_range: tuple[int, ...] = (1, 10)
 
 
 DEFAULT_PANEL = (

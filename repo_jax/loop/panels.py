@@ -8,6 +8,7 @@ files and error messages use them. Judges and reward models load their own weigh
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 
 from repo_jax.annotators import LLMJudge, Panel, RuleAnnotator, simulated_panel
 from repo_jax.config import ConfigError
@@ -56,15 +57,46 @@ def _hf_reward_model(spec: AnnotatorSpec, task, where: str):
                           name=spec.name or f"reward_model/{_stem(spec.model)}")]
 
 
+def _served(spec: AnnotatorSpec, task, where: str, cache_dir):
+    from repo_jax.annotators.served import SCORE_TEMPLATE, Endpoint, ServedJudge, ServedScore
+    from repo_jax.annotators.judge import DEFAULT_TEMPLATE
+
+    if not spec.model:
+        raise ConfigError(f"{where}.model is empty: the model name the server at base_url serves")
+    name = spec.name or f"{spec.kind}/{_stem(spec.model)}"
+    cache = Path(cache_dir) / (name.replace("/", "_") + ".jsonl") if cache_dir else None
+    try:
+        endpoint = Endpoint(name=name, base_url=spec.base_url, model=spec.model, api_key_env=spec.api_key_env,
+                            timeout=spec.timeout, max_retries=spec.max_retries, max_concurrency=spec.max_concurrency,
+                            max_requests=spec.max_requests, cache_path=cache)
+    except ValueError as e:
+        raise ConfigError(f"{where}: {e}") from None
+    chat = spec.endpoint == "chat"
+    if spec.kind == "served_score":
+        if len(spec.score_range) != 2 or spec.score_range[0] >= spec.score_range[1]:
+            raise ConfigError(f"{where}.score_range must be [low, high] with low < high, got {list(spec.score_range)}")
+        return [ServedScore(endpoint, chat=chat, template=spec.template or SCORE_TEMPLATE, low=spec.score_range[0],
+                            high=spec.score_range[1], temperature=spec.temperature, name=name)]
+    tokenizer = None
+    if spec.tokenizer:
+        from repo_jax.assets import load_tokenizer, resolve_model_path
+
+        tokenizer = load_tokenizer(resolve_model_path(spec.tokenizer))
+    return [ServedJudge(endpoint, chat=chat, tokenizer=tokenizer, template=spec.template or DEFAULT_TEMPLATE,
+                        max_response_tokens=spec.max_response_tokens, name=name)]
+
+
 def _stem(path: str) -> str:
     return str(path).rstrip("/").rsplit("/", 1)[-1].removesuffix(".gguf")
 
 
-BUILDERS = {"rule": _rule, "simulated": _simulated, "judge": _judge, "hf_reward_model": _hf_reward_model}
+BUILDERS = {"rule": _rule, "simulated": _simulated, "judge": _judge, "hf_reward_model": _hf_reward_model,
+            "served_judge": _served, "served_score": _served}
 
 
-def build_panel(specs: Sequence[AnnotatorSpec], task) -> Panel:
-    """The panel of ``annotate.panel`` for ``task`` (an embedded task, or None)."""
+def build_panel(specs: Sequence[AnnotatorSpec], task, cache_dir=None) -> Panel:
+    """The panel of ``annotate.panel`` for ``task`` (an embedded task, or None); served members
+    cache their answers in ``cache_dir`` (the run's ``annotations/``)."""
     members, weights = [], []
     for n, spec in enumerate(specs):
         where = f"annotate.panel[{n}]"
@@ -72,7 +104,8 @@ def build_panel(specs: Sequence[AnnotatorSpec], task) -> Panel:
             raise ConfigError(f"{where}.kind={spec.kind!r} is not an annotator kind; choose one of {sorted(BUILDERS)}")
         if spec.weight < 0:
             raise ConfigError(f"{where}.weight must be >= 0, got {spec.weight}")
-        new = BUILDERS[spec.kind](spec, task, where)
+        new = (_served(spec, task, where, cache_dir) if spec.kind.startswith("served")
+               else BUILDERS[spec.kind](spec, task, where))
         members += new
         weights += [spec.weight] * len(new)
     names = [m.name for m in members]

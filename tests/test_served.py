@@ -1,0 +1,246 @@
+"""Served annotators (repo_jax.annotators.served) over HTTP on 127.0.0.1: a real llama.cpp server
+on the SmolLM2 GGUF (started by the fixture, when llama-cpp-python[server] is installed), and a
+small fake endpoint for the faults a real engine will not produce on demand (error pages,
+answers without log-probs, unparsable scores, a server that goes away mid-round)."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from repo_jax.annotators.served import Endpoint, ServedError, ServedJudge, ServedScore
+
+PROMPTS = ["What is 2 + 3?", "Name a colour of the sky."]
+RESPONSES = [["5", "The answer is 5.", "6"], ["Blue.", "Green, I think.", "The sky is blue."]]
+
+
+# ------------------------------------------------------------------------------ a fake endpoint
+
+
+class Fake:
+    """An OpenAI-shaped endpoint: ``mode`` picks the answer; ``fail_after`` answers that many
+    requests, then refuses connections (the server went away)."""
+
+    def __init__(self, mode="ok"):
+        self.mode, self.requests, self.bodies, self.headers = mode, 0, [], []
+        fake = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *a):
+                pass
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                with lock:
+                    fake.requests += 1
+                    fake.bodies.append(body)
+                    fake.headers.append(dict(self.headers))
+                code, payload = fake.answer(body)
+                data = payload.encode() if isinstance(payload, str) else json.dumps(payload).encode()
+                self.send_response(code)
+                self.send_header("Content-Type", "text/html" if isinstance(payload, str) else "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+        lock = threading.Lock()
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def answer(self, body):
+        if self.mode == "error_page":
+            return 503, "<html><body>upstream unavailable</body></html>"
+        text = json.dumps(body.get("messages") or body.get("prompt"))
+        if self.mode == "no_logprobs":
+            return 200, {"choices": [{"message": {"content": "A"}}]}
+        if self.mode == "garbage_score":
+            return 200, {"choices": [{"message": {"content": "excellent!"}, "logprobs": {"content": [
+                {"token": "excellent", "logprob": -0.1, "top_logprobs": [{"token": "excellent", "logprob": -0.1}]}]}}]}
+        # a deterministic "judge": prefers the response whose text is longer (A = the first shown)
+        a_long = len(text) % 3 != 0
+        la, lb = (-0.2, -1.8) if a_long else (-1.8, -0.2)
+        return 200, {"choices": [{"message": {"content": "A"}, "logprobs": {"content": [
+            {"token": "A", "logprob": la, "top_logprobs": [{"token": "A", "logprob": la}, {"token": " B", "logprob": lb},
+                                                           {"token": "7", "logprob": -0.5}]}]}}]}
+
+    def stop(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def fake():
+    f = Fake()
+    yield f
+    f.stop()
+
+
+def endpoint(url, tmp_path=None, **kw):
+    kw.setdefault("max_retries", 2)
+    kw.setdefault("backoff", 0.01)
+    return Endpoint(name="served_judge/test", base_url=url, model="m", cache_path=tmp_path / "cache.jsonl" if tmp_path
+                    else None, **kw)
+
+
+def test_judge_counts_are_symmetric_and_the_cache_asks_nothing_twice(fake, tmp_path):
+    judge = ServedJudge(endpoint(fake.url, tmp_path))
+    probs = judge(PROMPTS, RESPONSES)
+    assert probs.shape == (2, 3, 3)
+    off = ~np.eye(3, dtype=bool)
+    np.testing.assert_allclose((probs + probs.transpose(0, 2, 1))[:, off], 1.0, atol=1e-6)
+    assert fake.requests == 2 * 2 * 3  # 3 pairs per prompt, both orders
+    assert all(b["max_tokens"] == 1 and b["temperature"] == 0.0 and b["top_logprobs"] == 10 for b in fake.bodies)
+    again = ServedJudge(endpoint(fake.url, tmp_path))  # a re-run: a new process reading the cache
+    np.testing.assert_array_equal(again(PROMPTS, RESPONSES), probs)
+    assert fake.requests == 12 and again.endpoint.sent == 0
+
+
+def test_the_api_key_is_sent_and_never_written(fake, tmp_path, monkeypatch):
+    secret = "sk-test-9f8e7d6c5b4a"
+    monkeypatch.setenv("MY_JUDGE_KEY", secret)
+    judge = ServedJudge(endpoint(fake.url, tmp_path, api_key_env="MY_JUDGE_KEY"))
+    judge(PROMPTS, RESPONSES)
+    assert all(h.get("Authorization") == f"Bearer {secret}" for h in fake.headers)
+    written = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert written and not any(secret in p.read_text(errors="replace") for p in written)
+    monkeypatch.delenv("MY_JUDGE_KEY")
+    with pytest.raises(ValueError, match="MY_JUDGE_KEY"):
+        endpoint(fake.url, tmp_path, api_key_env="MY_JUDGE_KEY")
+
+
+@pytest.mark.parametrize("mode, kind, message", [
+    ("error_page", "judge", r"failed after 3 attempt\(s\): HTTP 503: <html><body>upstream unavailable"),
+    ("no_logprobs", "judge", "carries no top log-probs"),
+    ("garbage_score", "score", r"no score in \[1, 10\] in the answer 'excellent!'"),
+])
+def test_bad_answers_end_in_one_clear_error(mode, kind, message, tmp_path):
+    f = Fake(mode)
+    try:
+        ep = endpoint(f.url, tmp_path)
+        member = ServedJudge(ep) if kind == "judge" else ServedScore(ep, name="served_score/test")
+        with pytest.raises(ServedError, match=message) as err:
+            member(PROMPTS, RESPONSES)
+        assert f.url in str(err.value) and member.name in str(err.value)
+    finally:
+        f.stop()
+
+
+def test_a_server_gone_mid_round_keeps_what_was_answered(tmp_path):
+    f = Fake()
+    ep = endpoint(f.url, tmp_path, max_concurrency=1)
+    judge = ServedJudge(ep)
+    real_post = ep._post
+    calls = {"n": 0}
+
+    def flaky(path, body):  # the server stops after 5 answers
+        calls["n"] += 1
+        if calls["n"] == 6:
+            f.stop()
+        return real_post(path, body)
+
+    ep._post = flaky
+    with pytest.raises(ServedError, match="ConnectError"):
+        judge(PROMPTS, RESPONSES)
+    kept = len((tmp_path / "cache.jsonl").read_text().splitlines())
+    assert kept == 5
+    back = Fake()  # the server is back (another port, same model): only the rest is asked
+    try:
+        again = ServedJudge(endpoint(back.url, tmp_path))
+        again(PROMPTS, RESPONSES)
+        assert back.requests == 12 - kept
+    finally:
+        back.stop()
+
+
+def test_the_round_budget_is_enforced(fake, tmp_path):
+    judge = ServedJudge(endpoint(fake.url, tmp_path, max_requests=5))
+    with pytest.raises(ServedError, match="budget of 5"):
+        judge(PROMPTS, RESPONSES)
+    assert fake.requests == 0
+
+
+# ------------------------------------------------------------------------------ llama.cpp
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def llama_server(tmp_path_factory):
+    pytest.importorskip("llama_cpp.server", reason="llama-cpp-python[server] is not installed")
+    import httpx
+
+    from repo_jax.assets import smollm2_gguf_path
+
+    port = _free_port()
+    log = tmp_path_factory.mktemp("llama") / "server.log"
+    proc = subprocess.Popen([sys.executable, "-m", "llama_cpp.server", "--model", str(smollm2_gguf_path()), "--host",
+                             "127.0.0.1", "--port", str(port), "--n_ctx", "2048", "--verbose", "false"],
+                            stdout=log.open("w"), stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}/v1"
+    deadline = time.time() + 180
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the llama.cpp server exited: {log.read_text()[-2000:]}")
+        try:
+            if httpx.get(url + "/models", timeout=2).status_code == 200:
+                break
+        except httpx.HTTPError:
+            time.sleep(0.5)
+    else:
+        proc.kill()
+        raise RuntimeError("the llama.cpp server did not answer /v1/models within 180 s")
+    yield url
+    proc.terminate()
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.kill(proc.pid, 9)
+
+
+def test_served_judge_and_score_against_llama_cpp(llama_server, tmp_path):
+    ep = Endpoint(name="served_judge/smollm2", base_url=llama_server, model="smollm2", max_concurrency=2,
+                  cache_path=tmp_path / "judge.jsonl")
+    judge = ServedJudge(ep)
+    probs = judge(PROMPTS, RESPONSES)
+    off = ~np.eye(3, dtype=bool)
+    np.testing.assert_allclose((probs + probs.transpose(0, 2, 1))[:, off], 1.0, atol=1e-6)
+    assert np.all((probs[:, off] > 0) & (probs[:, off] < 1)) and judge.unreadable == 0
+    scorer = ServedScore(Endpoint(name="served_score/smollm2", base_url=llama_server, model="smollm2"))
+    scores = scorer.scores(PROMPTS, RESPONSES)
+    assert scores.shape == (2, 3) and np.all(np.isfinite(scores)) and np.all((scores >= 1) & (scores <= 10))
+
+
+def test_served_judge_agrees_with_the_in_process_judge_on_the_same_model(llama_server):
+    """The same SmolLM2 judge two ways (llama.cpp on the Q4_1 blocks, ours on their float32
+    dequantisation), the in-process judge's exact prompt text through /completions."""
+    from repo_jax import models
+    from repo_jax.annotators import LLMJudge
+    from repo_jax.assets import load_tokenizer, smollm2_gguf_path
+
+    gguf = smollm2_gguf_path()
+    tok = load_tokenizer(gguf)
+    ours = LLMJudge(models.from_pretrained(str(gguf)), tok)
+    served = ServedJudge(Endpoint(name="served_judge/smollm2", base_url=llama_server, model="smollm2"), chat=False,
+                         tokenizer=tok, verdicts=(" A", " B"))
+    a, b = ours(PROMPTS, RESPONSES), served(PROMPTS, RESPONSES)
+    off = ~np.eye(3, dtype=bool)
+    diff = np.abs(a - b)[:, off]
+    same_side = np.mean(np.sign(a[:, off] - 0.5) == np.sign(b[:, off] - 0.5))
+    print(f"agreement: same side {same_side:.2f}, mean |p difference| {diff.mean():.4f}, max {diff.max():.4f}")
+    assert served.unreadable == 0
+    assert diff.mean() < 0.1 and same_side >= 0.75
