@@ -99,6 +99,10 @@ def sample_and_annotate(run: Run, t: int, batch: dict) -> tuple[list[dict], dict
                                    run.eos_id, logps=logps if cfg.loop.reference == "sampler" else None)
     if run.main:
         reporting.write_jsonl_atomic(path, records)
+    for member in run.panel.annotators:  # served judges: orders whose top log-probs held no verdict (ties)
+        if hasattr(member, "unreadable"):
+            times[f"annotate/unreadable/{member.name}"] = member.unreadable
+            member.unreadable = 0
     times["time/annotate"] = time.perf_counter() - t0
     return records, times
 
