@@ -11,6 +11,7 @@ import importlib
 import sys
 
 BENCHES = {
+    "annotate": "repo_jax.benchmarks.annotate",
     "logprobs": "repo_jax.benchmarks.logprobs",
     "round": "repo_jax.benchmarks.round",
     "sample": "repo_jax.benchmarks.sample",

@@ -6,12 +6,7 @@ answers without log-probs, unparsable scores, a server that goes away mid-round)
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
 import threading
-import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
@@ -172,43 +167,14 @@ def test_the_round_budget_is_enforced(fake, tmp_path):
 # ------------------------------------------------------------------------------ llama.cpp
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def llama_server(tmp_path_factory):
     pytest.importorskip("llama_cpp.server", reason="llama-cpp-python[server] is not installed")
-    import httpx
-
     from repo_jax.assets import smollm2_gguf_path
+    from repo_jax.benchmarks.common import LlamaServer
 
-    port = _free_port()
-    log = tmp_path_factory.mktemp("llama") / "server.log"
-    proc = subprocess.Popen([sys.executable, "-m", "llama_cpp.server", "--model", str(smollm2_gguf_path()), "--host",
-                             "127.0.0.1", "--port", str(port), "--n_ctx", "2048", "--verbose", "false"],
-                            stdout=log.open("w"), stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}/v1"
-    deadline = time.time() + 180
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"the llama.cpp server exited: {log.read_text()[-2000:]}")
-        try:
-            if httpx.get(url + "/models", timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            time.sleep(0.5)
-    else:
-        proc.kill()
-        raise RuntimeError("the llama.cpp server did not answer /v1/models within 180 s")
-    yield url
-    proc.terminate()
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        os.kill(proc.pid, 9)
+    with LlamaServer(smollm2_gguf_path(), log_path=tmp_path_factory.mktemp("llama") / "server.log") as server:
+        yield server.url
 
 
 def test_served_judge_and_score_against_llama_cpp(llama_server, tmp_path):
@@ -238,12 +204,17 @@ def test_served_judge_agrees_with_the_in_process_judge_on_the_same_model(llama_s
                          tokenizer=tok, verdicts=(" A", " B"))
     a, b = ours(PROMPTS, RESPONSES), served(PROMPTS, RESPONSES)
     off = ~np.eye(3, dtype=bool)
-    diff = np.abs(a - b)[:, off]
-    same_side = np.mean(np.sign(a[:, off] - 0.5) == np.sign(b[:, off] - 0.5))
+    a, b = a[:, off], b[:, off]
+    diff = np.abs(a - b)
+    same_side = np.mean(np.sign(a - 0.5) == np.sign(b - 0.5))
     print(f"agreement: same side {same_side:.2f}, mean |p difference| {diff.mean():.4f}, max {diff.max():.4f}")
     assert served.unreadable == 0
-    # measured here on 2026-12-04: same side 1.00, mean |p difference| 0.0078, max 0.0175
-    assert diff.mean() < 0.03 and diff.max() < 0.06 and same_side >= 5 / 6
+    # measured here on 2026-12-04: these 6 pairs same side 6/6, mean |p difference| 0.0078, max 0.0175;
+    # bench annotate's 32 pairs 0.84 and 0.0088 (this small judge's p sit near 1/2, so sides flip
+    # where |p - 1/2| is below the difference): the side must agree wherever the judge is decided
+    assert diff.mean() < 0.03 and diff.max() < 0.06
+    decided = np.abs(a - 0.5) > 0.06
+    assert np.all(np.sign(a - 0.5)[decided] == np.sign(b - 0.5)[decided])
 
 
 def test_the_loop_runs_a_round_with_a_served_judge(llama_server, tmp_path):
