@@ -234,3 +234,46 @@ def test_the_loop_runs_a_round_with_a_served_judge(llama_server, tmp_path):
     np.testing.assert_allclose((counts + counts.T)[off], 2.0, atol=1e-5)
     cached = (tmp_path / "run" / "annotations" / "judge_served.jsonl").read_text().splitlines()
     assert cached and [r["iteration"] for r in metrics(tmp_path / "run")] == [0, 1]
+
+
+def test_two_hosts_ask_the_server_once_and_the_key_stays_off_disk(tmp_path):
+    """2 processes x 4 CPU devices (as test_irepo's several-hosts test): only process 0 talks to
+    the served judge and broadcasts its judgements, so the endpoint sees exactly the requests of
+    a one-process run; the API key (sent in the header) is in no file of either run."""
+    import subprocess
+
+    from repo_jax.benchmarks.common import free_port
+    from test_irepo import ROOT, _cmd, _env, metrics
+
+    secret = "sk-served-0a1b2c3d4e5f"
+    counts, headers = {}, {}
+    for who in ("single", "multi"):
+        fake = Fake()
+        panel = (f"annotate.panel=[{{kind: rule, name: digits, temperature: 0.1}}, {{kind: served_judge, "
+                 f"name: judge/fake, model: m, base_url: '{fake.url}', api_key_env: SERVED_KEY}}]")
+        short = ("loop.rounds=1", "loop.prompts_per_round=8", "eval.num_prompts=8", "loop.progress=false", panel)
+        try:
+            if who == "single":
+                out = subprocess.run(_cmd(tmp_path / who, *short), cwd=ROOT, env=_env(8, SERVED_KEY=secret),
+                                     capture_output=True, text=True, timeout=600)
+                assert out.returncode == 0, out.stderr[-3000:]
+            else:
+                port = free_port()
+                procs = [subprocess.Popen(_cmd(tmp_path / who, *short), cwd=ROOT, stdout=subprocess.PIPE,
+                                          stderr=subprocess.STDOUT, text=True,
+                                          env=_env(4, SERVED_KEY=secret, JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
+                                                   JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(i),
+                                                   JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo"))
+                         for i in range(2)]
+                outs = [p.communicate(timeout=600)[0] for p in procs]
+                assert [p.returncode for p in procs] == [0, 0], "\n".join(o[-3000:] for o in outs)
+        finally:
+            fake.stop()
+        counts[who], headers[who] = fake.requests, fake.headers
+    assert counts["single"] > 0 and counts["multi"] == counts["single"]
+    assert all(h.get("Authorization") == f"Bearer {secret}" for h in headers["multi"])
+    for f in tmp_path.rglob("*"):
+        if f.is_file():
+            assert secret.encode() not in f.read_bytes(), f
+    a, b = metrics(tmp_path / "single"), metrics(tmp_path / "multi")
+    assert [r["eval/win_rate"] for r in a] == pytest.approx([r["eval/win_rate"] for r in b], abs=1e-4)

@@ -69,7 +69,7 @@ class Endpoint:
 
     def __init__(self, *, name: str, base_url: str, model: str, api_key_env: str = "", timeout: float = 60.0,
                  max_retries: int = 4, backoff: float = 0.5, max_concurrency: int = 4, max_requests: int = 0,
-                 cache_path: str | Path | None = None):
+                 cache_path: str | Path | None = None, show_progress: bool = False):
         import httpx
 
         if not base_url:
@@ -78,6 +78,7 @@ class Endpoint:
         if api_key_env and not key:
             raise ValueError(f"{name}: the environment variable {api_key_env} (api_key_env) is not set")
         self.name, self.url, self.model = name, base_url.rstrip("/"), model
+        self.show_progress = show_progress
         self.max_retries, self.backoff = int(max_retries), float(backoff)
         self.max_concurrency, self.max_requests = max(1, int(max_concurrency)), int(max_requests)
         headers = {"Authorization": f"Bearer {key}"} if key else {}
@@ -103,10 +104,13 @@ class Endpoint:
     def reset(self) -> None:
         self.round_sent = 0
 
-    def post_many(self, path: str, bodies: Sequence[dict], progress=None) -> list[dict]:
+    def post_many(self, path: str, bodies: Sequence[dict]) -> list[dict]:
         """The answers (response JSON) to ``bodies`` posted to ``base_url + path``, cached ones
-        from the cache; new ones ``max_concurrency`` at a time. Raises :class:`ServedError`
-        after every request settled, with the answers received so far cached."""
+        from the cache; new ones ``max_concurrency`` at a time, with a progress bar (requests/s)
+        when ``show_progress``. Raises :class:`ServedError` after every request settled, with
+        the answers received so far cached."""
+        from repo_jax import reporting
+
         keys = [self.key(path, {**b, "model": self.model}) for b in bodies]
         todo = {k: {**b, "model": self.model} for k, b in zip(keys, bodies) if k not in self.cache}
         if self.max_requests and self.round_sent + len(todo) > self.max_requests:
@@ -114,6 +118,8 @@ class Endpoint:
                               f"per round ({self.round_sent} sent); raise max_requests")
         errors: list[str] = []
         if todo:
+            bar = reporting.progress(total=len(todo), desc=f"{self.name}: requests", unit="req",
+                                     enabled=self.show_progress)
             with ThreadPoolExecutor(self.max_concurrency) as pool:
                 futures = {k: pool.submit(self._post, path, body) for k, body in todo.items()}
                 for k, fut in futures.items():
@@ -123,8 +129,8 @@ class Endpoint:
                         errors.append(str(e))
                         continue
                     self._store(k, answer)
-                    if progress is not None:
-                        progress(1)
+                    bar.update(1)
+            bar.close()
         if errors:
             more = f" (and {len(errors) - 1} more failed requests)" if len(errors) > 1 else ""
             raise ServedError(errors[0] + more)

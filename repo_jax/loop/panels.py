@@ -57,7 +57,7 @@ def _hf_reward_model(spec: AnnotatorSpec, task, where: str):
                           name=spec.name or f"reward_model/{_stem(spec.model)}")]
 
 
-def _served(spec: AnnotatorSpec, task, where: str, cache_dir):
+def _served(spec: AnnotatorSpec, task, where: str, cache_dir, progress: bool = False):
     from repo_jax.annotators.served import SCORE_TEMPLATE, Endpoint, ServedJudge, ServedScore
     from repo_jax.annotators.judge import DEFAULT_TEMPLATE
 
@@ -68,7 +68,7 @@ def _served(spec: AnnotatorSpec, task, where: str, cache_dir):
     try:
         endpoint = Endpoint(name=name, base_url=spec.base_url, model=spec.model, api_key_env=spec.api_key_env,
                             timeout=spec.timeout, max_retries=spec.max_retries, max_concurrency=spec.max_concurrency,
-                            max_requests=spec.max_requests, cache_path=cache)
+                            max_requests=spec.max_requests, cache_path=cache, show_progress=progress)
     except ValueError as e:
         raise ConfigError(f"{where}: {e}") from None
     chat = spec.endpoint == "chat"
@@ -94,9 +94,10 @@ BUILDERS = {"rule": _rule, "simulated": _simulated, "judge": _judge, "hf_reward_
             "served_judge": _served, "served_score": _served}
 
 
-def build_panel(specs: Sequence[AnnotatorSpec], task, cache_dir=None) -> Panel:
+def build_panel(specs: Sequence[AnnotatorSpec], task, cache_dir=None, progress: bool = False) -> Panel:
     """The panel of ``annotate.panel`` for ``task`` (an embedded task, or None); served members
-    cache their answers in ``cache_dir`` (the run's ``annotations/``)."""
+    cache their answers in ``cache_dir`` (the run's ``annotations/``) and show a requests bar
+    when ``progress``."""
     members, weights = [], []
     for n, spec in enumerate(specs):
         where = f"annotate.panel[{n}]"
@@ -104,7 +105,7 @@ def build_panel(specs: Sequence[AnnotatorSpec], task, cache_dir=None) -> Panel:
             raise ConfigError(f"{where}.kind={spec.kind!r} is not an annotator kind; choose one of {sorted(BUILDERS)}")
         if spec.weight < 0:
             raise ConfigError(f"{where}.weight must be >= 0, got {spec.weight}")
-        new = (_served(spec, task, where, cache_dir) if spec.kind.startswith("served")
+        new = (_served(spec, task, where, cache_dir, progress) if spec.kind.startswith("served")
                else BUILDERS[spec.kind](spec, task, where))
         members += new
         weights += [spec.weight] * len(new)

@@ -71,7 +71,8 @@ class Run(RunBase):
         self.formatter = Formatter(self.tokenizer, chat_template=cfg.data.chat_template)
         self.eos_id = self.tokenizer.eos_token_id
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        self.panel = build_panel(cfg.annotate.panel, self.task, cache_dir=self.run_dir / "annotations")
+        self.panel = build_panel(cfg.annotate.panel, self.task, cache_dir=self.run_dir / "annotations",
+                                 progress=cfg.loop.progress and self.main)
 
         model = self._start_model()
         self.tx = optim.make_optimizer(cfg.optim)
