@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
@@ -26,7 +27,7 @@ class Fake:
     requests, then refuses connections (the server went away)."""
 
     def __init__(self, mode="ok"):
-        self.mode, self.requests, self.bodies, self.headers = mode, 0, [], []
+        self.mode, self.requests, self.bodies, self.headers, self.delay = mode, 0, [], [], 0.0
         fake = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -53,6 +54,7 @@ class Fake:
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
     def answer(self, body):
+        time.sleep(self.delay)
         if self.mode == "error_page":
             return 503, "<html><body>upstream unavailable</body></html>"
         text = json.dumps(body.get("messages") or body.get("prompt"))
@@ -277,3 +279,40 @@ def test_two_hosts_ask_the_server_once_and_the_key_stays_off_disk(tmp_path):
             assert secret.encode() not in f.read_bytes(), f
     a, b = metrics(tmp_path / "single"), metrics(tmp_path / "multi")
     assert [r["eval/win_rate"] for r in a] == pytest.approx([r["eval/win_rate"] for r in b], abs=1e-4)
+
+
+def test_kill_9_during_annotation_loses_no_answer(tmp_path):
+    """The loop killed with SIGKILL while its served judge is answering: every answer that came
+    back was on disk, so the rerun asks only what was missing (at most the one request in
+    flight at the kill is asked twice) and finishes the round."""
+    import signal
+    import subprocess
+
+    from test_irepo import ROOT, _cmd, _env, metrics, run_loop
+
+    fake = Fake()
+    fake.delay = 0.05
+    panel = (f"annotate.panel=[{{kind: rule, name: digits, temperature: 0.1}}, {{kind: served_judge, "
+             f"name: judge/fake, model: m, base_url: '{fake.url}', max_concurrency: 1}}]")
+    short = ("loop.rounds=1", "loop.prompts_per_round=8", "eval.num_prompts=4", "loop.progress=false", panel)
+    run_dir = tmp_path / "run"
+    cache = run_dir / "annotations" / "judge_fake.jsonl"
+    try:
+        proc = subprocess.Popen(_cmd(run_dir, *short), cwd=ROOT, env=_env(1), stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+        deadline = time.time() + 300
+        while time.time() < deadline and proc.poll() is None:
+            if cache.is_file() and len(cache.read_text().splitlines()) >= 10:
+                break
+            time.sleep(0.02)
+        assert proc.poll() is None, "the run ended before the kill"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=60)
+        kept = len(cache.read_text().splitlines())
+        assert 10 <= kept < 8 * 6 * 2
+        run_loop(run_dir, *short)
+    finally:
+        fake.stop()
+    bodies = [json.dumps(b, sort_keys=True) for b in fake.bodies]
+    assert len(bodies) - len(set(bodies)) <= 1  # only a request in flight at the kill was asked twice
+    assert [r["iteration"] for r in metrics(run_dir)] == [0, 1]
