@@ -202,15 +202,15 @@ class _Served:
     endpoint: Endpoint
     chat: bool
 
-    def _body(self, text: str, max_tokens: int, top: int) -> tuple[str, dict]:
+    def _body(self, text: str, max_tokens: int, top: int) -> dict:
         if self.chat:
-            return "/chat/completions", {"messages": [{"role": "user", "content": text}], "max_tokens": max_tokens,
-                                         "temperature": 0.0, "logprobs": True, "top_logprobs": top}
-        return "/completions", {"prompt": text, "max_tokens": max_tokens, "temperature": 0.0, "logprobs": top}
+            return {"messages": [{"role": "user", "content": text}], "max_tokens": max_tokens, "temperature": 0.0,
+                    "logprobs": True, "top_logprobs": top}
+        return {"prompt": text, "max_tokens": max_tokens, "temperature": 0.0, "logprobs": top}
 
     def _ask(self, texts: list[str], max_tokens: int, top: int) -> list[dict]:
-        path = self._body("", max_tokens, top)[0]
-        return self.endpoint.post_many(path, [self._body(t, max_tokens, top)[1] for t in texts])
+        path = "/chat/completions" if self.chat else "/completions"
+        return self.endpoint.post_many(path, [self._body(t, max_tokens, top) for t in texts])
 
     def _on_process_zero(self, fn, shape):
         import jax

@@ -90,8 +90,8 @@ def _stem(path: str) -> str:
     return str(path).rstrip("/").rsplit("/", 1)[-1].removesuffix(".gguf")
 
 
-BUILDERS = {"rule": _rule, "simulated": _simulated, "judge": _judge, "hf_reward_model": _hf_reward_model,
-            "served_judge": _served, "served_score": _served}
+BUILDERS = {"rule": _rule, "simulated": _simulated, "judge": _judge, "hf_reward_model": _hf_reward_model}
+SERVED = ("served_judge", "served_score")  # built by _served (they also take the cache folder)
 
 
 def build_panel(specs: Sequence[AnnotatorSpec], task, cache_dir=None, progress: bool = False) -> Panel:
@@ -101,11 +101,12 @@ def build_panel(specs: Sequence[AnnotatorSpec], task, cache_dir=None, progress: 
     members, weights = [], []
     for n, spec in enumerate(specs):
         where = f"annotate.panel[{n}]"
-        if spec.kind not in BUILDERS:
-            raise ConfigError(f"{where}.kind={spec.kind!r} is not an annotator kind; choose one of {sorted(BUILDERS)}")
+        if spec.kind not in BUILDERS and spec.kind not in SERVED:
+            raise ConfigError(f"{where}.kind={spec.kind!r} is not an annotator kind; choose one of "
+                              f"{sorted([*BUILDERS, *SERVED])}")
         if spec.weight < 0:
             raise ConfigError(f"{where}.weight must be >= 0, got {spec.weight}")
-        new = (_served(spec, task, where, cache_dir, progress) if spec.kind.startswith("served")
+        new = (_served(spec, task, where, cache_dir, progress) if spec.kind in SERVED
                else BUILDERS[spec.kind](spec, task, where))
         members += new
         weights += [spec.weight] * len(new)

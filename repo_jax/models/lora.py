@@ -131,10 +131,10 @@ def add_adapters(model, lora: LoraConfig, *, seed: int = 0, mesh=None, rules=Non
     graphdef, state = nnx.split(model)
     out = nnx.merge(graphdef, state)  # a new module over the same arrays
     out.config = model.config.replace(lora=lora)
-    abstract = nnx.eval_shape(lambda: make_adapters(out.config, jax.random.key(seed)))
     if mesh is None:
         out.lora = make_adapters(out.config, jax.random.key(seed))
         return out
+    abstract = nnx.eval_shape(lambda: make_adapters(out.config, jax.random.key(seed)))
     shardings = shd.state_shardings(nnx.state(abstract), mesh, rules or shd.TRAIN_RULES)
     ad_graph, _ = nnx.split(abstract)
     state = jax.jit(lambda: nnx.state(make_adapters(out.config, jax.random.key(seed))), out_shardings=shardings)()
@@ -159,6 +159,10 @@ def merged_layers(cfg: ModelConfig, layers: dict, adapters: dict) -> dict:
     return out
 
 
+# one compiled fold per (config, shapes, shardings): the loop merges once a round without recompiling
+_merged_layers = jax.jit(merged_layers, static_argnums=0)
+
+
 def merge(model):
     """The same model without adapters, each adapted weight replaced by ``W + scale * A B`` (one
     jitted fold, in the weight's dtype and sharding; the other weights are shared, not copied).
@@ -170,7 +174,7 @@ def merge(model):
     adapters = layer_adapters(model)
     weights = {n: model.layers[n][...] for n in adapters}
     shardings = {n: w.sharding for n, w in weights.items()}
-    folded = jax.jit(lambda w, ad: merged_layers(cfg, w, ad), out_shardings=shardings)(weights, adapters)
+    folded = jax.device_put(_merged_layers(cfg, weights, adapters), shardings)  # a no-op where XLA kept W's layout
     graphdef, abs_state = nnx.split(nnx.eval_shape(lambda: type(model)(plain, rngs=nnx.Rngs(0))))
     values = {("top", k): v[...] for k, v in model.top.items()}
     values.update({("layers", k): folded.get(k, v[...]) for k, v in model.layers.items()})
