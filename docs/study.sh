@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The small-scale study of docs/results.md, 3 seeds an arm on a 2-core CPU:
 #   bash docs/study.sh offline    # LPO / LPO-abs / LiPO-lambda / DPO pair modes, from SmolLM2-135M-Instruct
-#   bash docs/study.sh irepo      # iREPO vs Iter-DPO, Iter-IPO, soft-label DPO at equal budget
+#   bash docs/study.sh irepo      # iREPO vs Iter-DPO, Iter-IPO, soft-label DPO (+ iREPO with LoRA) at the default budget
 #   bash docs/study.sh raters     # iREPO with H = 1, 3, 9 simulated raters
 # Runs land in runs/study/<study>/<arm>_s<seed>; each study ends with python -m repo_jax.compare.
 set -euo pipefail
@@ -34,17 +34,33 @@ offline() {
     --metrics eval/loss,eval/kendall_tau,eval/pair_accuracy,eval/reward_margin --out "$OUT/offline_compare.png"
 }
 
+# The short online setting of the first study (2026-12-02); the raters study still uses it.
 ONLINE=(loop.rounds=1 loop.prompts_per_round=16 loop.sample_batch=16 sample.max_new_tokens=40 train.seq_len=128
         eval.num_prompts=24 eval.kl_prompts=12 eval.max_new_tokens=40 loop.export=false loop.progress=false)
 
+# The online study at the default config's budget (configs/default.yaml: 3 rounds x 64 prompts x 4
+# samples, the 7-member panel, 128 held-out prompts, 32 of them with KL samples): the four losses
+# with full fine-tuning, and iREPO with rank-16 LoRA adapters on the attention projections
+# (alpha 32, lr 1e-4: adapters start at zero and need a larger rate). Only the loss (or the
+# adapters) and the seed differ; train.seed and data.seed = s pick the round's prompts, the
+# sampling and the simulated raters' noise.
 irepo() {
+  local -A arms=(
+    [irepo]="train.loss.name=irepo"
+    [dpo]="train.loss.name=dpo"
+    [ipo]="train.loss.name=ipo"
+    [soft_dpo]="train.loss.name=soft_dpo"
+    [irepo_lora16]="train.loss.name=irepo model.lora.rank=16 model.lora.alpha=32 optim.lr=1.0e-4"
+  )
   for seed in $SEEDS; do
-    for loss in irepo dpo ipo soft_dpo; do
-      python -m repo_jax.irepo "${ONLINE[@]}" "train.loss.name=$loss" "run_dir=$OUT/irepo/${loss}_s$seed" \
-        "train.seed=$seed" "data.seed=$seed" | tail -n 4
+    for arm in irepo dpo ipo soft_dpo irepo_lora16; do
+      # shellcheck disable=SC2086
+      python -m repo_jax.irepo ${arms[$arm]} "run_dir=$OUT/online/${arm}_s$seed" "train.seed=$seed" \
+        "data.seed=$seed" loop.export=false loop.progress=false | tail -n 6
     done
   done
-  python -m repo_jax.compare "$OUT"/irepo/* --by train.loss.name --out "$OUT/irepo_compare.png"
+  python -m repo_jax.compare "$OUT"/online/* --by train.loss.name,model.lora.rank --paired irepo/0 \
+    --out "$OUT/online_compare.png"
 }
 
 raters() {

@@ -8,6 +8,12 @@ iteration) and the **best** value (the maximum over iterations; the minimum for 
 keys) as the mean over the group's runs (seeds) with a 95% Student-t interval, then plots every
 group's mean curve with its interval band (``compare.png``, one panel per metric).
 
+``--paired GROUP`` (e.g. ``irepo``, or ``irepo/0`` with two ``--by`` keys) also prints, for every
+other group, the per-seed differences GROUP minus that group, runs matched by ``--pair-key``
+(default ``train.seed``: the same prompts, samples and rater noise), with the mean and its 95%
+interval, for the final and the best value; a difference is "separable" when the interval
+excludes 0. Runs without a partner are named, not dropped silently.
+
 A run folder without ``metrics.jsonl`` or ``config.yaml`` is an error naming it; runs of one
 group may stop at different iterations (curves use the iterations every run of the group has).
 """
@@ -131,6 +137,51 @@ def summarise(groups: Mapping[str, list[tuple[str, list[dict]]]], metrics: Seque
     return rows
 
 
+def paired(groups: Mapping[str, list[tuple[str, list[dict]]]], metrics: Sequence[str], baseline: str,
+           pair_key: str = "train.seed") -> tuple[list[dict], list[str]]:
+    """``baseline`` minus every other group, per matched run (``pair_key``): one row per
+    (group, metric) with the differences of the final and best values, their mean and 95%
+    half-width; and the runs left without a partner."""
+    if baseline not in groups:
+        raise KeyError(f"--paired {baseline!r} is not a group; the groups are {sorted(groups)}")
+    by_run = {(r["group"], r["metric"]): r for r in summarise(groups, metrics)}
+    key_of = lambda run: json.dumps(lookup(load_run(run)[0], pair_key))
+    keys = {name: [key_of(run) for run, _ in runs] for name, runs in groups.items()}
+    rows, unpaired = [], []
+    for name in groups:
+        if name == baseline:
+            continue
+        common = [k for k in keys[baseline] if k in keys[name]]
+        unpaired += [f"{g} {run} ({pair_key}={k})" for g in (baseline, name)
+                     for (run, _), k in zip(groups[g], keys[g]) if k not in common]
+        for metric in metrics:
+            a, b = by_run.get((baseline, metric)), by_run.get((name, metric))
+            if not a or not b or not common:
+                continue
+            row = {"baseline": baseline, "group": name, "metric": metric, "pairs": len(common)}
+            for what in ("final", "best"):
+                ia, ib = [keys[baseline].index(k) for k in common], [keys[name].index(k) for k in common]
+                diffs = [a[what][i] - b[what][j] for i, j in zip(ia, ib)]
+                mean, half = mean_interval(diffs)
+                row |= {f"{what}_diffs": diffs, f"{what}_mean": mean, f"{what}_ci95": half,
+                        f"{what}_separable": len(diffs) > 1 and abs(mean) > half}
+            rows.append(row)
+    return rows, sorted(set(unpaired))
+
+
+def format_paired(rows: Sequence[dict], pair_key: str) -> str:
+    head = (f"{'difference':<28} {'metric':<16} {'pairs':>5}   {'final (mean +- 95%)':>22} {'sep':>4}   "
+            f"{'best (mean +- 95%)':>22} {'sep':>4}   per {pair_key} (final)")
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        yes = lambda x: "yes" if x else "no"
+        lines.append(f"{r['baseline'] + ' - ' + r['group']:<28} {r['metric']:<16} {r['pairs']:>5}   "
+                     f"{r['final_mean']:>12.4f} +- {r['final_ci95']:<6.4f} {yes(r['final_separable']):>4}   "
+                     f"{r['best_mean']:>12.4f} +- {r['best_ci95']:<6.4f} {yes(r['best_separable']):>4}   "
+                     + " / ".join(f"{d:+.4f}" for d in r["final_diffs"]))
+    return "\n".join(lines)
+
+
 def format_table(rows: Sequence[dict], by: str) -> str:
     head = f"{by:<20} {'metric':<16} {'runs':>4}   {'final (mean +- 95%)':>22}   {'best (mean +- 95%)':>22}"
     lines = [head, "-" * len(head)]
@@ -180,6 +231,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--by", default="train.loss.name", help="the config key that groups runs (dotted)")
     ap.add_argument("--metrics", default=",".join(DEFAULT_METRICS), help="comma-separated metric keys")
     ap.add_argument("--out", default="compare.png", help="the plot (a JSON summary is written beside it)")
+    ap.add_argument("--paired", default="", help="a group: print it minus every other group, per matched run")
+    ap.add_argument("--pair-key", default="train.seed", help="the config key that matches runs for --paired")
     args = ap.parse_args(argv)
     metrics = [m for m in args.metrics.split(",") if m]
     try:
@@ -189,10 +242,20 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     rows = summarise(groups, metrics)
     print(format_table(rows, args.by))
+    pairs: list[dict] = []
+    if args.paired:
+        try:
+            pairs, unpaired = paired(groups, metrics, args.paired, args.pair_key)
+        except KeyError as e:
+            print(f"error: {e.args[0]}", file=sys.stderr)
+            return 2
+        print(format_paired(pairs, args.pair_key))
+        for run in unpaired:
+            print(f"  no partner, left out of the paired differences: {run}")
     png = plot(groups, metrics, args.out, by=args.by)
     summary = Path(png).with_suffix(".json")
     summary.write_text(json.dumps({"by": args.by, "groups": {k: [r for r, _ in v] for k, v in groups.items()},
-                                   "rows": rows}, indent=2) + "\n")
+                                   "rows": rows, "paired": pairs}, indent=2) + "\n")
     print(f"plot: {png}   summary: {summary}")
     return 0
 

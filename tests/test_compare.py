@@ -60,3 +60,26 @@ def test_a_structured_key_is_labelled_by_the_fields_that_differ(tmp_path):
     assert sorted(groups) == ["count=1", "count=3"] and all(len(v) == 2 for v in groups.values())
     both = compare.group_runs(runs, "annotate.panel,train.seed")
     assert sorted(both) == ["count=1/0", "count=1/1", "count=3/0", "count=3/1"]
+
+
+def test_paired_differences_match_runs_by_seed_and_name_the_unpaired(tmp_path, capsys):
+    # irepo's final reward is dpo's + 0.1, 0.2, 0.3 for seeds 0..2 (listed in another order);
+    # dpo also has a seed-3 run with no partner
+    runs = [_run(tmp_path / f"irepo{s}", "irepo", s, [0.5, 0.5 + 0.1 * (s + 1)]) for s in (2, 0, 1)]
+    runs += [_run(tmp_path / f"dpo{s}", "dpo", s, [0.5, 0.5]) for s in range(4)]
+    out = tmp_path / "c.png"
+    assert compare.main([*runs, "--by", "loss.name", "--metrics", "eval/reward", "--paired", "irepo",
+                         "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    row, = json.loads(out.with_suffix(".json").read_text())["paired"]
+    assert (row["group"], row["pairs"]) == ("dpo", 3)
+    assert sorted(row["final_diffs"]) == pytest.approx([0.1, 0.2, 0.3])
+    assert row["final_mean"] == pytest.approx(0.2)
+    assert row["final_ci95"] == pytest.approx(4.303 * 0.1 / math.sqrt(3))
+    assert not row["final_separable"]  # 0.2 +- 0.248 includes 0
+    assert "no partner" in text and "dpo3" in text
+    # differences 0.19 / 0.20 / 0.21 are separable from 0
+    tight = [_run(tmp_path / f"t_irepo{s}", "irepo", s, [0.5, 0.69 + 0.01 * s]) for s in range(3)]
+    rows, unpaired = compare.paired(compare.group_runs(tight + runs[3:6], "loss.name"), ["eval/reward"], "irepo")
+    assert rows[0]["final_separable"] and rows[0]["final_mean"] == pytest.approx(0.2) and unpaired == []
+    assert compare.main([*runs, "--paired", "ipo", "--out", str(out)]) == 2  # not a group: one clear error
