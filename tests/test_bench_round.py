@@ -28,6 +28,10 @@ def test_our_config_is_the_compared_round():
     assert (cfg.sample.max_new_tokens, cfg.train.batch_size, cfg.train.num_responses) == (32, 4, 2)
     assert cfg.train.seq_len == cfg.data.max_prompt_len + 2 * 32 and cfg.data.max_prompt_len >= 72  # one shared row per pair
     assert cfg.task == "arithmetic" and cfg.train.loss.name == "irepo" and cfg.sample.temperature == 0.5
+    assert cfg.annotate.pseudo_count == 0.5  # the default config's
+    race = bench_round.our_config(args, "/tmp/unused", race=True)  # D and pseudo-count from the race's flags
+    assert (race.loop.num_responses, race.annotate.pseudo_count, race.train.num_responses) == (4, 0.05, 2)
+    assert race.loop.pairs == "best_vs_worst" and race.train.seq_len == cfg.train.seq_len
 
 
 def test_parser_wants_whole_updates():
