@@ -18,10 +18,24 @@ the harness runs in-process::
   run through :class:`~repo_jax.models.forward.BucketedForward` (one compiled program per
   ``(batch, length)`` bucket), float32 log-probs from the chunked unembedding.
 * ``loglikelihood_rolling``: the whole text's log-prob, in lm-eval's disjoint rolling windows of
-  ``max_length`` tokens (each token predicted once, with as much context as fits).
+  ``max_length`` tokens (each token predicted once, with as much context as fits), the first
+  window conditioned on ``prefix_token_id``. lm-eval renders no chat template here (the request
+  is the document alone), so ``apply_chat_template`` leaves perplexities unchanged.
 * ``generate_until``: greedy (or ``do_sample`` with ``temperature`` / ``top_p`` / ``top_k``)
   continuations of up to ``max_gen_toks`` tokens from :func:`repo_jax.sampling.sample`, stopped
   at the tokenizer's EOS and cut before the first ``until`` string.
+
+Tokenization follows lm-eval's own ``hf`` model (``lm_eval.models.huggingface.HFLM``), so the
+two score the same token ids for the same checkpoint:
+
+* ``prefix_token_id`` (the one token before a document or an empty context): the given id, else
+  the tokenizer's BOS, else its EOS (``TemplateLM``'s default is always EOS);
+* ``add_bos_token=None`` keeps the tokenizer's own habit (``encode``'s default
+  ``add_special_tokens``: a Llama-style tokenizer adds BOS, SmolLM2's adds nothing);
+  ``True`` / ``False`` force special tokens on / off; text that already starts with the prefix
+  token's text (a chat-templated prompt) gets none added;
+* ``apply_chat_template`` passes ``continue_final_message`` (an assistant prefill stays open)
+  and retries without the system message when the template rejects one.
 """
 
 from __future__ import annotations
@@ -62,16 +76,24 @@ class JaxLM(TemplateLM):
     """``model``: one of our NNX causal LMs; ``tokenizer``: its HF tokenizer.
 
     ``batch_size`` rows per forward / sampler call; ``max_length`` the longest row scored
-    (default: the model's context, at most 2048); ``mesh``: optional, passed to the sampler (the
-    model's parameters already laid out on it by ``from_pretrained(mesh=...)``).
+    (default: the model's context, at most 2048; lm-eval's ``hf`` model takes the whole context,
+    so give both the same ``max_length`` to compare documents longer than 2048 tokens);
+    ``mesh``: optional, passed to the sampler (the model's parameters already laid out on it by
+    ``from_pretrained(mesh=...)``). ``add_bos_token``, ``prefix_token_id`` and
+    ``chat_template_args`` mean what they mean to ``HFLM`` (see the module's docstring).
     """
 
     def __init__(self, model, tokenizer, *, batch_size: int = 16, max_length: int | None = None,
-                 max_gen_toks: int = 256, mesh=None, model_id: str = "repo_jax"):
+                 max_gen_toks: int = 256, mesh=None, model_id: str = "repo_jax",
+                 add_bos_token: bool | None = None, prefix_token_id: int | None = None,
+                 chat_template_args: dict | None = None):
         super().__init__()
         self.model = sampling.sampling_copy(model, mesh)
         self.tokenizer = tokenizer
         self.batch_size, self.mesh, self.model_id = int(batch_size), mesh, model_id
+        self.add_bos_token = add_bos_token
+        self.custom_prefix_token_id = prefix_token_id
+        self.chat_template_args = dict(chat_template_args or {})
         self.max_length = int(max_length or min(model.config.max_position_embeddings, 2048))
         self.max_gen_toks = int(max_gen_toks)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eot_token_id
@@ -93,18 +115,64 @@ class JaxLM(TemplateLM):
         return int(self.tokenizer.eos_token_id)
 
     @property
+    def prefix_token_id(self) -> int:
+        """The token before a document (rolling) or an empty context: as HFLM, the given id, else
+        BOS, else EOS."""
+        if self.custom_prefix_token_id is not None:
+            return int(self.custom_prefix_token_id)
+        if self.tokenizer.bos_token_id is not None:
+            return int(self.tokenizer.bos_token_id)
+        return self.eot_token_id
+
+    @property
     def tokenizer_name(self) -> str:
         return getattr(self.tokenizer, "name_or_path", self.model_id).replace("/", "__")
 
-    def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs) -> list[int]:
-        return self.tokenizer.encode(string, add_special_tokens=bool(add_special_tokens))
+    def _special_kwargs(self, add_special_tokens: bool | None) -> dict:
+        """``encode``'s ``add_special_tokens``: the caller's choice, else ``add_bos_token``, else
+        none given (the tokenizer's default)."""
+        if add_special_tokens is not None:
+            return {"add_special_tokens": bool(add_special_tokens)}
+        if self.add_bos_token is not None:
+            return {"add_special_tokens": bool(self.add_bos_token)}
+        return {}
+
+    def tok_encode(self, string: str, add_special_tokens: bool | None = None, left_truncate_len: int | None = None,
+                   **kwargs) -> list[int]:
+        """HFLM's ``tok_encode``: no special tokens are added to text that already starts with the
+        prefix token's text (e.g. a chat-templated ``<|im_start|>...``)."""
+        kw = self._special_kwargs(add_special_tokens)
+        if add_special_tokens is None and string.startswith(self.tokenizer.decode([self.prefix_token_id])):
+            kw["add_special_tokens"] = False
+        ids = self.tokenizer.encode(string, **kw)
+        return ids[-left_truncate_len:] if left_truncate_len else ids
+
+    def _encode_prompt(self, string: str) -> list[int]:
+        """A generation prompt, encoded as HFLM's ``tok_batch_encode`` does (which checks the
+        tokenizer's ``bos_token`` text rather than the prefix token's)."""
+        bos = self.tokenizer.bos_token
+        if bos is not None and string.startswith(bos):
+            return self.tokenizer.encode(string, add_special_tokens=False)
+        return self.tokenizer.encode(string, **self._special_kwargs(None))
 
     def tok_decode(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=True)
 
     def apply_chat_template(self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
-        return self.tokenizer.apply_chat_template(chat_history, tokenize=False,
-                                                  add_generation_prompt=add_generation_prompt)
+        """As HFLM: ``continue_final_message`` when no generation prompt is added (lm-eval's
+        assistant prefill, ``gen_prefix``), and a second try without the system message when the
+        template raises on one."""
+        import jinja2
+
+        def render(history):
+            return self.tokenizer.apply_chat_template(
+                history, tokenize=False, add_generation_prompt=add_generation_prompt,
+                continue_final_message=not add_generation_prompt, **self.chat_template_args)
+
+        try:
+            return render(chat_history)
+        except jinja2.exceptions.TemplateError:
+            return render([m for m in chat_history if m["role"] != "system"])
 
     # ---- scoring -------------------------------------------------------------------------------
     def score_tokens(self, pairs: Sequence[tuple[Sequence[int], Sequence[int]]]) -> list[tuple[float, bool]]:
@@ -167,7 +235,7 @@ class JaxLM(TemplateLM):
             temperature = float(kw.pop("temperature", 0.0)) if sample else 0.0
             top_p, top_k = kw.pop("top_p", None), kw.pop("top_k", None)
             keep = max(1, self.max_length - max_new)
-            prompts = [self.tok_encode(requests[i].args[0])[-keep:] or [self.prefix_token_id] for i in idx]
+            prompts = [self._encode_prompt(requests[i].args[0])[-keep:] or [self.prefix_token_id] for i in idx]
             for start in range(0, len(idx), self.batch_size):
                 res = sampling.sample(self.model, prompts[start:start + self.batch_size], max_new_tokens=max_new,
                                       temperature=temperature, top_p=top_p, top_k=top_k, eos_id=self.eot_token_id,

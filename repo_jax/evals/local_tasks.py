@@ -9,6 +9,10 @@ the harness runs on this machine with no download:
   fixed per-problem order;
 * ``arithmetic_gen`` (``generate_until``, ``exact_match`` after taking the first number):
   greedy answer to the same text, cut at the first newline.
+
+:func:`write_rolling` writes a perplexity task over given documents, laid out as lm-eval's
+``wikitext`` (``loglikelihood_rolling``; ``word_perplexity``, ``byte_perplexity``,
+``bits_per_byte``), for text that is on this machine.
 """
 
 from __future__ import annotations
@@ -32,8 +36,8 @@ _YAML = {
 doc_to_choice: "{{{{choices}}}}"
 doc_to_target: label
 metric_list:
-  - {metric: acc, aggregation: mean, higher_is_better: true}
-  - {metric: acc_norm, aggregation: mean, higher_is_better: true}
+  - {{metric: acc, aggregation: mean, higher_is_better: true}}
+  - {{metric: acc_norm, aggregation: mean, higher_is_better: true}}
 """,
     "arithmetic_gen": """task: arithmetic_gen
 {common}output_type: generate_until
@@ -49,7 +53,7 @@ filter_list:
         group_select: 0
       - function: take_first
 metric_list:
-  - {metric: exact_match, aggregation: mean, higher_is_better: true}
+  - {{metric: exact_match, aggregation: mean, higher_is_better: true}}
 """,
 }
 
@@ -77,4 +81,31 @@ def write(folder: str | Path) -> Path:
     common = _COMMON.format(data=data.resolve())
     for name, text in _YAML.items():
         (folder / f"{name}.yaml").write_text(text.format(common=common))
+    return folder
+
+
+_ROLLING_YAML = """task: {name}
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: loglikelihood_rolling
+doc_to_text: ""
+doc_to_target: page
+metric_list:
+  - metric: word_perplexity
+  - metric: byte_perplexity
+  - metric: bits_per_byte
+"""
+
+
+def write_rolling(folder: str | Path, docs: list[str], name: str = "local_ppl") -> Path:
+    """Writes ``docs`` (one ``page`` each) and a ``loglikelihood_rolling`` task ``name`` over them
+    into ``folder``; returns the folder (an lm-eval include path)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    data = folder / f"{name}.jsonl"
+    data.write_text("".join(json.dumps({"page": d}) + "\n" for d in docs))
+    (folder / f"{name}.yaml").write_text(_ROLLING_YAML.format(name=name, data=data.resolve()))
     return folder
