@@ -4,6 +4,8 @@
 #   bash docs/study.sh irepo      # iREPO vs Iter-DPO, Iter-IPO, soft-label DPO (+ iREPO with LoRA) at the default budget
 #   bash docs/study.sh raters     # iREPO with H = 1, 3, 9 simulated raters
 # Runs land in runs/study/<study>/<arm>_s<seed>; each study ends with python -m repo_jax.compare.
+# SEEDS="0 1" and (online study) ARMS="irepo dpo" pick a subset, e.g. one stream per core:
+#   SEEDS="0 1" taskset -c 0 bash docs/study.sh irepo & SEEDS=2 taskset -c 1 bash docs/study.sh irepo
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SEEDS=${SEEDS:-"0 1 2"}
@@ -53,7 +55,7 @@ irepo() {
     [irepo_lora16]="train.loss.name=irepo model.lora.rank=16 model.lora.alpha=32 optim.lr=1.0e-4"
   )
   for seed in $SEEDS; do
-    for arm in irepo dpo ipo soft_dpo irepo_lora16; do
+    for arm in ${ARMS:-irepo dpo ipo soft_dpo irepo_lora16}; do
       # shellcheck disable=SC2086
       python -m repo_jax.irepo ${arms[$arm]} "run_dir=$OUT/online/${arm}_s$seed" "train.seed=$seed" \
         "data.seed=$seed" loop.export=false loop.progress=false | tail -n 6
