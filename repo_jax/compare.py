@@ -145,7 +145,7 @@ def paired(groups: Mapping[str, list[tuple[str, list[dict]]]], metrics: Sequence
     if baseline not in groups:
         raise KeyError(f"--paired {baseline!r} is not a group; the groups are {sorted(groups)}")
     by_run = {(r["group"], r["metric"]): r for r in summarise(groups, metrics)}
-    key_of = lambda run: json.dumps(lookup(load_run(run)[0], pair_key))
+    key_of = lambda run: json.dumps(lookup(yaml.safe_load((Path(run) / "config.yaml").read_text()) or {}, pair_key))
     keys = {name: [key_of(run) for run, _ in runs] for name, runs in groups.items()}
     rows, unpaired = [], []
     for name in groups:
@@ -154,13 +154,13 @@ def paired(groups: Mapping[str, list[tuple[str, list[dict]]]], metrics: Sequence
         common = [k for k in keys[baseline] if k in keys[name]]
         unpaired += [f"{g} {run} ({pair_key}={k})" for g in (baseline, name)
                      for (run, _), k in zip(groups[g], keys[g]) if k not in common]
+        ia, ib = [keys[baseline].index(k) for k in common], [keys[name].index(k) for k in common]
         for metric in metrics:
             a, b = by_run.get((baseline, metric)), by_run.get((name, metric))
             if not a or not b or not common:
                 continue
             row = {"baseline": baseline, "group": name, "metric": metric, "pairs": len(common)}
             for what in ("final", "best"):
-                ia, ib = [keys[baseline].index(k) for k in common], [keys[name].index(k) for k in common]
                 diffs = [a[what][i] - b[what][j] for i, j in zip(ia, ib)]
                 mean, half = mean_interval(diffs)
                 row |= {f"{what}_diffs": diffs, f"{what}_mean": mean, f"{what}_ci95": half,
