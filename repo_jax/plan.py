@@ -1,29 +1,63 @@
-"""``python -m repo_jax.plan --config configs/mistral7b_irepo.yaml --devices 8 [key=value ...]``
+"""``python -m repo_jax.plan --config configs/mistral7b_irepo.yaml [--slice NAME] [key=value ...]``
 
-Scale planning without hardware or weights: lowers and compiles the real-size train step for
-``--devices`` fake CPU devices (abstract inputs: ``nnx.eval_shape`` of the model, no arrays),
-then prints per-device memory from ``compiled.memory_analysis()``, FLOPs from
-``compiled.cost_analysis()`` next to the analytic count, and whether the step fits the HBM of a
-TPU v5e (16 GiB), TPU v5p (95 GiB) and an H100 (80 GiB) per device.
+Scale planning without hardware or weights: lowers and compiles the real-size programs of a
+run for the device count of the slice the config names (``slice:``, else ``--devices``, default
+8) on fake CPU devices (abstract inputs: ``nnx.eval_shape`` of the model, no arrays), and
+reports, per device, the memory of each phase of a round with what is resident beside it (the
+train state and, for the loop's KL estimate, the ``pi_0`` copy): the train step, the reference
+pass, the sampler program at the loop's slots and lengths (a decoding copy of the weights in the
+sampling layout plus its KV cache), in-process judges (weights loaded whole on one device), and
+whether each fits the config's slice, a TPU v5e-8, a v5p-8 and 8 x H100 80 GB (a slice with
+another device count shows "—": plan it with ``--slice``). A batch that the mesh and
+micro-batches cannot split is an error proposing the nearest valid values.
 
 The device count is fixed when XLA starts, so the program re-executes itself with
 ``XLA_FLAGS=--xla_force_host_platform_device_count=N`` when needed. Memory is XLA:CPU's
-estimate of the same partitioned program: the arguments (train state shard + batch shard) are
-exact, temporaries follow CPU fusion decisions and are a guide, not a promise. XLA counts a
-``scan``/``while`` body once, so its FLOPs cover one layer and one micro-batch; the analytic
-column (``repo_jax.models.flops_per_token``) is the whole step.
+estimate of the same partitioned programs: arguments (state shards, batch shards) are exact,
+temporaries follow CPU fusion decisions and are a guide, not a promise. The analytic FLOPs
+(``repo_jax.models.flops_per_token``) are the whole train step.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 import sys
 
 GiB = 1024**3
-TARGETS = (("TPU v5e", 16), ("TPU v5p", 95), ("H100", 80))
 FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+
+
+@dataclasses.dataclass(frozen=True)
+class Slice:
+    """A machine a config can name (``slice:``): chips (JAX devices) and HBM per chip (GiB)."""
+
+    chips: int
+    hbm_gib: float
+    what: str
+
+
+# Cloud TPU names as ``gcloud compute tpus tpu-vm create --accelerator-type`` takes them: v5e is
+# "v5litepod-N" (N chips, 16 GiB each), v5p-N and v4-N count TensorCores (2 per chip: v5p-8 is
+# 4 chips of 95 GiB), v6e-N counts chips (32 GiB each). GPUs: one host of N cards.
+SLICES = {
+    "v5litepod-1": Slice(1, 16, "TPU v5e, 1 chip"),
+    "v5litepod-4": Slice(4, 16, "TPU v5e, 4 chips"),
+    "v5litepod-8": Slice(8, 16, "TPU v5e, 8 chips"),
+    "v5litepod-16": Slice(16, 16, "TPU v5e, 16 chips (4 hosts)"),
+    "v5p-8": Slice(4, 95, "TPU v5p, 4 chips"),
+    "v5p-16": Slice(8, 95, "TPU v5p, 8 chips (2 hosts)"),
+    "v6e-4": Slice(4, 32, "TPU v6e, 4 chips"),
+    "v6e-8": Slice(8, 32, "TPU v6e, 8 chips"),
+    "v4-8": Slice(4, 32, "TPU v4, 4 chips"),
+    "1xH100": Slice(1, 80, "one H100 80 GB"),
+    "8xH100": Slice(8, 80, "8 x H100 80 GB"),
+    "8xH200": Slice(8, 141, "8 x H200 141 GB"),
+    "cpu": Slice(1, 16, "a laptop CPU (16 GiB of memory assumed)"),
+}
+COMPARE = ("v5litepod-8", "v5p-8", "8xH100")  # besides the config's own slice
 
 
 def _ensure_devices(n: int, argv: list[str]) -> None:
@@ -59,39 +93,170 @@ def batch_fields(cfg) -> tuple[str, ...]:
     return tuple(fields)
 
 
-def plan(cfg, *, fast_compile: bool = False, name: str = "") -> dict:
-    """Compiles ``cfg``'s train step on the current devices; returns the figures as a dict."""
+def _device_bytes(tree) -> int:
+    """Bytes one device holds of ``tree``'s abstract arrays (by their shardings' shard shapes)."""
+    import jax
+    import numpy as np
+
+    total = 0
+    for x in jax.tree.leaves(tree):
+        sharding = getattr(x, "sharding", None)
+        shape = sharding.shard_shape(x.shape) if sharding is not None else x.shape
+        total += math.prod(shape) * np.dtype(x.dtype).itemsize
+    return total
+
+
+def _memory(compiled) -> dict[str, int]:
+    """XLA's per-device memory of a compiled program: arguments, outputs, aliased, temporaries."""
+    mem = compiled.memory_analysis()
+    out = {k: int(getattr(mem, f"{k}_size_in_bytes", 0) or 0) for k in ("argument", "output", "alias", "temp")}
+    out["peak"] = out["argument"] + out["output"] - out["alias"] + out["temp"]
+    return out
+
+
+def run_steps(cfg) -> tuple[int, str]:
+    """Optimiser steps of the whole run (0 when the data decides: offline epochs) and where the
+    number comes from."""
+    from repo_jax.loop.config import IrepoConfig, steps_per_round
+
+    if isinstance(cfg, IrepoConfig):
+        per = steps_per_round(cfg)
+        return per * cfg.loop.rounds, f"{cfg.loop.rounds} rounds x {per}"
+    return cfg.train.steps, (f"train.steps={cfg.train.steps}" if cfg.train.steps else
+                             f"data.num_epochs={cfg.data.num_epochs} passes (data-dependent)")
+
+
+def _judge_phase(cfg, resident: int) -> tuple[int, str]:
+    """Device bytes of the panel's in-process members: an LLM judge's weights, loaded whole on one
+    device beside the resident state (its activations are not counted); served members and rules
+    hold nothing on the accelerator, a reward model runs in torch on the host."""
+    import numpy as np
+
     from repo_jax import models
+    from repo_jax.training.state import resolve_path
+
+    total, notes = 0, []
+    for spec in getattr(getattr(cfg, "annotate", None), "panel", ()):
+        if spec.kind != "judge":
+            continue
+        try:
+            jcfg = models.load_config(resolve_path(spec.model), dtype=spec.dtype, param_dtype=spec.dtype)
+        except (OSError, ValueError) as e:
+            notes.append(f"judge {spec.model}: not found here, not counted ({type(e).__name__})")
+            continue
+        total += models.param_count(jcfg) * np.dtype(spec.dtype).itemsize
+    return total, "; ".join(notes)
+
+
+def plan(cfg, *, fast_compile: bool = False, name: str = "", sampler: bool = True) -> dict:
+    """Compiles ``cfg``'s programs on the current devices with abstract inputs and returns, per
+    device, the memory of each phase of the run (see the module docstring) as a dict."""
+    import jax
+    import numpy as np
+    from flax import nnx
+
+    from repo_jax import config as config_lib
+    from repo_jax import models, sampling
     from repo_jax import sharding as shd
+    from repo_jax.loop.config import IrepoConfig, schedule_steps
+    from repo_jax.models.config import LoraConfig
+    from repo_jax.runs import batch_problem
+    from repo_jax.sampling.program import generate_program
     from repo_jax.training import batch as bt
     from repo_jax.training import optim
     from repo_jax.training import state as st
     from repo_jax.training import step as sp
     from repo_jax.training.checkpoint import abstract_target
 
+    options = FAST_COMPILE if fast_compile else None
     mesh = shd.make_mesh(cfg.mesh)
+    bad = batch_problem(cfg.train, mesh)
+    if bad:
+        raise config_lib.ConfigError(bad)
     mcfg = st.model_config(cfg.model)
+    loop = isinstance(cfg, IrepoConfig)
+    steps, steps_what = run_steps(cfg)
+    horizon = schedule_steps(cfg)[0] if loop else steps
+    cfg = dataclasses.replace(cfg, optim=optim.resolve(cfg.optim, max(horizon, 1)))
     tx = optim.make_optimizer(cfg.optim)
     graphdef, abstract = st.abstract_state(lambda: models.build(mcfg), tx, cfg.train)
     shardings = shd.state_shardings(abstract, mesh, tolerance=cfg.mesh.sharding_tolerance)
+    target = abstract_target(abstract, shardings)
     t = cfg.train
-    mult = shd.batch_size_multiple(mesh) * t.micro_batches
-    if t.batch_size % mult:
-        raise ValueError(f"train.batch_size={t.batch_size} must be a multiple of micro_batches x data x fsdp = {mult}")
+    state_b = _device_bytes(target)
+    params_b = _device_bytes(target.params) + _device_bytes(target.frozen)
+    phases = []
+
+    # pi_0 (the loop's KL estimate keeps the starting parameters; a LoRA base is shared unless folded)
+    pi0 = 0
+    if loop and cfg.eval.kl_samples:
+        pi0 = _device_bytes(target.params) + (_device_bytes(target.frozen) if cfg.loop.lora_merge == "every_round" else 0)
+    resident = state_b + pi0
+
+    # the train step
     batch = bt.abstract(batch_fields(cfg), t.batch_size, t.num_responses, t.seq_len, shd.batch_sharding(mesh))
-    step = sp.make_train_step(graphdef, cfg, mesh, shardings, compiler_options=FAST_COMPILE if fast_compile else None)
-    compiled = step.lower(abstract_target(abstract, shardings), batch).compile()
-    mem = compiled.memory_analysis()
+    step = sp.make_train_step(graphdef, cfg, mesh, shardings, compiler_options=options)
+    compiled = step.lower(target, batch).compile()
+    train = _memory(compiled)
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    phases.append({"phase": "train step", "bytes": train["peak"] + pi0,
+                   "note": f"state+batch {train['argument'] / GiB:.2f}, temporaries {train['temp'] / GiB:.2f}"})
+
+    # the reference pass (once a round, or once before offline training), beside the train state
+    ref_fields = tuple(f for f in batch_fields(cfg) if f != "ref_logps_BxK")
+    ref_fn = sp.make_reference_logprobs(graphdef, t, mesh, shardings.params, frozen_shardings=shardings.frozen,
+                                        compiler_options=options)
+    ref = _memory(ref_fn.lower(target.params, target.frozen, bt.abstract(ref_fields, t.batch_size, t.num_responses,
+                                                                       t.seq_len, shd.batch_sharding(mesh))).compile())
+    phases.append({"phase": "reference pass", "bytes": resident + ref["peak"] - params_b,
+                   "note": f"temporaries {ref['temp'] / GiB:.2f}"})
+
+    if loop and sampler:  # the round's sampler program: a decoding copy of the policy, KV cache of the slots
+        smcfg = dataclasses.replace(mcfg, lora=LoraConfig())  # LoRA adapters are merged into the copy
+        if smcfg.jnp_dtype.itemsize < smcfg.jnp_param_dtype.itemsize:  # sampling.in_compute_dtype
+            smcfg = dataclasses.replace(smcfg, param_dtype=smcfg.dtype)
+        sgraph, sstate = nnx.split(nnx.eval_shape(lambda: models.build(smcfg)))
+        n_new = max(cfg.sample.max_new_tokens, cfg.eval_max_new_tokens)
+        prompts = [[1] * cfg.data.max_prompt_len] * cfg.loop.prompts_per_round
+        smesh = mesh if mesh.size > 1 else None
+        inputs, static = sampling.program_inputs(
+            prompts, max_new_tokens=n_new, temperature=cfg.sample.temperature, top_k=cfg.sample.top_k,
+            top_p=cfg.sample.top_p, eos_id=0, num_samples=cfg.loop.num_responses, mesh=smesh,
+            slots=cfg.loop.sample_batch, share_prefix=False)
+        if smesh is not None:
+            sstate = abstract_target(sstate, sampling.param_shardings(sstate, mesh))
+            repl = shd.replicated(mesh)
+            inputs = tuple(jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype, sharding=repl) for x in inputs)
+        with shd.mesh_rules(smesh, shd.SAMPLE_RULES):
+            lowered = generate_program.lower(sstate, *inputs, graphdef=sgraph, static=static)
+        samp = _memory(lowered.compile(compiler_options=options) if options else lowered.compile())
+        phases.append({"phase": "sampler", "bytes": resident + samp["peak"],
+                       "note": f"{static.stages[0]} slots x {inputs[2].shape[1] + static.buffer_len} tokens, "
+                               f"weights copy {_device_bytes(sstate) / GiB:.2f}, temporaries {samp['temp'] / GiB:.2f}"})
+    if loop:
+        judge_b, note = _judge_phase(cfg, resident)
+        phases.append({"phase": "in-process judges", "bytes": resident + judge_b,
+                       "note": note or ("none: served / rule members only" if not judge_b else
+                                        f"judge weights {judge_b / GiB:.2f} on one device (activations not counted)")})
+    phases.append({"phase": "pi_0 copy", "bytes": pi0, "note": "eval.kl_samples > 0" if pi0 else "none"})
+
     tokens = t.batch_size * t.seq_len * (1 if t.layout == "shared" else t.num_responses)
     analytic = models.flops_per_token(mcfg, t.seq_len) * tokens
-    if t.reference == "params":
-        analytic += models.flops_per_token(mcfg, t.seq_len, training=False) * tokens
-    args, out, alias, temp = (getattr(mem, f"{k}_size_in_bytes", 0) for k in ("argument", "output", "alias", "temp"))
-    peak = args + out - alias + temp
+    peak = max(p["bytes"] for p in phases)
+    own = SLICES.get(cfg.slice)
+    targets = ([cfg.slice] if own else []) + [s for s in COMPARE if s != cfg.slice]
+
+    def fits(name: str, b: int) -> bool | None:  # None: the slice has another device count
+        s = SLICES[name]
+        return b <= s.hbm_gib * GiB if s.chips == mesh.size else None
+
+    for p in phases:
+        p["fits"] = {s: fits(s, p["bytes"]) for s in targets}
+    sampled = cfg.loop.rounds * cfg.loop.prompts_per_round * cfg.loop.num_responses * cfg.sample.max_new_tokens if loop else 0
     return {
         "config": name,
+        "slice": cfg.slice,
         "model": f"{mcfg.arch} {mcfg.num_layers}x{mcfg.hidden_size}",
         "params": models.param_count(mcfg),
         "devices": mesh.size,
@@ -100,57 +265,127 @@ def plan(cfg, *, fast_compile: bool = False, name: str = "") -> dict:
         "micro_batches": t.micro_batches,
         "compute": f"{cfg.model.dtype} / {cfg.model.param_dtype} master, remat {cfg.model.remat}"
                    + (f", LoRA r{cfg.model.lora.rank}" if cfg.model.lora.rank else ""),
-        "argument_gib": args / GiB,
-        "temp_gib": temp / GiB,
+        "phases": phases,
+        "state_gib": state_b / GiB,
+        "argument_gib": train["argument"] / GiB,
+        "temp_gib": train["temp"] / GiB,
         "peak_gib": peak / GiB,
+        "steps": steps,
+        "steps_what": steps_what,
+        "train_tokens": steps * tokens,
+        "sampled_tokens": sampled,
         "xla_flops_per_device": float(cost.get("flops", 0.0)) if cost else 0.0,
         "analytic_flops_per_step": analytic,
-        "fits": {name: peak <= hbm * GiB for name, hbm in TARGETS},
+        "fits": {s: (None if any(p["fits"][s] is None for p in phases) else all(p["fits"][s] for p in phases))
+                 for s in targets},
     }
 
 
-def table(rows: list[dict]) -> str:
-    """The plans as a markdown table (the README's scale-planning table)."""
-    head = ("| config | model | params | mesh (data, fsdp, tensor) | prompts x K x T (micro) | compute | state+batch / temp / "
-            "peak GiB per device | TFLOPs/step (analytic) | " + " | ".join(f"{n} {h} GiB" for n, h in TARGETS) + " |")
-    lines = [head, "|" + "---|" * (8 + len(TARGETS))]
-    for r in rows:
-        fits = " | ".join("yes" if r["fits"][n] else "no" for n, _ in TARGETS)
-        lines.append(
-            f"| {r['config']} | {r['model']} | {r['params'] / 1e9:.2f} B | {r['mesh']} | {r['batch']} ({r['micro_batches']}) | {r['compute']} "
-            f"| {r['argument_gib']:.2f} / {r['temp_gib']:.2f} / {r['peak_gib']:.2f} "
-            f"| {r['analytic_flops_per_step'] / 1e12:,.1f} | {fits} |"
-        )
+def _yes(v: bool | None) -> str:
+    return "—" if v is None else "yes" if v else "**no**"
+
+
+def phase_table(r: dict) -> str:
+    """One plan's phases as a markdown table (GiB per device and where each fits)."""
+    targets = list(r["fits"])
+    lines = ["| phase | GiB per device | " + " | ".join(targets) + " | what |", "|---|---:|" + "---|" * (len(targets) + 1)]
+    for p in r["phases"]:
+        lines.append(f"| {p['phase']} | {p['bytes'] / GiB:.2f} | " + " | ".join(_yes(p["fits"][s]) for s in targets)
+                     + f" | {p['note']} |")
     return "\n".join(lines)
+
+
+def table(rows: list[dict]) -> str:
+    """The plans as one markdown table (the README's scale table): config, slice, per-phase GiB per
+    chip, whether the whole round fits the config's slice, optimiser steps and tokens per run."""
+    head = ("| config | slice | model | mesh (data, fsdp, tensor) | train / ref / sample / judges / pi_0 GiB per chip "
+            "| fits its slice | optimiser steps per run | tokens per run (trained ≤ / sampled ≤) |")
+    lines = [head, "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        by = {p["phase"]: p["bytes"] / GiB for p in r["phases"]}
+        cells = " / ".join(f"{by[k]:.1f}" if k in by else "–"
+                           for k in ("train step", "reference pass", "sampler", "in-process judges", "pi_0 copy"))
+        own = _yes(r["fits"].get(r["slice"])) if r["slice"] else "(no slice)"
+        steps = f"{r['steps']:,}" if r["steps"] else r["steps_what"]
+        tok = f"{r['train_tokens'] / 1e6:,.1f}M / {r['sampled_tokens'] / 1e6:,.1f}M" if r["steps"] else "–"
+        lines.append(f"| {r['config']} | {r['slice'] or '–'} ({r['devices']}) | {r['model']} | {r['mesh']} | {cells} "
+                     f"| {own} | {steps} | {tok} |")
+    return "\n".join(lines)
+
+
+def load_config(path: str, overrides=()):
+    """A shipped YAML as its program's config, with ``train`` shaped like the largest batch the
+    run will see (offline programs: from the data section)."""
+    import yaml
+
+    from repo_jax import config as config_lib
+    from repo_jax.offline.config import OfflineConfig, config_class, planned_train
+
+    with open(path) as f:
+        cls = config_class(yaml.safe_load(f) or {})
+    cfg = config_lib.load(cls, path, list(overrides))
+    if isinstance(cfg, OfflineConfig):
+        cfg = dataclasses.replace(cfg, train=planned_train(cfg))
+    return cfg
+
+
+def _slice_of(path: str, overrides) -> str:
+    import yaml
+
+    for o in overrides:
+        if o.startswith("slice="):
+            return o.split("=", 1)[1]
+    with open(path) as f:
+        return (yaml.safe_load(f) or {}).get("slice", "") or ""
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(prog="python -m repo_jax.plan", description=__doc__.split("\n\n")[1])
     parser.add_argument("--config", required=True, help="a training YAML (configs/*.yaml)")
-    parser.add_argument("--devices", type=int, default=8, help="fake CPU devices to plan for")
+    parser.add_argument("--devices", type=int, default=0,
+                        help="fake CPU devices to plan for (default: the chips of the config's slice, else 8)")
+    parser.add_argument("--slice", default="", help=f"plan for this slice instead of the config's ({', '.join(SLICES)})")
     parser.add_argument("--fast-compile", action="store_true", help="skip XLA backend optimisation (tests)")
+    parser.add_argument("--twin", action="store_true", help="plan the config's scaled twin (repo_jax.twin)")
     parser.add_argument("overrides", nargs="*", help="key.sub=value config overrides")
     args = parser.parse_args(argv)
-    _ensure_devices(args.devices, argv)
-
-    import yaml
+    overrides = list(args.overrides) + ([f"slice={args.slice}"] if args.slice else [])
+    name = _slice_of(args.config, overrides)
+    if name and name not in SLICES:
+        print(f"error: slice={name!r} is not one of {', '.join(SLICES)}", file=sys.stderr)
+        return 2
+    devices = args.devices or (SLICES[name].chips if name else 8)
+    _ensure_devices(devices, argv)
 
     from repo_jax import config as config_lib
-    from repo_jax.offline.config import OfflineConfig, config_class, planned_train
+    from repo_jax.loop.config import IrepoConfig
+    from repo_jax.offline.config import planned_train
 
-    with open(args.config) as f:
-        cls = config_class(yaml.safe_load(f) or {})
-    cfg = config_lib.load(cls, args.config, args.overrides)
-    if isinstance(cfg, OfflineConfig):  # the offline programs' batch shape comes from the data section
-        cfg = dataclasses.replace(cfg, train=planned_train(cfg))
-    r = plan(cfg, fast_compile=args.fast_compile, name=os.path.basename(args.config))
-    print(f"plan: {args.config} on {r['devices']} devices, mesh (data, fsdp, tensor) = {r['mesh']}")
-    print(f"  per device: state+batch {r['argument_gib']:.2f} GiB, temporaries {r['temp_gib']:.2f} GiB, "
-          f"peak {r['peak_gib']:.2f} GiB")
-    print(f"  FLOPs per step: {r['analytic_flops_per_step']:.3e} analytic (all devices); XLA cost analysis "
-          f"{r['xla_flops_per_device']:.3e} per device (loop bodies counted once)")
-    print("  fits: " + ", ".join(f"{n} ({h} GiB): {'yes' if r['fits'][n] else 'no'}" for n, h in TARGETS))
+    try:
+        cfg = load_config(args.config, overrides)
+        if args.twin:
+            from repo_jax.twin import twin
+
+            cfg = twin(cfg, judge_url="http://127.0.0.1:1/v1")  # planning asks no annotator
+            if not isinstance(cfg, IrepoConfig):
+                cfg = dataclasses.replace(cfg, train=planned_train(cfg))
+        r = plan(cfg, fast_compile=args.fast_compile, name=os.path.basename(args.config))
+    except config_lib.ConfigError as e:
+        print(f"error: {args.config}: {e}", file=sys.stderr)
+        return 2
+    print(f"plan: {args.config} on {r['devices']} devices, mesh (data, fsdp, tensor) = {r['mesh']}"
+          + (f", sized for {r['slice']} ({SLICES[r['slice']].what})" if r["slice"] else ""))
+    print(f"  {r['model']}, {r['params'] / 1e9:.2f} B parameters; batch {r['batch']} in {r['micro_batches']} "
+          f"micro-batches; {r['compute']}")
+    print(f"  optimiser steps per run: {r['steps'] or '?'} ({r['steps_what']}); FLOPs per step "
+          f"{r['analytic_flops_per_step']:.3e} analytic (all devices)")
+    print()
+    print(phase_table(r))
+    print()
+    verdict = {s: _yes(v) for s, v in r["fits"].items()}
+    print("whole round fits: " + ", ".join(f"{s}: {v}" for s, v in verdict.items())
+          + "   (—: another device count; plan it with --slice NAME)")
     print()
     print(table([r]))
     return 0

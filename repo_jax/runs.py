@@ -71,6 +71,63 @@ def prepare_run_dir(cfg, resumable: tuple[str, ...] = ()) -> Path:
     return run_dir
 
 
+def batch_problem(train, mesh) -> str | None:
+    """Why ``train.batch_size`` cannot be split over ``mesh`` (the batch axes, data x fsdp) and
+    ``train.micro_batches``, with the nearest values that can; ``None`` when it can."""
+    rows = shd.batch_size_multiple(mesh)
+    b, m = train.batch_size, train.micro_batches
+    if m >= 1 and b >= 1 and b % (rows * m) == 0:
+        return None
+    mult = rows * max(m, 1)
+    sizes = sorted({mult * max(b // mult, 1), mult * (b // mult + 1)})
+    micro = [d for d in range(1, b // rows + 1) if b % rows == 0 and (b // rows) % d == 0]
+    near = min(micro, key=lambda d: (abs(d - m), -d)) if micro else None
+    shape = "x".join(str(mesh.shape[a]) for a in shd.batch_axes(mesh))
+    fixes = " or ".join(f"train.batch_size={x}" for x in sizes)
+    if near is not None:
+        fixes += f", or train.micro_batches={near} ({b} = {near} x {b // near} rows, a multiple of {rows})"
+    return (f"train.batch_size={b} must be a multiple of the mesh's batch devices (data x fsdp = {shape} = {rows}) "
+            f"x train.micro_batches={m} = {mult} on {mesh.size} devices: use {fixes}")
+
+
+def check_start(cfg, mesh, *, run_steps: int, what: str, unread=(), extra=(), log=print):
+    """The start-up checks every program runs before any sampling or loading: the batch splits
+    over the mesh (else ``ConfigError``, always); the schedule reaches ``optim.lr`` within the
+    run's ``run_steps`` optimiser steps (``what``: where that number comes from), an explicit
+    ``optim.total_steps`` and ``checkpoint.every_steps`` fit it, and no key is set that the
+    program does not read (``unread``, ``extra``: more sentences). Those are refused together
+    in one message, or logged with ``strict: false``. Returns ``cfg`` with ``optim`` resolved."""
+    from repo_jax.training import optim
+
+    bad = batch_problem(cfg.train, mesh)
+    if bad:
+        raise config_lib.ConfigError(bad)
+    try:
+        resolved = optim.resolve(cfg.optim, run_steps)
+    except ValueError as e:
+        raise config_lib.ConfigError(str(e)) from None
+    problems = [*optim.schedule_problems(cfg.optim, run_steps, what), *unread, *extra]
+    if cfg.checkpoint.every_steps > run_steps:
+        problems.append(f"checkpoint.every_steps={cfg.checkpoint.every_steps} is never reached in the run's "
+                        f"{run_steps} optimiser steps ({what}); lower it, or 0 (checkpoints at the natural boundaries)")
+    if problems:
+        text = "; ".join(problems)
+        if cfg.strict:
+            raise config_lib.ConfigError(f"{text} (strict=false runs it anyway)")
+        log(f"warning (strict=false): {text}")
+    _check_slice(cfg, mesh, log)
+    return dataclasses.replace(cfg, optim=resolved)
+
+
+def _check_slice(cfg, mesh, log) -> None:
+    from repo_jax.plan import SLICES
+
+    s = SLICES.get(cfg.slice)
+    if s is not None and jax.default_backend() != "cpu" and s.chips != mesh.size:
+        log(f"warning: this config is sized for {cfg.slice} ({s.chips} chips) and runs on {mesh.size} devices: "
+            f"plan it first (python -m repo_jax.plan --config ... --devices {mesh.size})")
+
+
 def load_tokenizer_for(section):
     """The tokenizer of a ``model`` section (``model.tokenizer``, else from ``model.weights``)."""
     from repo_jax.assets import load_tokenizer
@@ -192,12 +249,19 @@ def program_main(cls: type, run: Callable, argv: list[str] | None, *, prog: str,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default=None, help=f"a YAML config (default: {default_config})")
     ap.add_argument("overrides", nargs="*", help=f"key.sub=value overrides, e.g. {example}")
+    ap.add_argument("--twin", action="store_true", help="run the config's scaled twin: the same recipe on a tiny "
+                    "model and data (repo_jax.twin), e.g. on a CPU with fake devices before renting a slice")
+    ap.add_argument("--twin-judge", default="", metavar="URL", help="with --twin: the endpoint served annotators use")
     args = ap.parse_args(argv)
 
     if not jax.config.jax_compilation_cache_dir:  # a rerun or resume skips most compiles
         jax.config.update("jax_compilation_cache_dir", str(cache_dir() / "xla"))
     try:
         cfg = config_lib.load(cls, args.config or resolve_path(default_config), args.overrides)
+        if args.twin:
+            from repo_jax.twin import twin
+
+            cfg = twin(cfg, judge_url=args.twin_judge)
         run(cfg)
     except (config_lib.ConfigError, DataError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)

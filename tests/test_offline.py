@@ -169,7 +169,7 @@ def test_bad_rows_go_to_rejects_and_strict_mode_names_the_file_and_line(tmp_path
     bad["completions"][1]["overall_score"] = "ten"
     data = tmp_path / "lists.jsonl"
     data.write_text("\n".join(rows[:10] + ["{not json", json.dumps(bad)] + rows[10:]) + "\n")
-    args = ("eval.num_prompts=0", "train.steps=2", "eval.holdout=8", "progress=false", f"data.path={data}")
+    args = ("eval.num_prompts=0", "train.steps=2", "eval.every_steps=0", "eval.holdout=8", "progress=false", f"data.path={data}")
     out = run("lpo", tmp_path / "run", *args)
     rejects = [json.loads(x) for x in (tmp_path / "run" / "rejects.jsonl").read_text().splitlines()]
     assert [(r["line"], r["code"]) for r in rejects] == [(11, "invalid_json"), (12, "bad_score")]

@@ -73,5 +73,7 @@ def test_plan_on_tiny_config_prints_the_table():
     assert out.returncode == 0, out.stderr[-3000:]
     text = out.stdout
     assert "on 4 devices, mesh (data, fsdp, tensor) = (1, 2, 2)" in text
-    assert "| config | model | params |" in text and "| tiny.yaml | mistral 2x64 |" in text
-    assert "TPU v5e (16 GiB): yes" in text and "8x2x80 shared (2)" in text
+    assert "| phase | GiB per device |" in text and "| tiny.yaml | cpu (4) | mistral 2x64 |" in text
+    for phase in ("train step", "reference pass", "sampler", "in-process judges", "pi_0 copy"):
+        assert f"| {phase} |" in text
+    assert "batch 8x2x80 shared in 2 micro-batches" in text and "optimiser steps per run: 12 (3 rounds x 4)" in text

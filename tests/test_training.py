@@ -201,10 +201,25 @@ def test_split_micro_and_stack_pair():
 
 
 def test_warmup_cosine_schedule():
+    # 10 warm-up steps: step n runs at (n + 1) / 10 (the first step trains), step 9 at the peak; the
+    # cosine then reaches lr * end_lr_ratio at the last step (109) and stays there
     s = optim.schedule(OptimConfig(lr=1.0, warmup_steps=10, total_steps=110, end_lr_ratio=0.1))
-    np.testing.assert_allclose([s(0), s(5), s(10), s(60), s(110)], [0.0, 0.5, 1.0, 0.55, 0.1], atol=1e-6)
+    mid = 0.1 + 0.9 * 0.5 * (1 + np.cos(np.pi * 50 / 100))
+    np.testing.assert_allclose([s(0), s(4), s(9), s(59), s(109), s(500)], [0.1, 0.5, 1.0, mid, 0.1, 0.1], atol=1e-6)
     c = optim.schedule(OptimConfig(lr=2.0, warmup_steps=0, schedule="constant"))
     assert float(c(0)) == float(c(1000)) == 2.0
+
+
+def test_schedule_resolves_to_the_run_and_refuses_what_never_trains():
+    r = optim.resolve(OptimConfig(lr=1.0, warmup_ratio=0.1, schedule="cosine"), run_steps=768)
+    assert (r.total_steps, r.warmup_steps) == (768, 77)
+    assert float(optim.schedule(r)(76)) == 1.0 and float(optim.schedule(r)(0)) > 0.0
+    assert optim.schedule_problems(OptimConfig(lr=1.0, warmup_ratio=0.1), 768, "x") == []
+    # the configs: warm-up 50 and a cosine of 1000 over a 6-step run
+    bad = optim.schedule_problems(OptimConfig(lr=5e-7, warmup_steps=50, total_steps=1000), 6, "3 rounds x 2")
+    assert len(bad) == 2 and "never passes 0.12 x optim.lr" in bad[0] and "optim.total_steps=1000" in bad[1]
+    with pytest.raises(ValueError, match="unresolved"):
+        optim.schedule(OptimConfig(lr=1.0))
 
 
 def test_pretrained_weights_load_into_training_shardings(tmp_path):

@@ -230,3 +230,43 @@ def check(cfg: IrepoConfig) -> None:
         raise ConfigError("annotate.panel is empty: the loop needs at least one annotator")
     if not cfg.task and not cfg.eval.data_path:
         raise ConfigError("task is empty: set eval.data_path to the held-out prompts")
+
+
+def items_per_round(cfg: IrepoConfig) -> int:
+    """Training examples a round yields at most: a list per prompt (listwise losses), else the
+    selected pairs (``best_vs_worst``: one a prompt; ``all_pairs``: ``K (K - 1) / 2``). Hard-label
+    losses drop tied pairs, so a round may yield fewer."""
+    p, k = cfg.loop.prompts_per_round, cfg.loop.num_responses
+    if not LOSSES[cfg.train.loss.name].pairwise or cfg.loop.pairs == "best_vs_worst":
+        return p
+    return p * k * (k - 1) // 2
+
+
+def steps_per_round(cfg: IrepoConfig) -> int:
+    """Optimiser steps of a round: ``loop.epochs x ceil(items_per_round / train.batch_size)``."""
+    return cfg.loop.epochs * -(-items_per_round(cfg) // cfg.train.batch_size)
+
+
+def schedule_steps(cfg: IrepoConfig) -> tuple[int, str]:
+    """The optimiser steps one schedule spans (the run's with ``loop.optimizer=carry``, one
+    round's with ``reset``) and, in words, where the number comes from."""
+    per, items = steps_per_round(cfg), items_per_round(cfg)
+    what = (f"{items} {'lists' if not LOSSES[cfg.train.loss.name].pairwise else 'pairs'} a round / "
+            f"train.batch_size={cfg.train.batch_size} x loop.epochs={cfg.loop.epochs} = {per} a round")
+    if cfg.loop.optimizer == "reset":
+        return per, what + " (loop.optimizer=reset: one schedule a round)"
+    return per * max(cfg.loop.rounds, 1), what + f" x loop.rounds={cfg.loop.rounds}"
+
+
+def unread_keys(cfg: IrepoConfig) -> list[str]:
+    """Keys a loop config sets that the loop does not read, one sentence each."""
+    out = []
+    if cfg.train.steps:
+        out.append(f"train.steps={cfg.train.steps} is not read by the iREPO loop (its steps follow from loop.rounds, "
+                   "loop.prompts_per_round, loop.epochs and train.batch_size); remove it")
+    d = DataConfig()
+    for key in ("max_response_len", "num_responses"):
+        if getattr(cfg.data, key) != getattr(d, key):
+            out.append(f"data.{key} is read by the offline programs only (the loop samples sample.max_new_tokens "
+                       "up to train.seq_len); remove it")
+    return out

@@ -159,7 +159,8 @@ def train(run: Run, t: int, items: list[dict], ref_MxK: np.ndarray, stop, observ
         bar.update(1)
         run.progress.global_steps += 1
         done = pos + 1
-        if stop() or (done < total and run.progress.global_steps % cfg.checkpoint.every_steps == 0):
+        every = cfg.checkpoint.every_steps
+        if stop() or (every and done < total and run.progress.global_steps % every == 0):
             run.save(phase="train", train_pos=done, train_sums=sums.flush(), ref_logps=ref_MxK.tolist())
             if stop():
                 raise Preempted(f"round {t}, train step {done} of {total}")

@@ -21,9 +21,9 @@ from repo_jax import sampling
 from repo_jax import sharding as shd
 from repo_jax.data import DataConfig, make_pipeline
 from repo_jax.data.tokenize import Formatter
-from repo_jax.loop.config import IrepoConfig, check
+from repo_jax.loop.config import IrepoConfig, check, schedule_steps, unread_keys
 from repo_jax.loop.panels import build_panel
-from repo_jax.runs import RunBase, load_tokenizer_for, prepare_run_dir
+from repo_jax.runs import RunBase, check_start, load_tokenizer_for, prepare_run_dir
 from repo_jax.training import optim
 from repo_jax.training import state as st
 from repo_jax.training import step as sp
@@ -61,11 +61,14 @@ class Run(RunBase):
         from repo_jax.tasks import get_task
 
         check(cfg)
-        self.cfg, self.log = cfg, log
+        self.mesh = shd.make_mesh(cfg.mesh)
+        steps, what = schedule_steps(cfg)  # before anything is written, sampled or loaded
+        resolved = check_start(cfg, self.mesh, run_steps=steps, what=what, unread=unread_keys(cfg), log=log)
         self.main = jax.process_index() == 0
         self.show_progress = cfg.loop.progress
-        self.run_dir = prepare_run_dir(cfg, RESUMABLE_KEYS)
-        self.mesh = shd.make_mesh(cfg.mesh)
+        self.run_dir = prepare_run_dir(cfg, RESUMABLE_KEYS)  # the config as given (optim.total_steps: 0 stays 0)
+        self.cfg = cfg = resolved
+        self.log = log
         self.task = get_task(cfg.task) if cfg.task else None
         self.tokenizer = load_tokenizer_for(cfg.model)
         self.formatter = Formatter(self.tokenizer, chat_template=cfg.data.chat_template)

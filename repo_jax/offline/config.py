@@ -16,7 +16,8 @@ processes`` (``data.batch_size`` is not read); rows are padded to ``data``'s len
 to ``data.max_prompt_len + data.max_response_len`` (times K in the prompt-once ``train.layout=shared``;
 ``train.seq_len`` is not read); ``K`` comes
 from the data (``data.num_responses`` or the longest list). The run trains ``train.steps`` steps,
-or fewer when ``data.num_epochs`` passes end first (``data.num_epochs=0`` cycles).
+or fewer when ``data.num_epochs`` passes end first (``data.num_epochs=0`` cycles; ``train.steps=0``:
+the epochs' steps).
 :func:`check` names, in one sentence each, the keys that do not fit together.
 """
 
@@ -117,8 +118,19 @@ def check(cfg: OfflineConfig) -> None:
         raise ConfigError("eval.holdout, eval.every_steps, eval.num_prompts and eval.batch_size must be >= 0")
     if e.data_path and e.holdout:
         raise ConfigError("set eval.data_path or eval.holdout, not both")
-    if cfg.train.steps < 1:
-        raise ConfigError(f"train.steps must be at least 1, got {cfg.train.steps}")
+    if cfg.train.steps < 0 or (cfg.train.steps == 0 and cfg.data.num_epochs == 0):
+        raise ConfigError(f"train.steps={cfg.train.steps}: set the steps to train, or train.steps=0 with "
+                          "data.num_epochs > 0 (that many passes over the data)")
+
+
+def unread_keys(cfg: OfflineConfig) -> list[str]:
+    """Keys an offline config sets that the offline programs do not read, one sentence each."""
+    from repo_jax.training.config import TrainConfig
+
+    t = TrainConfig()
+    return [f"train.{k} is not read by the offline programs (rows follow from data.max_prompt_len, "
+            "data.max_response_len and the lists' K); remove it"
+            for k in ("seq_len", "num_responses") if getattr(cfg.train, k) != getattr(t, k)]
 
 
 def planned_train(cfg: OfflineConfig):

@@ -45,9 +45,10 @@ from repo_jax.data.pipeline import Pipeline, pipeline_from_examples
 from repo_jax.data.tokenize import Formatter
 from repo_jax.loop.evaluate import greedy_answers
 from repo_jax.offline import pairs as pairs_lib
-from repo_jax.offline.config import OfflineConfig, SftConfig, check, pair_mode
+from repo_jax.offline.config import OfflineConfig, SftConfig, check, pair_mode, unread_keys
 from repo_jax.offline.ranking import gather_pairs, ranking_metrics
-from repo_jax.runs import Preempted, RunBase, load_tokenizer_for, prepare_run_dir, program_main, run_until_preempted
+from repo_jax.runs import (Preempted, RunBase, batch_problem, check_start, load_tokenizer_for, prepare_run_dir, program_main,
+                           run_until_preempted)
 from repo_jax.training import batch as bt
 from repo_jax.training import objectives, optim
 from repo_jax.training import state as st
@@ -97,8 +98,12 @@ class OfflineRun(RunBase):
         self.show_progress = cfg.progress
         self.sft = isinstance(cfg, SftConfig)
         self.mode = "sft" if self.sft else pair_mode(cfg)
-        self.run_dir = prepare_run_dir(cfg, ("progress",))
         self.mesh = shd.make_mesh(cfg.mesh)
+        bad = batch_problem(cfg.train, self.mesh)  # before any data is read
+        if bad:
+            raise config_lib.ConfigError(bad)
+        fresh = not (Path(cfg.run_dir) / "config.yaml").is_file()
+        self.run_dir = prepare_run_dir(cfg, ("progress",))
         self.task = get_task(cfg.task) if cfg.task else None
         self.tokenizer = load_tokenizer_for(cfg.model)
         self.eos_id = self.tokenizer.eos_token_id
@@ -106,6 +111,19 @@ class OfflineRun(RunBase):
         self.objective = objectives.get(cfg.train.loss.name)
         self.columns = SFT_COLUMNS if self.sft else COLUMNS
         self._build_data()
+        what = (f"train.steps={cfg.train.steps}" if cfg.train.steps and self.total_steps == cfg.train.steps else
+                f"data.num_epochs={cfg.data.num_epochs} passes of {len(self.pipeline) // max(cfg.data.num_epochs, 1)} "
+                f"batches of train.batch_size={cfg.train.batch_size}")
+        e = cfg.eval.every_steps
+        never = ([f"eval.every_steps={e} is never reached in the run's {self.total_steps} steps ({what}); lower it, "
+                  "or 0 (evaluate before the first step and after the last)"] if e > self.total_steps else [])
+        try:
+            self.cfg = cfg = check_start(cfg, self.mesh, run_steps=self.total_steps, what=what,
+                                         unread=unread_keys(cfg), extra=never, log=log)
+        except config_lib.ConfigError:
+            if fresh and self.main:  # refused before anything ran: leave no config.yaml behind
+                (self.run_dir / "config.yaml").unlink(missing_ok=True)
+            raise
 
         m = cfg.model
         model = (st.pretrained_model(m, self.mesh, seed=cfg.train.seed) if m.weights
@@ -158,7 +176,8 @@ class OfflineRun(RunBase):
         self.eval_pipeline = (pipeline_from_examples(one_pass, self.tokenizer, eval_ex, report,
                                                      kind="sft" if self.sft else "list", layout=cfg.train.layout) if eval_ex else None)
         epochs = cfg.data.num_epochs
-        self.total_steps = min(cfg.train.steps, len(self.pipeline)) if epochs else cfg.train.steps
+        self.total_steps = (min(cfg.train.steps or len(self.pipeline), len(self.pipeline)) if epochs
+                            else cfg.train.steps)
         if self.main:
             self.log(f"train: {len(train_ex)} {kind} examples, {self.total_steps} steps of {cfg.train.batch_size}; "
                      f"held out: {len(eval_ex)} {'examples' if self.sft else 'lists'}")
@@ -329,7 +348,8 @@ def _run(r: OfflineRun, stop) -> list[dict]:
             sums.push(metrics)  # reads step n - 1's metrics now that step n is dispatched
             done = step + 1
             bar.update(1)
-            if done % every == 0 or done == total or done % cfg.checkpoint.every_steps == 0 or stop():
+            ckpt = cfg.checkpoint.every_steps
+            if done % every == 0 or done == total or (ckpt and done % ckpt == 0) or stop():
                 summed = sums.flush()
                 bar.set_postfix(loss=f"{sums.mean('loss'):.4f}")
                 seconds = r.progress.seconds + time.perf_counter() - t0

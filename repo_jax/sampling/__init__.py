@@ -53,6 +53,7 @@ from collections.abc import Sequence
 
 import flax.struct
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -169,6 +170,62 @@ def param_shardings(state, mesh, rules=shd.SAMPLE_RULES):
     return shd.state_shardings(state, mesh, rules)
 
 
+def program_inputs(prompts: Sequence[Sequence[int]], *, max_new_tokens: int, temperature=0.0, top_k=None,
+                   top_p=None, eos_id=None, seed: int = 0, num_samples: int = 1, pad_id: int = 0, mesh=None,
+                   batch_buckets=None, length_buckets=None, new_token_buckets=None, cache_dtype=None,
+                   max_compactions: int = 3, slots: int | None = None, prefill_group: int | None = None,
+                   share_prefix: bool = True) -> tuple[tuple, Static]:
+    """The decode program's arguments after the model state (host arrays) and its ``Static``, for
+    :func:`sample`'s arguments of the same names; ``python -m repo_jax.plan`` lowers the program
+    with them and an abstract model state, so the planned program is the one a run compiles."""
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("sample() needs at least one prompt and every prompt needs at least one token")
+    if num_samples < 1:
+        raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+    stop_ids = () if eos_id is None else ((int(eos_id),) if np.isscalar(eos_id) else tuple(int(e) for e in eos_id))
+    n_prompts, k = len(prompts), int(num_samples)
+    per_row = not np.isscalar(temperature)
+    if per_row:
+        temps = np.asarray(temperature, np.float32)
+        if temps.shape != (n_prompts,) or (temps < 0).any():
+            raise ValueError(f"temperature: one value >= 0 per prompt ({n_prompts}), got shape {temps.shape}")
+        if top_k is not None or top_p is not None:
+            raise ValueError("a temperature per prompt takes no top_k / top_p")
+        temperature = float(temps.max())
+    policy = SamplingPolicy(float(temperature), None if top_k is None else int(top_k), None if top_p is None else float(top_p))
+    per_row = per_row and not policy.greedy
+    mult = 1 if mesh is None else shd.batch_size_multiple(mesh)
+    b = bucket(n_prompts, batch_buckets)
+    if slots is not None:
+        slots = max(int(slots), k)
+        slots += -slots % mult
+    if slots is None or b * k <= slots:  # every row fits at once: one prefill, no refill
+        q, f = _prefill_layout(b, k, mult)
+        group, n_slots = 0, q * k
+    else:  # a queue of prompt slots, `group` of them prefilled per refill
+        group, f = _prefill_layout(max(1, int(prefill_group or slots // (32 * k))), k, mult)
+        n_slots = max(slots, group * k)
+        q = group * bucket(-(-n_prompts // group))
+    c = _common_prefix(prompts) if share_prefix else 0
+    c_bucket = bucket(c, length_buckets, minimum=8, half_steps=True) if c else 0
+    p = bucket(max(len(x) for x in prompts) - c, length_buckets, minimum=8, half_steps=True)
+    n = bucket(max(1, max_new_tokens), new_token_buckets, minimum=8)
+    prefix, prefix_mask, _ = _left_padded([prompts[0][:c]], mult, c_bucket, pad_id) if c else (
+        np.zeros((1, 0), np.int32), np.zeros((1, 0), np.int32), None)
+    # Prefill row j holds prompt slot j // f; output row r continues prompt slot r // K.
+    tokens, mask, valid = _left_padded([x[c:] for x in prompts], q, p, pad_id)
+    tokens, mask = np.repeat(tokens, f, axis=0), np.repeat(mask, f, axis=0)
+
+    stages = _stage_rows(n_slots, mult, min_rows=COMPACT_MIN_ROWS, max_compactions=max_compactions)
+    static = Static(policy, k // f, n, stop_ids, int(pad_id), cache_dtype, stages, replicate=mesh is not None,
+                    group=group, per_row=per_row)
+    temperature_R = np.zeros((q * k,), np.float32)  # output row r continues prompt r // K
+    if per_row:
+        temperature_R[:n_prompts * k] = np.repeat(temps, k)
+    return (prefix, prefix_mask, tokens, mask, valid, np.int32(n_prompts), np.int32(max_new_tokens),
+            np.uint32(seed), temperature_R), static
+
+
 def sample(
     model,
     prompts: Sequence[Sequence[int]],
@@ -235,54 +292,15 @@ def sample(
         may grow by filler slots (see ``_prefill_layout``).
     """
     _check_mesh(mesh)
-    if not prompts or any(len(p) == 0 for p in prompts):
-        raise ValueError("sample() needs at least one prompt and every prompt needs at least one token")
-    if num_samples < 1:
-        raise ValueError(f"num_samples must be >= 1, got {num_samples}")
-    stop_ids = () if eos_id is None else ((int(eos_id),) if np.isscalar(eos_id) else tuple(int(e) for e in eos_id))
+    inputs, static = program_inputs(
+        prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, eos_id=eos_id,
+        seed=seed, num_samples=num_samples, pad_id=pad_id, mesh=mesh, batch_buckets=batch_buckets,
+        length_buckets=length_buckets, new_token_buckets=new_token_buckets, cache_dtype=cache_dtype,
+        max_compactions=max_compactions, slots=slots, prefill_group=prefill_group, share_prefix=share_prefix)
     n_prompts, k = len(prompts), int(num_samples)
-    per_row = not np.isscalar(temperature)
-    if per_row:
-        temps = np.asarray(temperature, np.float32)
-        if temps.shape != (n_prompts,) or (temps < 0).any():
-            raise ValueError(f"temperature: one value >= 0 per prompt ({n_prompts}), got shape {temps.shape}")
-        if top_k is not None or top_p is not None:
-            raise ValueError("a temperature per prompt takes no top_k / top_p")
-        temperature = float(temps.max())
-    policy = SamplingPolicy(float(temperature), None if top_k is None else int(top_k), None if top_p is None else float(top_p))
-    per_row = per_row and not policy.greedy
-    mult = 1 if mesh is None else shd.batch_size_multiple(mesh)
-    b = bucket(n_prompts, batch_buckets)
-    if slots is not None:
-        slots = max(int(slots), k)
-        slots += -slots % mult
-    if slots is None or b * k <= slots:  # every row fits at once: one prefill, no refill
-        q, f = _prefill_layout(b, k, mult)
-        group, n_slots = 0, q * k
-    else:  # a queue of prompt slots, `group` of them prefilled per refill
-        group, f = _prefill_layout(max(1, int(prefill_group or slots // (32 * k))), k, mult)
-        n_slots = max(slots, group * k)
-        q = group * bucket(-(-n_prompts // group))
-    c = _common_prefix(prompts) if share_prefix else 0
-    c_bucket = bucket(c, length_buckets, minimum=8, half_steps=True) if c else 0
-    p = bucket(max(len(x) for x in prompts) - c, length_buckets, minimum=8, half_steps=True)
-    n = bucket(max(1, max_new_tokens), new_token_buckets, minimum=8)
-    prefix, prefix_mask, _ = _left_padded([prompts[0][:c]], mult, c_bucket, pad_id) if c else (
-        np.zeros((1, 0), np.int32), np.zeros((1, 0), np.int32), None)
-    # Prefill row j holds prompt slot j // f; output row r continues prompt slot r // K.
-    tokens, mask, valid = _left_padded([x[c:] for x in prompts], q, p, pad_id)
-    tokens, mask = np.repeat(tokens, f, axis=0), np.repeat(mask, f, axis=0)
-
     model = decoding_model(model, unstack)
     graphdef, state = nnx.split(model)
-    stages = _stage_rows(n_slots, mult, min_rows=COMPACT_MIN_ROWS, max_compactions=max_compactions)
-    static = Static(policy, k // f, n, stop_ids, int(pad_id), cache_dtype, stages, replicate=mesh is not None,
-                    group=group, per_row=per_row)
-    temperature_R = np.zeros((q * k,), np.float32)  # output row r continues prompt r // K
-    if per_row:
-        temperature_R[:n_prompts * k] = np.repeat(temps, k)
-    args = (state, prefix, prefix_mask, tokens, mask, valid, np.int32(n_prompts), np.int32(max_new_tokens),
-            np.uint32(seed), temperature_R)
+    args = (state, *inputs)
     if mesh is not None:
         state_sh = shardings if shardings is not None else param_shardings(state, mesh)
         repl = shd.replicated(mesh)
@@ -308,16 +326,33 @@ def sample(
     )
 
 
+def in_compute_dtype(model):
+    """``model`` with its floating weights stored in its compute dtype when that is narrower than
+    the storage dtype (float32 master weights, bfloat16 compute): the layers cast every weight to
+    the compute dtype before using it, so a decoding copy in that dtype computes the same and holds
+    half the bytes (Mistral-7B: 13.5 GiB instead of 27 per replica). Otherwise ``model`` itself."""
+    cfg = getattr(model, "config", None)
+    if cfg is None or cfg.jnp_dtype.itemsize >= cfg.jnp_param_dtype.itemsize:
+        return model
+    narrow = cfg.replace(param_dtype=cfg.dtype)
+    graphdef, abs_state = nnx.split(nnx.eval_shape(lambda: type(model)(narrow, rngs=nnx.Rngs(0))))
+    values = dict(nnx.to_flat_state(nnx.state(model)))
+    cast = jax.jit(lambda x: x.astype(cfg.jnp_dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x)
+    flat = [(path, var.replace(cast(values[path][...]))) for path, var in nnx.to_flat_state(abs_state)]
+    return nnx.merge(graphdef, nnx.from_flat_state(flat))
+
+
 def decoding_model(model, unstack: bool | None = None):
     """The model :func:`sample` decodes with: ``model.unstacked()`` when ``unstack`` says so
     (``None``: when the weights live on CPU), else ``model`` (see ``sample``'s ``unstack``);
     LoRA adapters are folded into the weights first (``models.lora.merge``: decoding costs what
-    the base costs)."""
+    the base costs), and float32 master weights of a bf16-compute model are cast to bf16
+    (:func:`in_compute_dtype`)."""
     if not hasattr(model, "unstacked"):
         return model
     from repo_jax.models import lora
 
-    model = lora.merge(model)
+    model = in_compute_dtype(lora.merge(model))
     if unstack is None:
         leaf = jax.tree.leaves(nnx.state(model))[0]
         unstack = all(d.platform == "cpu" for d in leaf.devices())

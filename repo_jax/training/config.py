@@ -68,13 +68,25 @@ class LossConfig:
 
 @dataclasses.dataclass(frozen=True)
 class OptimConfig:
-    """AdamW with linear warm-up then cosine decay to ``lr * end_lr_ratio`` at ``total_steps``,
-    after global-norm clipping at ``clip_norm`` (0 disables). Weight decay skips 1-D parameters
-    (norms, biases). ``mu_dtype``: dtype of Adam's first moment (``float32`` keeps it exact)."""
+    """AdamW with a linear warm-up to ``lr`` then cosine decay to ``lr * end_lr_ratio`` at the
+    schedule's last step (``constant``: flat after the warm-up), after global-norm clipping at
+    ``clip_norm`` (0 disables). Weight decay skips 1-D parameters (norms, biases).
+    ``mu_dtype``: dtype of Adam's first moment (``float32`` keeps it exact).
+
+    total_steps: the schedule's length in optimiser steps; 0 (the default) = the steps the run
+      will take, which every program computes at start-up (the iREPO loop: rounds x ceil(pairs
+      or lists per round / train.batch_size) x loop.epochs, one round's with
+      ``loop.optimizer=reset``; the offline programs: ``train.steps``, or the epochs' steps).
+    warmup_steps / warmup_ratio: the warm-up in steps, or as a fraction of ``total_steps``
+      (set one). Warm-up step ``n`` (0-based) runs at ``lr * (n + 1) / warmup``: the first step
+      trains, the last warm-up step is at ``lr``. A schedule that never reaches ``lr`` within the
+      run, or an explicit ``total_steps`` other than the run's, is refused at start-up (top-level
+      ``strict: false`` turns that into a warning)."""
 
     lr: float = 1e-6
-    warmup_steps: int = 10
-    total_steps: int = 1000
+    warmup_steps: int = 0
+    warmup_ratio: float = 0.0
+    total_steps: int = 0
     schedule: Literal["cosine", "constant"] = "cosine"
     end_lr_ratio: float = 0.0
     b1: float = 0.9
@@ -102,6 +114,10 @@ class TrainConfig:
     ``model.dtype`` (the master parameters, gradients and Adam stay in ``model.param_dtype``).
     A non-finite loss or gradient skips the update; ``max_nonfinite_in_a_row`` of them in a row
     stops the run.
+
+    ``steps``: the offline programs' optimiser steps (0 = ``data.num_epochs`` passes over the
+    data). The iREPO loop does not read it (its steps follow from ``loop``: see ``OptimConfig``)
+    and refuses a config that sets it.
     """
 
     batch_size: int = 8
@@ -109,7 +125,7 @@ class TrainConfig:
     seq_len: int = 512
     layout: Literal["shared", "rows"] = "shared"
     micro_batches: int = 1
-    steps: int = 1000
+    steps: int = 0
     seed: int = 0
     reference: Literal["batch", "params"] = "batch"
     logprob_chunk: int = 128
@@ -119,11 +135,14 @@ class TrainConfig:
 
 @dataclasses.dataclass(frozen=True)
 class CheckpointConfig:
-    """Orbax checkpoints under ``dir`` (default ``<run_dir>/checkpoints``) every ``every_steps``
-    steps, keeping the newest ``keep``; saves run in the background when ``async_save``."""
+    """Orbax checkpoints under ``dir`` (default ``<run_dir>/checkpoints``), keeping the newest
+    ``keep``; saves run in the background when ``async_save``. Every program checkpoints at its
+    natural boundaries (the loop: every round's end; the offline programs: every evaluation and
+    the end) and on SIGTERM; ``every_steps`` > 0 adds a save every that many optimiser steps (a
+    cadence the run never reaches is refused at start-up)."""
 
     dir: str = ""
-    every_steps: int = 100
+    every_steps: int = 0
     keep: int = 3
     async_save: bool = True
 
@@ -134,9 +153,18 @@ class RunConfig:
 
     ``data`` is the data pipeline's own section (``repo_jax.data.DataConfig``); its
     ``batch_size`` counts rows per host, so ``data.batch_size x processes = train.batch_size``.
+
+    ``slice``: the machine the config is sized for (``python -m repo_jax.plan`` checks each
+    phase against its memory; a run on another device count says so): a key of
+    ``repo_jax.plan.SLICES`` (``v5litepod-8``, ``v5p-8``, ``v6e-8``, ``8xH100``, ``cpu``, ...)
+    or ``""``. ``strict``: refuse at start-up a schedule that never reaches its peak, a
+    ``total_steps`` or checkpoint cadence the run never reaches, and keys the program does not
+    read (``false``: warn and run).
     """
 
     run_dir: str = "runs/default"
+    slice: str = ""
+    strict: bool = True
     model: ModelSection = ModelSection()
     data: DataConfig = DataConfig()
     mesh: MeshConfig = MeshConfig()

@@ -77,6 +77,9 @@ class StepSums:
             self.sums["examples"] += n
             self.sums["nonfinite"] += float(m["skipped"])
             self.sums["steps"] += 1
+            if "lr" in m:  # the schedule's highest and last rates over the summed steps
+                self.sums["lr_max"] = max(self.sums.get("lr_max", 0.0), float(m["lr"]))
+                self.sums["lr_last"] = float(m["lr"])
         return dict(self.sums)
 
     def mean(self, key: str) -> float:
@@ -95,6 +98,8 @@ def mean_record(sums: Mapping[str, float], keys: Sequence[str]) -> dict[str, flo
     ex = max(sums["examples"], 1.0)
     out: dict[str, Any] = {f"train/{k}": sums[k] / ex for k in keys}
     out.update({"train/steps": int(sums["steps"]), "train/nonfinite_steps": int(sums["nonfinite"])})
+    if "lr_max" in sums:  # the learning rate: the highest a step ran at, and the last step's
+        out.update({"train/lr_max": sums["lr_max"], "train/lr_last": sums["lr_last"]})
     return out
 
 
