@@ -4,8 +4,12 @@
 #   bash launch/gpu.sh [--dry-run] --hosts H1,H2,... [--port 1234] [--dir repo_jax] [--repo GIT_URL] \
 #        [--extra cuda] [--no-setup] -- CMD...
 #
-# Example (two hosts, 8 GPUs each; Mistral-7B iREPO over a 16-device fsdp mesh):
-#   bash launch/gpu.sh --dry-run --hosts gpu-a,gpu-b -- python -m repo_jax.irepo --config configs/mistral7b_irepo.yaml
+# Examples (plan first: python -m repo_jax.plan --config CONFIG --devices N):
+#   one host of 8 x H100, the slice configs/mistral7b_irepo.yaml is sized for:
+#   bash launch/gpu.sh --dry-run --hosts gpu-a -- python -m repo_jax.irepo --config configs/mistral7b_irepo.yaml
+#   two hosts (16 GPUs, a 16-device fsdp mesh): a batch of 64 pairs splits into 4 micro-batches of 16, one a GPU:
+#   bash launch/gpu.sh --dry-run --hosts gpu-a,gpu-b -- python -m repo_jax.irepo --config configs/mistral7b_irepo.yaml \
+#        train.micro_batches=4
 #
 # Steps, on every host (over ssh; --dry-run prints each command instead of running it):
 #   1. the code: `git clone --repo` into --dir, or (without --repo) this checkout's committed

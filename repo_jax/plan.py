@@ -25,6 +25,7 @@ import dataclasses
 import math
 import os
 import sys
+from pathlib import Path
 
 GiB = 1024**3
 FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
@@ -308,7 +309,7 @@ def table(rows: list[dict]) -> str:
         own = _yes(r["fits"].get(r["slice"])) if r["slice"] else "(no slice)"
         steps = f"{r['steps']:,}" if r["steps"] else r["steps_what"]
         tok = f"{r['train_tokens'] / 1e6:,.1f}M / {r['sampled_tokens'] / 1e6:,.1f}M" if r["steps"] else "–"
-        lines.append(f"| {r['config']} | {r['slice'] or '–'} ({r['devices']}) | {r['model']} | {r['mesh']} | {cells} "
+        lines.append(f"| {r['config']} | {r['slice'] or '–'} ({r['devices']}) | {r['model']} | {tuple(r['mesh'])} | {cells} "
                      f"| {own} | {steps} | {tok} |")
     return "\n".join(lines)
 
@@ -339,10 +340,33 @@ def _slice_of(path: str, overrides) -> str:
         return (yaml.safe_load(f) or {}).get("slice", "") or ""
 
 
+def plan_all(folder: str, fast_compile: bool) -> int:
+    """``--all FOLDER``: every YAML in ``FOLDER`` planned at its slice's device count (one process
+    each), then the one table the README's scale section shows."""
+    import json
+    import subprocess
+
+    rows = []
+    for path in sorted(Path(folder).glob("*.yaml")):
+        cmd = [sys.executable, "-m", "repo_jax.plan", "--config", str(path), "--json",
+               *(["--fast-compile"] if fast_compile else [])]
+        out = subprocess.run(cmd, capture_output=True, text=True)
+        if out.returncode:
+            print(f"error: {path}: {out.stderr.strip().splitlines()[-1] if out.stderr.strip() else out.returncode}",
+                  file=sys.stderr)
+            return out.returncode
+        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+        print(f"planned {path}", file=sys.stderr)
+    print(table(rows))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(prog="python -m repo_jax.plan", description=__doc__.split("\n\n")[1])
-    parser.add_argument("--config", required=True, help="a training YAML (configs/*.yaml)")
+    parser.add_argument("--config", help="a training YAML (configs/*.yaml)")
+    parser.add_argument("--all", metavar="FOLDER", help="plan every YAML in FOLDER at its slice; print one table")
+    parser.add_argument("--json", action="store_true", help="print the plan as one JSON line")
     parser.add_argument("--devices", type=int, default=0,
                         help="fake CPU devices to plan for (default: the chips of the config's slice, else 8)")
     parser.add_argument("--slice", default="", help=f"plan for this slice instead of the config's ({', '.join(SLICES)})")
@@ -350,6 +374,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--twin", action="store_true", help="plan the config's scaled twin (repo_jax.twin)")
     parser.add_argument("overrides", nargs="*", help="key.sub=value config overrides")
     args = parser.parse_args(argv)
+    if args.all:
+        return plan_all(args.all, args.fast_compile)
+    if not args.config:
+        parser.error("--config or --all is required")
     overrides = list(args.overrides) + ([f"slice={args.slice}"] if args.slice else [])
     name = _slice_of(args.config, overrides)
     if name and name not in SLICES:
@@ -374,6 +402,11 @@ def main(argv: list[str] | None = None) -> int:
     except config_lib.ConfigError as e:
         print(f"error: {args.config}: {e}", file=sys.stderr)
         return 2
+    if args.json:
+        import json
+
+        print(json.dumps(r))
+        return 0
     print(f"plan: {args.config} on {r['devices']} devices, mesh (data, fsdp, tensor) = {r['mesh']}"
           + (f", sized for {r['slice']} ({SLICES[r['slice']].what})" if r["slice"] else ""))
     print(f"  {r['model']}, {r['params'] / 1e9:.2f} B parameters; batch {r['batch']} in {r['micro_batches']} "

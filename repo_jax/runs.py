@@ -116,6 +116,10 @@ def check_start(cfg, mesh, *, run_steps: int, what: str, unread=(), extra=(), lo
             raise config_lib.ConfigError(f"{text} (strict=false runs it anyway)")
         log(f"warning (strict=false): {text}")
     _check_slice(cfg, mesh, log)
+    if jax.process_index() == 0:
+        log(f"schedule: {run_steps} optimiser steps ({what}); lr {resolved.lr:g}, warm-up {resolved.warmup_steps} "
+            f"steps, {resolved.schedule}" + (f" to {resolved.lr * resolved.end_lr_ratio:g} at step {resolved.total_steps}"
+                                              if resolved.schedule == "cosine" else ""))
     return dataclasses.replace(cfg, optim=resolved)
 
 

@@ -77,6 +77,9 @@ class StepSums:
             self.sums["examples"] += n
             self.sums["nonfinite"] += float(m["skipped"])
             self.sums["steps"] += 1
+            if not float(m["skipped"]):  # the loss of the first and the last step summed
+                self.sums.setdefault("loss_first", float(m["loss"]))
+                self.sums["loss_last"] = float(m["loss"])
             if "lr" in m:  # the schedule's highest and last rates over the summed steps
                 self.sums["lr_max"] = max(self.sums.get("lr_max", 0.0), float(m["lr"]))
                 self.sums["lr_last"] = float(m["lr"])
@@ -98,6 +101,8 @@ def mean_record(sums: Mapping[str, float], keys: Sequence[str]) -> dict[str, flo
     ex = max(sums["examples"], 1.0)
     out: dict[str, Any] = {f"train/{k}": sums[k] / ex for k in keys}
     out.update({"train/steps": int(sums["steps"]), "train/nonfinite_steps": int(sums["nonfinite"])})
+    if "loss_first" in sums:  # did the loss move over these steps
+        out.update({"train/loss_first": sums["loss_first"], "train/loss_last": sums["loss_last"]})
     if "lr_max" in sums:  # the learning rate: the highest a step ran at, and the last step's
         out.update({"train/lr_max": sums["lr_max"], "train/lr_last": sums["lr_last"]})
     return out
