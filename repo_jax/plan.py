@@ -161,7 +161,7 @@ def plan(cfg, *, fast_compile: bool = False, name: str = "", sampler: bool = Tru
     from repo_jax import sharding as shd
     from repo_jax.loop.config import IrepoConfig, schedule_steps
     from repo_jax.models.config import LoraConfig
-    from repo_jax.runs import batch_problem
+    from repo_jax.runs import batch_problem, run_mesh
     from repo_jax.sampling.program import generate_program
     from repo_jax.training import batch as bt
     from repo_jax.training import optim
@@ -170,7 +170,7 @@ def plan(cfg, *, fast_compile: bool = False, name: str = "", sampler: bool = Tru
     from repo_jax.training.checkpoint import abstract_target
 
     options = FAST_COMPILE if fast_compile else None
-    mesh = shd.make_mesh(cfg.mesh)
+    mesh = run_mesh(cfg)
     bad = batch_problem(cfg.train, mesh)
     if bad:
         raise config_lib.ConfigError(bad)
@@ -282,6 +282,10 @@ def plan(cfg, *, fast_compile: bool = False, name: str = "", sampler: bool = Tru
     }
 
 
+def _count(n: float) -> str:
+    return f"{n / 1e6:,.1f}M" if n >= 1e6 else f"{n / 1e3:,.0f}k" if n >= 1e3 else f"{n:.0f}"
+
+
 def _yes(v: bool | None) -> str:
     return "—" if v is None else "yes" if v else "**no**"
 
@@ -308,7 +312,7 @@ def table(rows: list[dict]) -> str:
                            for k in ("train step", "reference pass", "sampler", "in-process judges", "pi_0 copy"))
         own = _yes(r["fits"].get(r["slice"])) if r["slice"] else "(no slice)"
         steps = f"{r['steps']:,}" if r["steps"] else r["steps_what"]
-        tok = f"{r['train_tokens'] / 1e6:,.1f}M / {r['sampled_tokens'] / 1e6:,.1f}M" if r["steps"] else "–"
+        tok = f"{_count(r['train_tokens'])} / {_count(r['sampled_tokens'])}" if r["steps"] else "–"
         lines.append(f"| {r['config']} | {r['slice'] or '–'} ({r['devices']}) | {r['model']} | {tuple(r['mesh'])} | {cells} "
                      f"| {own} | {steps} | {tok} |")
     return "\n".join(lines)

@@ -71,6 +71,15 @@ def prepare_run_dir(cfg, resumable: tuple[str, ...] = ()) -> Path:
     return run_dir
 
 
+def run_mesh(cfg):
+    """The run's mesh over every device; a mesh section the device count cannot fill is a
+    ``ConfigError`` naming the keys and the count."""
+    try:
+        return shd.make_mesh(cfg.mesh)
+    except ValueError as e:
+        raise config_lib.ConfigError(f"{e} (this process sees {jax.device_count()} devices)") from None
+
+
 def batch_problem(train, mesh) -> str | None:
     """Why ``train.batch_size`` cannot be split over ``mesh`` (the batch axes, data x fsdp) and
     ``train.micro_batches``, with the nearest values that can; ``None`` when it can."""

@@ -23,7 +23,7 @@ from repo_jax.data import DataConfig, make_pipeline
 from repo_jax.data.tokenize import Formatter
 from repo_jax.loop.config import IrepoConfig, check, schedule_steps, unread_keys
 from repo_jax.loop.panels import build_panel
-from repo_jax.runs import RunBase, check_start, load_tokenizer_for, prepare_run_dir
+from repo_jax.runs import RunBase, check_start, load_tokenizer_for, prepare_run_dir, run_mesh
 from repo_jax.training import optim
 from repo_jax.training import state as st
 from repo_jax.training import step as sp
@@ -61,7 +61,7 @@ class Run(RunBase):
         from repo_jax.tasks import get_task
 
         check(cfg)
-        self.mesh = shd.make_mesh(cfg.mesh)
+        self.mesh = run_mesh(cfg)
         steps, what = schedule_steps(cfg)  # before anything is written, sampled or loaded
         resolved = check_start(cfg, self.mesh, run_steps=steps, what=what, unread=unread_keys(cfg), log=log)
         self.main = jax.process_index() == 0

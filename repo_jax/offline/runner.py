@@ -47,8 +47,8 @@ from repo_jax.loop.evaluate import greedy_answers
 from repo_jax.offline import pairs as pairs_lib
 from repo_jax.offline.config import OfflineConfig, SftConfig, check, pair_mode, unread_keys
 from repo_jax.offline.ranking import gather_pairs, ranking_metrics
-from repo_jax.runs import (Preempted, RunBase, batch_problem, check_start, load_tokenizer_for, prepare_run_dir, program_main,
-                           run_until_preempted)
+from repo_jax.runs import (Preempted, RunBase, batch_problem, check_start, load_tokenizer_for, prepare_run_dir,
+                           program_main, run_mesh, run_until_preempted)
 from repo_jax.training import batch as bt
 from repo_jax.training import objectives, optim
 from repo_jax.training import state as st
@@ -98,7 +98,7 @@ class OfflineRun(RunBase):
         self.show_progress = cfg.progress
         self.sft = isinstance(cfg, SftConfig)
         self.mode = "sft" if self.sft else pair_mode(cfg)
-        self.mesh = shd.make_mesh(cfg.mesh)
+        self.mesh = run_mesh(cfg)
         bad = batch_problem(cfg.train, self.mesh)  # before any data is read
         if bad:
             raise config_lib.ConfigError(bad)
