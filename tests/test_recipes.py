@@ -235,3 +235,27 @@ def test_the_gpu_launch_examples_split_their_batch_over_their_devices():
         cfg = config_lib.load(IrepoConfig, ROOT / config, [w for w in words if "=" in w and not w.startswith("-")])
         mesh = jax.sharding.AbstractMesh(cfg.mesh.shape(8 * len(hosts)), ("data", "fsdp", "tensor"))
         assert batch_problem(cfg.train, mesh) is None, (cmd, batch_problem(cfg.train, mesh))
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_every_shipped_config_passes_the_start_up_checks(name):
+    """What a run refuses at start-up, checked on every shipped YAML without running it: the
+    schedule reaches its peak within the run, cadences are reached, no unread key is set."""
+    from repo_jax.loop.config import schedule_steps, unread_keys
+    from repo_jax.offline import config as offline
+    from repo_jax.training import optim
+
+    path = ROOT / "configs" / name
+    cls = offline.config_class(yaml.safe_load(path.read_text()))
+    cfg = config_lib.load(cls, path)
+    if cls is IrepoConfig:
+        steps, what = schedule_steps(cfg)
+        assert unread_keys(cfg) == []
+    else:
+        assert offline.unread_keys(cfg) == []
+        if not cfg.train.steps:
+            pytest.skip("the steps follow from the data (data.num_epochs)")
+        steps, what = cfg.train.steps, "train.steps"
+        assert cfg.eval.every_steps <= steps
+    assert optim.schedule_problems(cfg.optim, steps, what) == []
+    assert cfg.checkpoint.every_steps <= steps
