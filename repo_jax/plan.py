@@ -31,34 +31,7 @@ GiB = 1024**3
 FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 
 
-@dataclasses.dataclass(frozen=True)
-class Slice:
-    """A machine a config can name (``slice:``): chips (JAX devices) and HBM per chip (GiB)."""
-
-    chips: int
-    hbm_gib: float
-    what: str
-
-
-# Cloud TPU names as ``gcloud compute tpus tpu-vm create --accelerator-type`` takes them: v5e is
-# "v5litepod-N" (N chips, 16 GiB each), v5p-N and v4-N count TensorCores (2 per chip: v5p-8 is
-# 4 chips of 95 GiB), v6e-N counts chips (32 GiB each). GPUs: one host of N cards.
-SLICES = {
-    "v5litepod-1": Slice(1, 16, "TPU v5e, 1 chip"),
-    "v5litepod-4": Slice(4, 16, "TPU v5e, 4 chips"),
-    "v5litepod-8": Slice(8, 16, "TPU v5e, 8 chips"),
-    "v5litepod-16": Slice(16, 16, "TPU v5e, 16 chips (4 hosts)"),
-    "v5p-8": Slice(4, 95, "TPU v5p, 4 chips"),
-    "v5p-16": Slice(8, 95, "TPU v5p, 8 chips (2 hosts)"),
-    "v6e-4": Slice(4, 32, "TPU v6e, 4 chips"),
-    "v6e-8": Slice(8, 32, "TPU v6e, 8 chips"),
-    "v4-8": Slice(4, 32, "TPU v4, 4 chips"),
-    "1xH100": Slice(1, 80, "one H100 80 GB"),
-    "8xH100": Slice(8, 80, "8 x H100 80 GB"),
-    "8xH200": Slice(8, 141, "8 x H200 141 GB"),
-    "cpu": Slice(1, 16, "a laptop CPU (16 GiB of memory assumed)"),
-}
-COMPARE = ("v5litepod-8", "v5p-8", "8xH100")  # besides the config's own slice
+from repo_jax.slices import COMPARE, SLICES, Slice  # noqa: F401 (Slice: re-exported)
 
 
 def _ensure_devices(n: int, argv: list[str]) -> None:
@@ -115,18 +88,6 @@ def _memory(compiled) -> dict[str, int]:
     return out
 
 
-def run_steps(cfg) -> tuple[int, str]:
-    """Optimiser steps of the whole run (0 when the data decides: offline epochs) and where the
-    number comes from."""
-    from repo_jax.loop.config import IrepoConfig, steps_per_round
-
-    if isinstance(cfg, IrepoConfig):
-        per = steps_per_round(cfg)
-        return per * cfg.loop.rounds, f"{cfg.loop.rounds} rounds x {per}"
-    return cfg.train.steps, (f"train.steps={cfg.train.steps}" if cfg.train.steps else
-                             f"data.num_epochs={cfg.data.num_epochs} passes (data-dependent)")
-
-
 def _judge_phase(cfg, resident: int) -> tuple[int, str]:
     """Device bytes of the panel's in-process members: an LLM judge's weights, loaded whole on one
     device beside the resident state (its activations are not counted); served members and rules
@@ -161,7 +122,7 @@ def plan(cfg, *, fast_compile: bool = False, name: str = "", sampler: bool = Tru
     from repo_jax import sharding as shd
     from repo_jax.loop.config import IrepoConfig, schedule_steps
     from repo_jax.models.config import LoraConfig
-    from repo_jax.runs import batch_problem, run_mesh
+    from repo_jax.runs import batch_problem, planned_steps, run_mesh
     from repo_jax.sampling.program import generate_program
     from repo_jax.training import batch as bt
     from repo_jax.training import optim
@@ -176,7 +137,7 @@ def plan(cfg, *, fast_compile: bool = False, name: str = "", sampler: bool = Tru
         raise config_lib.ConfigError(bad)
     mcfg = st.model_config(cfg.model)
     loop = isinstance(cfg, IrepoConfig)
-    steps, steps_what = run_steps(cfg)
+    steps, steps_what = planned_steps(cfg)
     horizon = schedule_steps(cfg)[0] if loop else steps
     cfg = dataclasses.replace(cfg, optim=optim.resolve(cfg.optim, max(horizon, 1)))
     tx = optim.make_optimizer(cfg.optim)

@@ -71,6 +71,18 @@ def prepare_run_dir(cfg, resumable: tuple[str, ...] = ()) -> Path:
     return run_dir
 
 
+def planned_steps(cfg) -> tuple[int, str]:
+    """Optimiser steps of the whole run (0 when the data decides: offline epochs) and where the
+    number comes from."""
+    from repo_jax.loop.config import IrepoConfig, steps_per_round
+
+    if isinstance(cfg, IrepoConfig):
+        per = steps_per_round(cfg)
+        return per * cfg.loop.rounds, f"{cfg.loop.rounds} rounds x {per}"
+    return cfg.train.steps, (f"train.steps={cfg.train.steps}" if cfg.train.steps else
+                             f"data.num_epochs={cfg.data.num_epochs} passes (data-dependent)")
+
+
 def run_mesh(cfg):
     """The run's mesh over every device; a mesh section the device count cannot fill is a
     ``ConfigError`` naming the keys and the count."""
@@ -133,7 +145,7 @@ def check_start(cfg, mesh, *, run_steps: int, what: str, unread=(), extra=(), lo
 
 
 def _check_slice(cfg, mesh, log) -> None:
-    from repo_jax.plan import SLICES
+    from repo_jax.slices import SLICES
 
     s = SLICES.get(cfg.slice)
     if s is not None and jax.default_backend() != "cpu" and s.chips != mesh.size:

@@ -76,13 +76,13 @@ def _scaled(value: int, full: int, small: int) -> int:
 
 def twin(cfg, *, judge_url: str = ""):
     """The scaled twin of ``cfg`` (an ``IrepoConfig`` or an offline config): see the module doc."""
-    from repo_jax.loop.config import IrepoConfig
-    from repo_jax.plan import run_steps
+    from repo_jax.loop.config import IrepoConfig, steps_per_round
 
-    full_steps, _ = run_steps(cfg)
+    loop = isinstance(cfg, IrepoConfig)
+    full_steps = steps_per_round(cfg) * cfg.loop.rounds if loop else cfg.train.steps  # 0: the data decides
     model = dataclasses.replace(cfg.model, weights="", tokenizer="bytes", overrides=_model_overrides(cfg.model))
     data = dataclasses.replace(cfg.data, path=str(LISTS), split="train", max_prompt_len=PROMPT_LEN)
-    if isinstance(cfg, IrepoConfig):
+    if loop:
         return _loop_twin(cfg, model, data, full_steps, judge_url)
     return _offline_twin(cfg, model, data, full_steps)
 

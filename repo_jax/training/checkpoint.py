@@ -45,8 +45,8 @@ class Checkpointer:
     """A thin policy layer over ``ocp.CheckpointManager`` (which steps, which items)."""
 
     def __init__(self, directory: str | Path, cfg: CheckpointConfig = CheckpointConfig(), *, save_base: bool = False):
-        if cfg.keep < 1 or cfg.every_steps < 1:
-            raise ValueError("checkpoint.keep and checkpoint.every_steps must be at least 1")
+        if cfg.keep < 1 or cfg.every_steps < 0:
+            raise ValueError("checkpoint.keep must be at least 1 and checkpoint.every_steps at least 0")
         self.cfg, self.save_base = cfg, save_base
         self.directory = Path(directory).absolute()
         options = ocp.CheckpointManagerOptions(
@@ -70,8 +70,9 @@ class Checkpointer:
 
     def save(self, step: int, state: TrainState, *, loop: dict[str, Any] | None = None, data_iterator=None,
              force: bool = False) -> bool:
-        """Saves if ``step`` is a multiple of ``every_steps`` or ``force``; returns whether it did."""
-        if not force and int(step) % self.cfg.every_steps:
+        """Saves if ``step`` is a multiple of ``every_steps`` (0: never on its own) or ``force``;
+        returns whether it did."""
+        if not force and (not self.cfg.every_steps or int(step) % self.cfg.every_steps):
             return False
         items = {"state": ocp.args.StandardSave(state.replace(ref_params=None, frozen=None)),
                  "loop": ocp.args.JsonSave(loop or {})}
