@@ -138,7 +138,7 @@ def check_start(cfg, mesh, *, run_steps: int, what: str, unread=(), extra=(), lo
         log(f"warning (strict=false): {text}")
     _check_slice(cfg, mesh, log)
     if jax.process_index() == 0:
-        log(f"schedule: {run_steps} optimiser steps ({what}); lr {resolved.lr:g}, warm-up {resolved.warmup_steps} "
+        log(f"schedule: {run_steps} optimiser step{'' if run_steps == 1 else 's'} ({what}); lr {resolved.lr:g}, warm-up {resolved.warmup_steps} "
             f"steps, {resolved.schedule}" + (f" to {resolved.lr * resolved.end_lr_ratio:g} at step {resolved.total_steps}"
                                               if resolved.schedule == "cosine" else ""))
     return dataclasses.replace(cfg, optim=resolved)
