@@ -13,13 +13,16 @@ def _run(script, *args):
     return subprocess.run(["bash", str(ROOT / "launch" / script), *args], capture_output=True, text=True)
 
 
-@pytest.mark.parametrize("accelerator", ["v5e-8", "v5p-8"])
-def test_tpu_vm_dry_run_prints_gcloud_commands(accelerator):
+@pytest.mark.parametrize("accelerator, runtime", [("v5litepod-8", "v2-alpha-tpuv5-lite"), ("v5p-8", "v2-alpha-tpuv5"),
+                                                  ("v6e-8", "v2-alpha-tpuv6e"), ("v4-8", "tpu-ubuntu2204-base")])
+def test_tpu_vm_dry_run_prints_gcloud_commands(accelerator, runtime):
     out = _run("tpu_vm.sh", "--dry-run", "--name", "n1", "--zone", "us-central2-b", "--accelerator", accelerator,
                "--create", "--", "python", "-m", "repo_jax.plan", "--devices", "4")
     assert out.returncode == 0, out.stderr
     lines = [shlex.split(x) for x in out.stdout.strip().splitlines()]
-    assert lines[0][:6] == ["gcloud", "compute", "tpus", "tpu-vm", "create", "n1"] and accelerator in lines[0]
+    assert lines[0][:6] == ["gcloud", "compute", "tpus", "tpu-vm", "create", "n1"]
+    create = lines[0]  # the accelerator type and runtime version as Google's docs name them
+    assert create[create.index("--accelerator-type") + 1] == accelerator and create[create.index("--version") + 1] == runtime
     assert lines[1][:2] == ["git", "-C"] and "archive" in lines[1]
     assert lines[2][4:7] == ["scp", "/tmp/repo_jax.tgz", "n1:repo_jax.tgz"] and "--worker=all" in lines[2]
     assert "--worker=all" in lines[3] and lines[3][-1] == "tar xzf repo_jax.tgz"
@@ -70,3 +73,20 @@ def test_missing_arguments_are_one_clear_error():
                           (["--hosts", "h1,,h2", "--", "true"], "empty entry")]:
         out = _run("gpu.sh", "--dry-run", *args)
         assert out.returncode == 2 and message in out.stderr and len(out.stderr.strip().splitlines()) == 1, (args, out.stderr)
+
+
+@pytest.mark.parametrize("accelerator, message", [("v5e-8", "v5litepod-8"), ("tpu-v9-8", "is not one of")])
+def test_tpu_vm_refuses_accelerator_names_gcloud_does_not_take(accelerator, message):
+    out = _run("tpu_vm.sh", "--dry-run", "--name", "n1", "--zone", "z", "--accelerator", accelerator, "--create",
+               "--", "true")
+    assert out.returncode == 2 and message in out.stderr and not out.stdout
+
+
+def test_every_tpu_slice_plan_knows_is_one_tpu_vm_sh_accepts():
+    from repo_jax.slices import SLICES
+
+    for name in SLICES:
+        if name.startswith("v"):
+            out = _run("tpu_vm.sh", "--dry-run", "--name", "n1", "--zone", "z", "--accelerator", name, "--create",
+                       "--", "true")
+            assert out.returncode == 0, (name, out.stderr)
