@@ -88,7 +88,7 @@ def _memory(compiled) -> dict[str, int]:
     return out
 
 
-def _judge_phase(cfg, resident: int) -> tuple[int, str]:
+def _judge_phase(cfg) -> tuple[int, str]:
     """Device bytes of the panel's in-process members: an LLM judge's weights, loaded whole on one
     device beside the resident state (its activations are not counted); served members and rules
     hold nothing on the accelerator, a reward model runs in torch on the host."""
@@ -175,9 +175,7 @@ def plan(cfg, *, fast_compile: bool = False, name: str = "", sampler: bool = Tru
                    "note": f"temporaries {ref['temp'] / GiB:.2f}"})
 
     if loop and sampler:  # the round's sampler program: a decoding copy of the policy, KV cache of the slots
-        smcfg = dataclasses.replace(mcfg, lora=LoraConfig())  # LoRA adapters are merged into the copy
-        if smcfg.jnp_dtype.itemsize < smcfg.jnp_param_dtype.itemsize:  # sampling.in_compute_dtype
-            smcfg = dataclasses.replace(smcfg, param_dtype=smcfg.dtype)
+        smcfg = sampling.decoding_config(dataclasses.replace(mcfg, lora=LoraConfig()))  # adapters merged in
         sgraph, sstate = nnx.split(nnx.eval_shape(lambda: models.build(smcfg)))
         n_new = max(cfg.sample.max_new_tokens, cfg.eval_max_new_tokens)
         prompts = [[1] * cfg.data.max_prompt_len] * cfg.loop.prompts_per_round
@@ -197,7 +195,7 @@ def plan(cfg, *, fast_compile: bool = False, name: str = "", sampler: bool = Tru
                        "note": f"{static.stages[0]} slots x {inputs[2].shape[1] + static.buffer_len} tokens, "
                                f"weights copy {_device_bytes(sstate) / GiB:.2f}, temporaries {samp['temp'] / GiB:.2f}"})
     if loop:
-        judge_b, note = _judge_phase(cfg, resident)
+        judge_b, note = _judge_phase(cfg)
         phases.append({"phase": "in-process judges", "bytes": resident + judge_b,
                        "note": note or ("none: served / rule members only" if not judge_b else
                                         f"judge weights {judge_b / GiB:.2f} on one device (activations not counted)")})

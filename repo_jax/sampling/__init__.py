@@ -326,19 +326,32 @@ def sample(
     )
 
 
+def decoding_config(cfg):
+    """The ``ModelConfig`` of a decoding copy: the compute dtype as the storage dtype when it is
+    narrower (float32 master weights, bfloat16 compute), else ``cfg`` (``python -m repo_jax.plan``
+    plans the sampler with it)."""
+    if cfg.jnp_dtype.itemsize >= cfg.jnp_param_dtype.itemsize:
+        return cfg
+    return cfg.replace(param_dtype=cfg.dtype)
+
+
+# one compiled cast per (shapes, dtype): the loop makes a decoding copy every round
+_cast_floats = jax.jit(lambda tree, dtype: jax.tree.map(
+    lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree), static_argnums=1)
+
+
 def in_compute_dtype(model):
-    """``model`` with its floating weights stored in its compute dtype when that is narrower than
-    the storage dtype (float32 master weights, bfloat16 compute): the layers cast every weight to
-    the compute dtype before using it, so a decoding copy in that dtype computes the same and holds
-    half the bytes (Mistral-7B: 13.5 GiB instead of 27 per replica). Otherwise ``model`` itself."""
+    """``model`` with its floating weights stored as :func:`decoding_config` says: the layers cast
+    every weight to the compute dtype before using it, so a bfloat16 copy of float32 master
+    weights computes the same and holds half the bytes (Mistral-7B: 13.5 GiB instead of 27 per
+    replica). Otherwise ``model`` itself."""
     cfg = getattr(model, "config", None)
-    if cfg is None or cfg.jnp_dtype.itemsize >= cfg.jnp_param_dtype.itemsize:
+    if cfg is None or decoding_config(cfg) is cfg:
         return model
-    narrow = cfg.replace(param_dtype=cfg.dtype)
-    graphdef, abs_state = nnx.split(nnx.eval_shape(lambda: type(model)(narrow, rngs=nnx.Rngs(0))))
-    values = dict(nnx.to_flat_state(nnx.state(model)))
-    cast = jax.jit(lambda x: x.astype(cfg.jnp_dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x)
-    flat = [(path, var.replace(cast(values[path][...]))) for path, var in nnx.to_flat_state(abs_state)]
+    graphdef, abs_state = nnx.split(nnx.eval_shape(lambda: type(model)(decoding_config(cfg), rngs=nnx.Rngs(0))))
+    paths, arrays = zip(*[(path, v[...]) for path, v in nnx.to_flat_state(nnx.state(model))])
+    values = dict(zip(paths, _cast_floats(list(arrays), cfg.jnp_dtype)))
+    flat = [(path, var.replace(values[path])) for path, var in nnx.to_flat_state(abs_state)]
     return nnx.merge(graphdef, nnx.from_flat_state(flat))
 
 
