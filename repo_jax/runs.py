@@ -1,7 +1,8 @@
 """What every program's run shares (``python -m repo_jax.irepo``, ``repo_jax.lpo``, ``repo_jax.sft``).
 
 * the run folder: ``prepare_run_dir`` writes ``config.yaml`` or checks a resumed run's config
-  against it (``ConfigMismatch`` names the differing keys);
+  against it (``ConfigMismatch`` names the differing keys); a ``gs://`` run_dir is a local copy
+  mirrored to the bucket (``repo_jax.buckets``);
 * ``RunBase``: progress bars, host -> device batches and back, and the checkpoint of a run's
   train state with its JSON progress item (``save`` / ``restore``, the prompt or batch
   iterator's position included);
@@ -24,6 +25,7 @@ import jax
 import numpy as np
 import yaml
 
+from repo_jax import buckets
 from repo_jax import config as config_lib
 from repo_jax import reporting
 from repo_jax import sharding as shd
@@ -49,26 +51,58 @@ def _plain(x):
     return x
 
 
-def prepare_run_dir(cfg, resumable: tuple[str, ...] = ()) -> Path:
+@dataclasses.dataclass
+class RunFolder:
+    """A prepared run folder: ``path`` where this machine writes it; ``mirror`` its bucket copy
+    when ``run_dir`` is ``gs://...`` (``repo_jax.buckets``); ``fresh`` when no run was there."""
+
+    path: Path
+    mirror: buckets.Mirror | None
+    fresh: bool
+
+
+def prepare_run_dir(cfg, resumable: tuple[str, ...] = ()) -> RunFolder:
     """Creates ``cfg.run_dir``, writes ``config.yaml``, or checks it against the saved one (the
-    ``resumable`` keys may differ: a resumed run may, e.g., run more rounds)."""
-    run_dir = Path(cfg.run_dir)
+    ``resumable`` keys may differ: a resumed run may, e.g., run more rounds). A ``gs://`` run_dir
+    is first downloaded to its local copy, gets its ``config.yaml`` uploaded at once, and is then
+    uploaded every ``checkpoint.upload_every_s`` seconds and after every checkpoint."""
+    mirror = None
+    if cfg.checkpoint.upload_every_s <= 0:
+        raise config_lib.ConfigError(f"checkpoint.upload_every_s={cfg.checkpoint.upload_every_s} must be above 0")
+    if buckets.is_remote(cfg.run_dir):
+        mirror = buckets.Mirror(cfg.run_dir, writer=jax.process_index() == 0)
+        mirror.pull()
+    run_dir = buckets.local_path(cfg.run_dir)
     resolved = _plain(config_lib.to_dict(cfg))
     saved_path = run_dir / "config.yaml"
-    if saved_path.is_file():
+    fresh = not saved_path.is_file()
+    if not fresh:
         saved = yaml.safe_load(saved_path.read_text()) or {}
         a, b = config_lib.flatten(saved), config_lib.flatten(resolved)
         diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k) and k not in resumable)
         if diff:
             shown = ", ".join(f"{k} ({a.get(k)!r} -> {b.get(k)!r})" for k in diff[:5])
-            raise ConfigMismatch(f"{run_dir} holds a run with another config: {shown}"
+            raise ConfigMismatch(f"{cfg.run_dir} holds a run with another config: {shown}"
                                  f"{' ...' if len(diff) > 5 else ''}; use a new run_dir or the saved config")
     if jax.process_index() == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         tmp = saved_path.with_suffix(".yaml.tmp")
         tmp.write_text(yaml.safe_dump(resolved, sort_keys=False))
         tmp.replace(saved_path)
-    return run_dir
+    if mirror is not None:
+        mirror.push()
+        mirror.start(cfg.checkpoint.upload_every_s)
+    return RunFolder(run_dir, mirror, fresh)
+
+
+def forget_run_dir(folder: RunFolder) -> None:
+    """Undoes a fresh :func:`prepare_run_dir` whose run was refused before it started: no
+    ``config.yaml`` is left behind, here or in the bucket."""
+    if folder.fresh and jax.process_index() == 0:
+        (folder.path / "config.yaml").unlink(missing_ok=True)
+        if folder.mirror is not None:
+            folder.mirror.close(upload=False)
+            folder.mirror.remove("config.yaml")
 
 
 def planned_steps(cfg) -> tuple[int, str]:
@@ -181,6 +215,7 @@ class RunBase:
 
     progress_cls: type
     base_record: dict | None = None
+    mirror: buckets.Mirror | None = None  # a gs:// run_dir's bucket copy (prepare_run_dir)
 
     def record_base(self, weights: str) -> None:
         """With LoRA: remembers the base's source and exact checksum (``lora.checksum``); every
@@ -214,6 +249,8 @@ class RunBase:
         loop = dataclasses.asdict(p) | ({"lora_base": self.base_record} if self.base_record else {})
         self.checkpointer.save(p.saves, self.state, loop=loop, force=True)
         self.progress = p
+        if self.mirror is not None:  # the files this checkpoint's records point to, to the bucket
+            self.mirror.push_soon()
 
     def restore(self) -> bool:
         """Restores the newest checkpoint, if any (state, progress, the iterator's position)."""
@@ -250,6 +287,14 @@ def run_until_preempted(r: RunBase, body: Callable[[RunBase, Callable[[], bool]]
     finally:
         signal.signal(signal.SIGTERM, previous)
         r.checkpointer.close()
+        if r.mirror is not None:  # what is left of the run folder, after the last checkpoint
+            failing = sys.exc_info()[0] is not None
+            try:
+                r.mirror.close()
+            except Exception as e:  # noqa: BLE001 - said, and raised unless the run is already failing
+                log(f"error: uploading {r.mirror.local} to {r.mirror.url} failed: {e!r}")
+                if not failing:
+                    raise
 
 
 # ------------------------------------------------------------------------------ command line

@@ -29,6 +29,7 @@ import json
 import math
 from pathlib import Path
 
+from repo_jax.buckets import local_path
 from repo_jax.config import ConfigError
 
 LISTS = Path(__file__).resolve().parent / "tasks" / "data" / "arithmetic_listwise.jsonl"
@@ -49,7 +50,7 @@ def _model_overrides(section) -> dict:
 def heldout_file(run_dir: str) -> str:
     """``run_dir/twin/heldout.jsonl``: the last ``HELDOUT`` lists as ultrafeedback_binarized rows
     (``prompt``, ``chosen`` / ``rejected`` chat messages, their scores), written once."""
-    out = Path(run_dir) / "twin" / "heldout.jsonl"
+    out = local_path(run_dir) / "twin" / "heldout.jsonl"
     if out.is_file():
         return str(out)
     rows = [json.loads(line) for line in LISTS.read_text().splitlines() if line.strip()][-HELDOUT:]

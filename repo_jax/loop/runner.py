@@ -84,10 +84,10 @@ def _loop(r: Run, stop) -> list[dict]:
     if done >= cfg.loop.rounds and r.progress.phase == "done":
         if cfg.loop.export and not (r.run_dir / "policy" / "config.json").is_file():
             export_policy(r)  # killed after the last checkpoint, before the export
-        r.log(f"{r.run_dir}: finished ({done} rounds)\n" + reporting.summary_table(r.progress.records))
+        r.log(f"{r.cfg.run_dir}: finished ({done} rounds)\n" + reporting.summary_table(r.progress.records))
         return r.progress.records
     if resumed:
-        r.log(f"resuming {r.run_dir} at iteration {done} (phase {r.progress.phase})")
+        r.log(f"resuming {r.cfg.run_dir} at iteration {done} (phase {r.progress.phase})")
     tb = reporting.TensorBoard(r.run_dir / "tb", purge_step=done + 1) if r.main else None
     r.log(reporting.table_header())
     try:

@@ -66,7 +66,8 @@ class Run(RunBase):
         resolved = check_start(cfg, self.mesh, run_steps=steps, what=what, unread=unread_keys(cfg), log=log)
         self.main = jax.process_index() == 0
         self.show_progress = cfg.loop.progress
-        self.run_dir = prepare_run_dir(cfg, RESUMABLE_KEYS)  # the config as given (optim.total_steps: 0 stays 0)
+        folder = prepare_run_dir(cfg, RESUMABLE_KEYS)  # the config as given (optim.total_steps: 0 stays 0)
+        self.run_dir, self.mirror = folder.path, folder.mirror
         self.cfg = cfg = resolved
         self.log = log
         self.task = get_task(cfg.task) if cfg.task else None

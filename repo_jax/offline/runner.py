@@ -47,8 +47,8 @@ from repo_jax.loop.evaluate import greedy_answers
 from repo_jax.offline import pairs as pairs_lib
 from repo_jax.offline.config import OfflineConfig, SftConfig, check, pair_mode, unread_keys
 from repo_jax.offline.ranking import gather_pairs, ranking_metrics
-from repo_jax.runs import (Preempted, RunBase, batch_problem, check_start, load_tokenizer_for, prepare_run_dir,
-                           program_main, run_mesh, run_until_preempted)
+from repo_jax.runs import (Preempted, RunBase, batch_problem, check_start, forget_run_dir, load_tokenizer_for,
+                           prepare_run_dir, program_main, run_mesh, run_until_preempted)
 from repo_jax.training import batch as bt
 from repo_jax.training import objectives, optim
 from repo_jax.training import state as st
@@ -102,8 +102,8 @@ class OfflineRun(RunBase):
         bad = batch_problem(cfg.train, self.mesh)  # before any data is read
         if bad:
             raise config_lib.ConfigError(bad)
-        fresh = not (Path(cfg.run_dir) / "config.yaml").is_file()
-        self.run_dir = prepare_run_dir(cfg, ("progress",))
+        folder = prepare_run_dir(cfg, ("progress",))
+        self.run_dir, self.mirror = folder.path, folder.mirror
         self.task = get_task(cfg.task) if cfg.task else None
         self.tokenizer = load_tokenizer_for(cfg.model)
         self.eos_id = self.tokenizer.eos_token_id
@@ -121,8 +121,7 @@ class OfflineRun(RunBase):
             self.cfg = cfg = check_start(cfg, self.mesh, run_steps=self.total_steps, what=what,
                                          unread=unread_keys(cfg), extra=never, log=log)
         except config_lib.ConfigError:
-            if fresh and self.main:  # refused before anything ran: leave no config.yaml behind
-                (self.run_dir / "config.yaml").unlink(missing_ok=True)
+            forget_run_dir(folder)  # refused before anything ran: leave no config.yaml behind
             raise
 
         m = cfg.model
@@ -330,7 +329,7 @@ def _run(r: OfflineRun, stop) -> list[dict]:
         _finish(r)
         return r.progress.records
     if resumed:
-        r.log(f"resuming {r.run_dir} at step {r.progress.step} of {total}")
+        r.log(f"resuming {r.cfg.run_dir} at step {r.progress.step} of {total}")
     r.reference()
     tb = reporting.TensorBoard(r.run_dir / "tb", purge_step=r.progress.evaluated + 1) if r.main else None
     r.log(reporting.table_header(r.columns))
@@ -397,7 +396,7 @@ def _finish(r: OfflineRun, tb_done: bool = False) -> None:
                   + (f"; PEFT adapter: {adapter}" if adapter else ""))
         else:
             r.log("export: skipped (several processes; restore the checkpoint on one host to export)")
-    r.log(f"{r.run_dir}: finished ({r.total_steps} steps)\n" + reporting.summary_table(r.progress.records, r.columns))
+    r.log(f"{r.cfg.run_dir}: finished ({r.total_steps} steps)\n" + reporting.summary_table(r.progress.records, r.columns))
     if tb_done:
         r.log(f"report: {r.run_dir / 'report.png'}   metrics: {r.run_dir / 'metrics.jsonl'}")
 

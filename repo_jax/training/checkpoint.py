@@ -13,7 +13,7 @@ Items of one step's save (``ocp.args.Composite``):
 Saves are asynchronous (the step returns once the arrays are copied off the devices) and the
 newest ``keep`` are kept. Restoring takes the *target* shardings (computed from the current
 mesh by ``sharding.state_shardings``), so a run saved on one layout resumes on another: Orbax
-reads each shard's slice straight into place.
+reads each shard's slice straight into place. ``directory`` may be ``gs://bucket/path``.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ import jax
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from repo_jax import buckets
 from repo_jax.training.config import CheckpointConfig
 from repo_jax.training.state import TrainState
 
@@ -45,10 +46,17 @@ class Checkpointer:
     """A thin policy layer over ``ocp.CheckpointManager`` (which steps, which items)."""
 
     def __init__(self, directory: str | Path, cfg: CheckpointConfig = CheckpointConfig(), *, save_base: bool = False):
-        if cfg.keep < 1 or cfg.every_steps < 0:
-            raise ValueError("checkpoint.keep must be at least 1 and checkpoint.every_steps at least 0")
+        if cfg.keep < 1 or cfg.every_steps < 0 or cfg.upload_every_s <= 0:
+            raise ValueError("checkpoint.keep must be at least 1, checkpoint.every_steps at least 0 and "
+                             "checkpoint.upload_every_s above 0")
         self.cfg, self.save_base = cfg, save_base
-        self.directory = Path(directory).absolute()
+        if buckets.is_remote(directory):  # Orbax writes to the bucket itself (tensorstore, etils.epath)
+            from etils import epath
+
+            buckets.use_emulator_everywhere()
+            self.directory = epath.Path(str(directory))
+        else:
+            self.directory = Path(directory).absolute()
         options = ocp.CheckpointManagerOptions(
             max_to_keep=cfg.keep,
             save_interval_steps=1,  # the schedule is ours: see save()

@@ -139,12 +139,15 @@ class CheckpointConfig:
     ``keep``; saves run in the background when ``async_save``. Every program checkpoints at its
     natural boundaries (the loop: every round's end; the offline programs: every evaluation and
     the end) and on SIGTERM; ``every_steps`` > 0 adds a save every that many optimiser steps (a
-    cadence the run never reaches is refused at start-up)."""
+    cadence the run never reaches is refused at start-up). With ``run_dir: gs://bucket/path``
+    the checkpoints go to the bucket directly and the run's other files are uploaded after each
+    checkpoint, every ``upload_every_s`` seconds and at the end (``repo_jax.buckets``)."""
 
     dir: str = ""
     every_steps: int = 0
     keep: int = 3
     async_save: bool = True
+    upload_every_s: float = 60.0
 
 
 @dataclasses.dataclass(frozen=True)
