@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from repo_jax import buckets
 from repo_jax import config as config_lib
 from repo_jax import reporting
 
@@ -65,10 +66,14 @@ def lookup(cfg: Mapping, key: str):
 
 
 def load_run(run_dir: str | Path) -> tuple[dict, list[dict]]:
-    run = Path(run_dir)
+    """A run folder's config and metric records; a ``gs://`` one is downloaded to its local copy
+    first (``repo_jax.buckets``)."""
+    if buckets.is_remote(run_dir):
+        buckets.Mirror(str(run_dir), writer=False).pull()
+    run = buckets.local_path(run_dir)
     for name in ("config.yaml", "metrics.jsonl"):
         if not (run / name).is_file():
-            raise FileNotFoundError(f"{run} has no {name} (not a finished or running repo_jax run folder)")
+            raise FileNotFoundError(f"{run_dir} has no {name} (not a finished or running repo_jax run folder)")
     cfg = yaml.safe_load((run / "config.yaml").read_text()) or {}
     records = reporting.read_jsonl(run / "metrics.jsonl")
     if not records:
@@ -227,7 +232,7 @@ def plot(groups: Mapping[str, list[tuple[str, list[dict]]]], metrics: Sequence[s
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m repo_jax.compare", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("runs", nargs="+", help="run folders (each with config.yaml and metrics.jsonl)")
+    ap.add_argument("runs", nargs="+", help="run folders (each with config.yaml and metrics.jsonl), local or gs://")
     ap.add_argument("--by", default="train.loss.name", help="the config key that groups runs (dotted)")
     ap.add_argument("--metrics", default=",".join(DEFAULT_METRICS), help="comma-separated metric keys")
     ap.add_argument("--out", default="compare.png", help="the plot (a JSON summary is written beside it)")

@@ -291,6 +291,8 @@ def run_until_preempted(r: RunBase, body: Callable[[RunBase, Callable[[], bool]]
             failing = sys.exc_info()[0] is not None
             try:
                 r.mirror.close()
+                if r.main:
+                    log(f"{r.mirror.url}: in sync with {r.mirror.local} ({r.mirror.uploaded} uploads this run)")
             except Exception as e:  # noqa: BLE001 - said, and raised unless the run is already failing
                 log(f"error: uploading {r.mirror.local} to {r.mirror.url} failed: {e!r}")
                 if not failing:

@@ -120,12 +120,13 @@ def test_a_bucket_folder_without_a_run_clears_a_stale_local_copy(gcs, tmp_path):
     assert not (stale / "config.yaml").exists() and not (stale / "metrics.jsonl").exists()
 
 
-def test_a_killed_run_resumes_from_the_bucket_alone_to_the_same_metrics(gcs, tmp_path):
+def test_a_killed_run_resumes_from_the_bucket_alone_to_the_same_metrics(gcs, tmp_path, monkeypatch):
     """SIGKILL inside round 2's training once a mid-round checkpoint and the round file are in
     the bucket; the VM's local copy is deleted; a rerun with another local cache (a new VM)
     resumes inside round 2 from the bucket, reuses the round file and the judge's answers, and
     ends with the metrics of an uninterrupted run with a local run_dir. The config, metrics,
-    round files, annotation cache and exported policy are all in the bucket at the end."""
+    round files, annotation cache and exported policy are all in the bucket at the end, and
+    ``repo_jax.compare`` reads the run from there."""
     from test_irepo import ROOT, _cmd, _env, eval_values, metrics, run_loop
     from test_served import Fake
 
@@ -178,3 +179,8 @@ def test_a_killed_run_resumes_from_the_bucket_alone_to_the_same_metrics(gcs, tmp
                  "annotations/judge_fake.jsonl", "eval/answers_002.jsonl", "policy/config.json", "report.png"):
         assert name in stored, (name, sorted(stored))
     assert _remote(f"{BUCKET}/runs/killed")["metrics.jsonl"] == (local / "metrics.jsonl").read_bytes()
+    from repo_jax.compare import load_run
+
+    monkeypatch.setenv("REPO_JAX_CACHE", str(tmp_path / "laptop"))
+    _, records = load_run(url)
+    assert records == metrics(local)
