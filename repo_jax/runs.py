@@ -9,8 +9,8 @@
 * ``run_until_preempted``: SIGTERM sets a flag the run polls; the run checkpoints and raises
   ``Preempted``, which the command line turns into exit status 143;
 * ``program_main``: the command line (``--config PATH`` and ``key.sub=value`` overrides), the
-  persistent XLA compilation cache, and the exit statuses (0 done, 2 bad config or input,
-  143 preempted).
+  persistent XLA compilation cache, and the exit statuses (0 done, 1 an annotator failed, 2 bad
+  config or input, 143 preempted).
 """
 
 from __future__ import annotations
@@ -302,7 +302,8 @@ def run_until_preempted(r: RunBase, body: Callable[[RunBase, Callable[[], bool]]
 # ------------------------------------------------------------------------------ command line
 
 
-EXIT_STATUS = ("Exit status: 0 when the run finished (or had finished), 2 for a bad config or input,\n"
+EXIT_STATUS = ("Exit status: 0 when the run finished (or had finished), 1 when an annotator failed (a served\n"
+               "judge after its retries: every host exits with the same message), 2 for a bad config or input,\n"
                "143 after SIGTERM (a checkpoint was written; rerun the same command to resume).")
 
 
@@ -313,6 +314,8 @@ def program_main(cls: type, run: Callable, argv: list[str] | None, *, prog: str,
     returns the exit status (0 done, 2 bad config or input, 143 after SIGTERM)."""
     import argparse
 
+    from repo_jax.annotators.panel import AnnotatorError
+    from repo_jax.annotators.served import ServedError
     from repo_jax.assets import cache_dir
     from repo_jax.data import DataError
     from repo_jax.training.state import resolve_path
@@ -338,6 +341,9 @@ def program_main(cls: type, run: Callable, argv: list[str] | None, *, prog: str,
     except (config_lib.ConfigError, DataError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except (AnnotatorError, ServedError) as e:  # the answers received so far are cached: a rerun resumes
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     except Preempted:
         return 143
     return 0

@@ -174,9 +174,11 @@ def test_a_killed_run_resumes_from_the_bucket_alone_to_the_same_metrics(gcs, tmp
     assert asked_by_reference > 0 and asked_before_resume > asked_by_reference
     local = tmp_path / "vm2" / "runs" / "gs" / BUCKET / "runs" / "killed"
     assert eval_values(metrics(local)) == eval_values(metrics(tmp_path / "reference"))
+    from repo_jax.annotators.served import cache_file
+
     stored = set(_remote(f"{BUCKET}/runs/killed"))
     for name in ("config.yaml", "metrics.jsonl", "rounds/round_001.jsonl", "rounds/round_002.jsonl",
-                 "annotations/judge_fake.jsonl", "eval/answers_002.jsonl", "policy/config.json", "report.png"):
+                 cache_file("annotations", "judge/fake").as_posix(), "eval/answers_002.jsonl", "policy/config.json", "report.png"):
         assert name in stored, (name, sorted(stored))
     assert _remote(f"{BUCKET}/runs/killed")["metrics.jsonl"] == (local / "metrics.jsonl").read_bytes()
     from repo_jax.compare import load_run

@@ -78,10 +78,13 @@ class ScoreAnnotator:
         """Scores of ``len(prompts)`` (prompt, response) items."""
         raise NotImplementedError
 
+    def pending(self, prompts: Sequence[str], responses: Sequence[Sequence[str]]) -> list[tuple[str, str]]:
+        """The distinct ``(prompt, response)`` items :meth:`scores` would score (not cached)."""
+        return list(dict.fromkeys((p, r) for p, rs in zip(prompts, responses) for r in rs if (p, r) not in self._cache))
+
     def scores(self, prompts: Sequence[str], responses: Sequence[Sequence[str]]) -> np.ndarray:
         """``scores_PxK`` (float64), scoring each distinct ``(prompt, response)`` once."""
-        todo = list(dict.fromkeys((p, r) for p, rs in zip(prompts, responses) for r in rs
-                                  if (p, r) not in self._cache))
+        todo = self.pending(prompts, responses)
         if todo:
             new = self.score_batch([p for p, _ in todo], [r for _, r in todo])
             self.scored += len(todo)
@@ -119,7 +122,9 @@ class PairwiseAnnotator:
             return 1.0 - self._cache[(p, b, a)]
         return None
 
-    def __call__(self, prompts: Sequence[str], responses: Sequence[Sequence[str]]) -> np.ndarray:
+    def pending(self, prompts: Sequence[str], responses: Sequence[Sequence[str]]) -> list[tuple[str, str, str]]:
+        """The ``(prompt, first, second)`` pairs :meth:`__call__` would judge (not cached, in
+        order, each unordered pair once)."""
         d = check_responses(prompts, responses)
         iu, ju = np.triu_indices(d, k=1)
         todo: dict[tuple[str, str, str], None] = {}
@@ -127,8 +132,13 @@ class PairwiseAnnotator:
             for i, j in zip(iu, ju):
                 if self._lookup(p, rs[i], rs[j]) is None and (p, rs[j], rs[i]) not in todo:
                     todo[(p, rs[i], rs[j])] = None
-        if todo:
-            keys = list(todo)
+        return list(todo)
+
+    def __call__(self, prompts: Sequence[str], responses: Sequence[Sequence[str]]) -> np.ndarray:
+        d = check_responses(prompts, responses)
+        iu, ju = np.triu_indices(d, k=1)
+        keys = self.pending(prompts, responses)
+        if keys:
             out = self.judge_pairs([k[0] for k in keys], [k[1] for k in keys], [k[2] for k in keys])
             self.judged += len(keys)
             self._cache.update(zip(keys, (float(x) for x in out)))

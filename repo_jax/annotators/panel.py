@@ -76,6 +76,16 @@ class Panel:
         for a in self.annotators:
             a.reset()
 
+    @property
+    def offloaded(self) -> list:
+        """The members that ask a server (they can work while the accelerator samples)."""
+        return [a for a in self.annotators if hasattr(a, "prefetch")]
+
+    def take_counts(self, phase: str) -> dict[str, float]:
+        """``{phase}/{counter}/{member}``: what each served member asked, read from its cache,
+        was charged (``usage`` tokens) and could not read, since the last call."""
+        return {f"{phase}/{k}/{a.name}": v for a in self.offloaded for k, v in a.take_counts().items()}
+
 
 def _uniform(*parts: object) -> float:
     """A uniform [0, 1) number determined by ``parts`` (stable across runs and processes)."""

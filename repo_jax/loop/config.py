@@ -107,9 +107,12 @@ class AnnotatorSpec:
       at ``base_url`` over the OpenAI API, ``api_key_env`` the name of the environment variable
       holding the key; ``endpoint`` ``chat`` or ``completions`` (with ``tokenizer``: the in-process
       judge's exact prompt); ``template`` ("" = the shipped default); ``max_concurrency``,
-      ``timeout`` seconds, ``max_retries``, ``max_requests`` per round (0 = no budget);
-      ``score_range`` ``[low, high]`` of ``served_score``, whose ``temperature`` is the
-      Bradley-Terry temperature of its scores).
+      ``timeout`` seconds; a failed request (429, 5xx, a dropped connection) is retried after the
+      server's ``Retry-After`` or an exponential backoff with jitter, up to ``max_retries`` times
+      and ``retry_budget_s`` seconds of waiting; ``max_requests_per_minute`` and
+      ``max_tokens_per_minute`` (prompt + completion, estimated) are client-side rate limits (0 =
+      none); ``max_requests`` per round (0 = no budget); ``score_range`` ``[low, high]`` of
+      ``served_score``, whose ``temperature`` is the Bradley-Terry temperature of its scores).
     weight: multiplies the member's judgements in the counts (``n_ij + n_ji`` = the total weight).
     """
 
@@ -132,7 +135,10 @@ class AnnotatorSpec:
     template: str = ""
     max_concurrency: int = 4
     timeout: float = 60.0
-    max_retries: int = 4
+    max_retries: int = 8
+    retry_budget_s: float = 120.0
+    max_requests_per_minute: float = 0.0
+    max_tokens_per_minute: float = 0.0
     max_requests: int = 0
     score_range: tuple[int, ...] = (1, 10)
 

@@ -8,7 +8,6 @@ files and error messages use them. Judges and reward models load their own weigh
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
 
 from repo_jax.annotators import LLMJudge, Panel, RuleAnnotator, simulated_panel
 from repo_jax.config import ConfigError
@@ -58,17 +57,19 @@ def _hf_reward_model(spec: AnnotatorSpec, task, where: str):
 
 
 def _served(spec: AnnotatorSpec, task, where: str, cache_dir, progress: bool = False):
-    from repo_jax.annotators.served import SCORE_TEMPLATE, Endpoint, ServedJudge, ServedScore
+    from repo_jax.annotators.served import SCORE_TEMPLATE, Endpoint, ServedJudge, ServedScore, cache_file
     from repo_jax.annotators.judge import DEFAULT_TEMPLATE
 
     if not spec.model:
         raise ConfigError(f"{where}.model is empty: the model name the server at base_url serves")
     name = spec.name or f"{spec.kind}/{_stem(spec.model)}"
-    cache = Path(cache_dir) / (name.replace("/", "_") + ".jsonl") if cache_dir else None
+    cache = cache_file(cache_dir, name) if cache_dir else None
     try:
         endpoint = Endpoint(name=name, base_url=spec.base_url, model=spec.model, api_key_env=spec.api_key_env,
-                            timeout=spec.timeout, max_retries=spec.max_retries, max_concurrency=spec.max_concurrency,
-                            max_requests=spec.max_requests, cache_path=cache, show_progress=progress)
+                            timeout=spec.timeout, max_retries=spec.max_retries, retry_budget_s=spec.retry_budget_s,
+                            max_concurrency=spec.max_concurrency, max_requests=spec.max_requests,
+                            max_requests_per_minute=spec.max_requests_per_minute,
+                            max_tokens_per_minute=spec.max_tokens_per_minute, cache_path=cache, show_progress=progress)
     except ValueError as e:
         raise ConfigError(f"{where}: {e}") from None
     chat = spec.endpoint == "chat"

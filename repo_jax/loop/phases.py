@@ -41,7 +41,9 @@ def evaluate(run: Run, iteration: int) -> tuple[dict, list[str]]:
         out["eval/reward"] = float(np.mean([run.task.reward(p, a) for p, a in zip(run.eval_texts, texts)]))
         per = [run.task.metrics(p, a) for p, a in zip(run.eval_texts, texts)]
         out.update({f"eval/{k}": float(np.mean([m[k] for m in per])) for k in per[0]})
+    run.panel.take_counts("eval")
     out["eval/win_rate"] = win_rate(run.panel, run.eval_texts, texts, first)
+    out.update(run.panel.take_counts("eval"))  # what the win rate's judgements cost
     out["eval/length"] = float(np.mean([len(r) for r in ids]))
     out["eval/kl"] = 0.0
     if kl_ids:
@@ -73,6 +75,7 @@ def sample_and_annotate(run: Run, t: int, batch: dict) -> tuple[list[dict], dict
     prompt_ids = unpad_prompts(batch["prompt_ids_BxT"], batch["prompt_len_B"], valid)
     prompt_texts = [str(x) for x, v in zip(batch["prompt_text_B"], valid) if v]
     path = run.run_dir / "rounds" / f"round_{t:03d}.jsonl"
+    run.panel.take_counts("annotate")  # from here on: this round's annotation only
     if path.is_file():
         records = reporting.read_jsonl(path)
         if [r["prompt_ids"] for r in records] == prompt_ids:
@@ -99,10 +102,8 @@ def sample_and_annotate(run: Run, t: int, batch: dict) -> tuple[list[dict], dict
                                    run.eos_id, logps=logps if cfg.loop.reference == "sampler" else None)
     if run.main:
         reporting.write_jsonl_atomic(path, records)
-    for member in run.panel.annotators:  # served judges: orders whose top log-probs held no verdict (ties)
-        if hasattr(member, "unreadable"):
-            times[f"annotate/unreadable/{member.name}"] = member.unreadable
-            member.unreadable = 0
+    # served members: requests, cached answers, usage tokens, unreadable answers (ties)
+    times.update(run.panel.take_counts("annotate"))
     times["time/annotate"] = time.perf_counter() - t0
     return records, times
 
