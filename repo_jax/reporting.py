@@ -315,6 +315,22 @@ def format_row(record: Mapping[str, Any], columns: Sequence[Column] = DEFAULT_CO
     return _join([_cell(record, k, s) for _, k, s in columns], [_width(h) for h, _, _ in columns])
 
 
+def served_cost(records: Sequence[Mapping[str, Any]]) -> str:
+    """One line per served annotator: the run's requests and ``usage`` tokens so far, summed over
+    the records' ``annotate/*`` and ``eval/*`` counters ("" when no member is served)."""
+    totals: dict[str, dict[str, float]] = {}
+    for r in records:
+        for key, v in r.items():
+            phase, _, rest = key.partition("/")
+            counter, _, name = rest.partition("/")
+            if phase in ("annotate", "eval") and name and counter in ("requests", "prompt_tokens", "completion_tokens"):
+                totals.setdefault(name, {}).setdefault(counter, 0.0)
+                totals[name][counter] += float(v)
+    return "\n".join(f"{name}: {t.get('requests', 0):,.0f} requests, {t.get('prompt_tokens', 0):,.0f} prompt + "
+                     f"{t.get('completion_tokens', 0):,.0f} completion tokens this run (the server's usage counts)"
+                     for name, t in sorted(totals.items()))
+
+
 def summary_table(records: Sequence[Mapping[str, Any]], columns: Sequence[Column] = DEFAULT_COLUMNS) -> str:
     """Header plus one row per record; like ``table_header``/``format_row``, widened to fit values."""
     rows = [[_cell(r, k, s) for _, k, s in columns] for r in records]

@@ -391,6 +391,11 @@ def test_the_unreadable_counter_and_the_cost_are_per_phase(tmp_path):
     assert recs[1]["annotate/requests/judge/u"] == asked and recs[1]["annotate/prompt_tokens/judge/u"] == 50 * asked
     assert recs[1]["eval/unreadable/judge/u"] == changed and recs[1]["eval/requests/judge/u"] == changed
     assert recs[0]["eval/unreadable/judge/u"] == 0  # iteration 0 compares the answers with themselves
+    from repo_jax.reporting import served_cost
+
+    n = asked + changed
+    assert served_cost(recs) == (f"judge/u: {n:,} requests, {50 * n:,} prompt + {n:,} completion tokens this run "
+                                 "(the server's usage counts)")
 
 
 def test_when_process_0_s_judge_fails_every_host_exits_with_its_message(tmp_path):

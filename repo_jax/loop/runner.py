@@ -105,6 +105,9 @@ def _loop(r: Run, stop) -> list[dict]:
             tb.close()
     if cfg.loop.export:
         export_policy(r)
+    cost = reporting.served_cost(r.progress.records)
+    if cost:
+        r.log(cost)
     r.log(f"report: {r.run_dir / 'report.png'}   metrics: {r.run_dir / 'metrics.jsonl'}")
     return r.progress.records
 
