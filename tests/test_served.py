@@ -230,6 +230,22 @@ def test_a_bad_answer_is_not_cached_so_the_fixed_server_is_asked_again(tmp_path)
         f.stop()
 
 
+def test_prefetch_asks_what_judging_will_ask_so_judging_asks_nothing(fake, tmp_path):
+    """``prefetch`` (for asking while the sampler works) sends exactly the requests the judge
+    and the scorer will send, and caches the answers: the judgements then ask nothing new."""
+    judge = ServedJudge(endpoint(fake.url, tmp_path))
+    judge.prefetch(PROMPTS, RESPONSES)
+    assert fake.requests == 12
+    probs = judge(PROMPTS, RESPONSES)
+    assert fake.requests == 12 and probs.shape == (2, 3, 3)
+    scorer = ServedScore(endpoint(fake.url), name="served_score/test")
+    fake.mode = "score"
+    fake.answer = lambda body: (200, {"choices": [{"message": {"content": "7"}}]})
+    scorer.prefetch(PROMPTS, RESPONSES)
+    assert scorer.endpoint.sent == 6
+    assert scorer.scores(PROMPTS, RESPONSES).tolist() == [[7.0] * 3] * 2 and scorer.endpoint.sent == 6
+
+
 def test_a_torn_last_line_is_dropped_and_only_that_one(fake, tmp_path):
     judge = ServedJudge(endpoint(fake.url, tmp_path))
     judge(PROMPTS, RESPONSES)
