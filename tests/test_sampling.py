@@ -336,6 +336,21 @@ def test_refilled_slots_give_the_tokens_of_one_batch(model, mesh_cfg, group):
     assert refilled.num_steps > max(whole.lengths_B) - 1  # the 16 slots took more steps than one batch
 
 
+def test_waves_with_row_offsets_give_the_tokens_of_one_call(model):
+    """A round sampled in 3 waves (prompts [a, b) with row_offset a x K, as the loop does while
+    its served judges work) draws the tokens of one call on every prompt; without the offset
+    the waves would repeat the first rows' random keys."""
+    prompts = [MIXED[i % 5][: 1 + (i * 7) % 6] + [i + 1] for i in range(10)]
+    kw = dict(max_new_tokens=10, num_samples=3, temperature=0.9, seed=11, eos_id=[3, 20], slots=12)
+    whole = sampling.sample(model, prompts, **kw)
+    parts = [sampling.sample(model, prompts[a:b], row_offset=a * 3, **kw) for a, b in ((0, 3), (3, 7), (7, 10))]
+    np.testing.assert_array_equal(np.concatenate([p.tokens_BxS for p in parts]), whole.tokens_BxS)
+    np.testing.assert_array_equal(np.concatenate([p.lengths_B for p in parts]), whole.lengths_B)
+    np.testing.assert_allclose(np.concatenate([p.logps_BxS for p in parts]), whole.logps_BxS, atol=1e-5)
+    plain = sampling.sample(model, prompts[3:7], **kw)  # no offset: other tokens
+    assert not np.array_equal(plain.tokens_BxS, whole.tokens_BxS[9:21])
+
+
 def test_refilled_greedy_rows_equal_each_alone(model):
     """Greedy with refill: every prompt's answer is the one it gets alone."""
     prompts = [MIXED[i % 5] + [i + 1] for i in range(7)]

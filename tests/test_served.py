@@ -414,6 +414,30 @@ def test_the_unreadable_counter_and_the_cost_are_per_phase(tmp_path):
                                  "(the server's usage counts)")
 
 
+def test_asking_while_sampling_gives_the_round_files_of_sampling_first(tmp_path):
+    """The same round with loop.sample_waves=4 (the served judge asked about each wave while the
+    next decodes) and =1 (sample everything, then annotate): the same round file byte for byte,
+    the same metrics, the same requests; the waves' run asked them ahead of judging."""
+    from test_irepo import EVAL_KEYS, metrics, run_loop
+
+    f = Asymmetric()
+    panel = (f"annotate.panel=[{{kind: rule, name: digits, temperature: 0.1}}, {{kind: served_judge, "
+             f"name: judge/a, model: m, base_url: '{f.url}'}}]")
+    short = ("loop.rounds=1", "loop.prompts_per_round=16", "eval.num_prompts=8", "loop.progress=false", panel)
+    try:
+        for waves in (1, 4):
+            run_loop(tmp_path / f"w{waves}", *short, f"loop.sample_waves={waves}")
+    finally:
+        f.stop()
+    files = [(tmp_path / f"w{w}" / "rounds" / "round_001.jsonl").read_bytes() for w in (1, 4)]
+    assert files[0] == files[1]
+    one, four = metrics(tmp_path / "w1")[1], metrics(tmp_path / "w4")[1]
+    assert {k: one[k] for k in EVAL_KEYS} == {k: four[k] for k in EVAL_KEYS}
+    assert one["train/loss"] == four["train/loss"]
+    assert one["annotate/requests/judge/a"] == four["annotate/requests/judge/a"] > 0
+    assert "time/annotate_ahead" in four and "time/annotate_ahead" not in one
+
+
 def test_when_process_0_s_judge_fails_every_host_exits_with_its_message(tmp_path):
     """2 processes x 4 devices, a served judge that refuses every request (HTTP 400): both exit
     with status 1 and the same one-line error, instead of process 1 waiting for a broadcast."""

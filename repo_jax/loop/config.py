@@ -48,6 +48,12 @@ class LoopConfig:
       round's prompts (and the eval's) go to one sampler call; rows that finish are refilled
       with the prompts still queued (``sampling.sample``'s ``slots``). Rounded up to a multiple
       of the mesh's batch devices and of the responses per prompt.
+    sample_waves: with served members in the panel (``served_judge`` / ``served_score``), the
+      round's prompts are sampled in this many calls; while one wave decodes, the previous
+      waves' responses are already being asked of the judge machines (their answers cached),
+      so a round costs about max(sample, annotate) + train instead of their sum. The tokens,
+      judgements and round files are those of one call (each wave's random keys continue the
+      row numbering). 1: sample everything, then annotate. Without served members: one call.
     progress: progress bars on stderr.
     reference: how the round's reference log-probs (``pi_ref = pi_{t-1}``, the policy that
       sampled the round) are obtained: ``forward`` (a forward pass over the round's train rows
@@ -77,6 +83,7 @@ class LoopConfig:
     list_scores: Literal["win_rate", "strength"] = "win_rate"
     optimizer: Literal["reset", "carry"] = "reset"
     sample_batch: int = 64
+    sample_waves: int = 4
     progress: bool = True
     reference: Literal["forward", "sampler"] = "forward"
     export: bool = True
@@ -203,8 +210,10 @@ def check(cfg: IrepoConfig) -> None:
     if train.loss.name not in LOSSES:
         valid = sorted(n for n in LOSSES if n != "sft")
         raise ConfigError(f"train.loss.name={train.loss.name!r} is not a loss; choose one of {valid}")
-    if loop.rounds < 0 or loop.prompts_per_round < 1 or loop.epochs < 1 or loop.sample_batch < 1:
-        raise ConfigError("loop.rounds must be >= 0 and loop.prompts_per_round, loop.epochs, loop.sample_batch >= 1")
+    if (loop.rounds < 0 or loop.prompts_per_round < 1 or loop.epochs < 1 or loop.sample_batch < 1
+            or loop.sample_waves < 1):
+        raise ConfigError("loop.rounds must be >= 0 and loop.prompts_per_round, loop.epochs, loop.sample_batch, "
+                          "loop.sample_waves >= 1")
     if loop.num_responses < 2:
         raise ConfigError(f"loop.num_responses must be at least 2 (pairs need two responses), got {loop.num_responses}")
     if cfg.sample.temperature <= 0:

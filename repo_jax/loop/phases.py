@@ -67,6 +67,49 @@ def evaluate(run: Run, iteration: int) -> tuple[dict, list[str]]:
     return out, texts
 
 
+class Prefetch:
+    """Asks the panel's served members about a wave of responses in a background thread (their
+    answers land in the members' caches), so the judge machines work while the sampler decodes
+    the next wave; the judgements themselves are made afterwards, in order, from the caches, so
+    they equal those of a round sampled in one call. A failure here is only logged: judging
+    asks again and fails with the named error. ``panel=None`` (every process but 0): nothing."""
+
+    def __init__(self, panel, log):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.members = panel.offloaded if panel is not None else []
+        self.log, self.busy_s, self.failures = log, 0.0, []
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="prefetch") if self.members else None
+        self.futures = []
+
+    def submit(self, prompts: list[str], responses: list[list[str]]) -> None:
+        if self.pool is not None:
+            self.futures.append(self.pool.submit(self._ask, prompts, responses))
+
+    def _ask(self, prompts, responses) -> None:
+        t0 = time.perf_counter()
+        for m in self.members:
+            try:
+                m.prefetch(prompts, responses)
+            except Exception as e:  # noqa: BLE001 - judging asks again and raises the named error
+                self.failures.append(f"{m.name}: {e}")
+        self.busy_s += time.perf_counter() - t0
+
+    def wait(self) -> dict[str, float]:
+        """Waits for the waves still being asked; ``time/annotate_ahead``: seconds the thread
+        spent asking (overlapped with sampling, but for what remains after the last wave)."""
+        if self.pool is None:
+            return {}
+        for f in self.futures:
+            f.result()
+        self.pool.shutdown()
+        if not self.futures:
+            return {}
+        if self.failures:
+            self.log(f"asking ahead failed ({self.failures[0]}); the judgements ask again")
+        return {"time/annotate_ahead": self.busy_s}
+
+
 def sample_and_annotate(run: Run, t: int, batch: dict) -> tuple[list[dict], dict]:
     """Round ``t``'s records: from its round file when a previous attempt wrote it, else by
     sampling ``K`` responses per prompt and annotating them (then the file is written)."""
@@ -84,17 +127,28 @@ def sample_and_annotate(run: Run, t: int, batch: dict) -> tuple[list[dict], dict
             return records, {"time/sample": 0.0, "time/annotate": 0.0}
         run.log(f"round {t}: {path} holds other prompts; sampling again")
     t0 = time.perf_counter()
-    s = cfg.sample
+    s, k = cfg.sample, cfg.loop.num_responses
     run.policy = run.policy or run.make_policy()
-    responses, logps = rounds.sample_with_logps(
-        run.policy, prompt_ids, num_samples=cfg.loop.num_responses, max_new_tokens=s.max_new_tokens,
-        temperature=s.temperature, top_p=s.top_p, top_k=s.top_k, eos_id=run.eos_id, pad_id=run.pad_id,
-        seed=run.seed(t, 1), slots=cfg.loop.sample_batch, mesh=run.sampler_mesh(),
-        progress=lambda x, **k: run.bar(x, desc=f"round {t}: sample", unit="batch", **k))
+    run.panel.reset()
+    ahead = Prefetch(run.panel if run.main else None, run.log)
+    responses, logps, texts = [], [], []
+    waves = rounds.waves(len(prompt_ids), cfg.loop.sample_waves if run.panel.offloaded else 1)  # same on every host
+    for a, b in waves:  # each wave's responses go to the served judges while the next one decodes
+        got, lp = rounds.sample_with_logps(
+            run.policy, prompt_ids[a:b], num_samples=k, max_new_tokens=s.max_new_tokens,
+            temperature=s.temperature, top_p=s.top_p, top_k=s.top_k, eos_id=run.eos_id, pad_id=run.pad_id,
+            seed=run.seed(t, 1), slots=cfg.loop.sample_batch, mesh=run.sampler_mesh(), row_offset=a * k,
+            progress=lambda x, **kw: run.bar(x, desc=f"round {t}: sample" + (f" {a}-{b}" if len(waves) > 1 else ""),
+                                             unit="batch", **kw))
+        responses += got
+        logps += lp
+        texts += [[run.decode(r) for r in rows] for rows in got]
+        if len(waves) > 1:
+            ahead.submit(prompt_texts[a:b], texts[a:])
     run.policy = None  # free the sampling copy before training
     times["time/sample"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    texts = [[run.decode(r) for r in rows] for rows in responses]
+    times.update(ahead.wait())
     ann = rounds.annotate(run.panel, prompt_texts, texts, pseudo_count=cfg.annotate.pseudo_count,
                           progress=lambda x: run.bar(x, desc=f"round {t}: annotate", unit="annotator"))
     pairs = rounds.select(ann["strengths_PxK"], cfg.loop.pairs)

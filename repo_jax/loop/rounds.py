@@ -48,19 +48,28 @@ def sample_responses(policy, prompts: Sequence[Sequence[int]], *, num_samples: i
 
 def sample_with_logps(policy, prompts: Sequence[Sequence[int]], *, num_samples: int, max_new_tokens: int,
                       temperature: float | Sequence[float], top_p: float | None, top_k: int | None, eos_id, pad_id: int, seed: int,
-                      slots: int, mesh=None, progress: Callable = lambda x, **k: x
+                      slots: int, mesh=None, progress: Callable = lambda x, **k: x, row_offset: int = 0
                       ) -> tuple[list[list[list[int]]], list[list[float]]]:
     """:func:`sample_responses` and, per response, ``log policy(response | prompt)`` under the
     unmodified model (temperature 1, no filtering: the sampler's ``logps_BxS`` summed over the
-    response's tokens), float64 sums of the float32 per-token values."""
+    response's tokens), float64 sums of the float32 per-token values. ``row_offset``: see
+    ``sampling.sample`` (a wave of a round's prompts)."""
     for _ in progress(range(1), total=1):
         res = sampling.sample(policy, list(prompts), max_new_tokens=max_new_tokens, temperature=temperature,
                               top_p=top_p, top_k=top_k, eos_id=eos_id, seed=seed, num_samples=num_samples,
-                              pad_id=pad_id, mesh=mesh, slots=slots)
+                              pad_id=pad_id, mesh=mesh, slots=slots, row_offset=row_offset)
     rows = [row[:n].tolist() for row, n in zip(res.tokens_BxS, res.lengths_B)]
     sums = [float(np.sum(lp[:n], dtype=np.float64)) for lp, n in zip(res.logps_BxS, res.lengths_B)]
     return ([rows[i:i + num_samples] for i in range(0, len(rows), num_samples)],
             [sums[i:i + num_samples] for i in range(0, len(sums), num_samples)])
+
+
+def waves(n: int, count: int) -> list[tuple[int, int]]:
+    """``[a, b)`` ranges splitting ``n`` prompts into ``count`` (at most ``n``) nearly equal
+    waves, in order."""
+    count = max(1, min(int(count), n))
+    bounds = [round(i * n / count) for i in range(count + 1)]
+    return [(a, b) for a, b in zip(bounds, bounds[1:]) if b > a]
 
 
 # ---------------------------------------------------------------------------------- annotate

@@ -174,7 +174,7 @@ def program_inputs(prompts: Sequence[Sequence[int]], *, max_new_tokens: int, tem
                    top_p=None, eos_id=None, seed: int = 0, num_samples: int = 1, pad_id: int = 0, mesh=None,
                    batch_buckets=None, length_buckets=None, new_token_buckets=None, cache_dtype=None,
                    max_compactions: int = 3, slots: int | None = None, prefill_group: int | None = None,
-                   share_prefix: bool = True) -> tuple[tuple, Static]:
+                   share_prefix: bool = True, row_offset: int = 0) -> tuple[tuple, Static]:
     """The decode program's arguments after the model state (host arrays) and its ``Static``, for
     :func:`sample`'s arguments of the same names; ``python -m repo_jax.plan`` lowers the program
     with them and an abstract model state, so the planned program is the one a run compiles."""
@@ -223,7 +223,7 @@ def program_inputs(prompts: Sequence[Sequence[int]], *, max_new_tokens: int, tem
     if per_row:
         temperature_R[:n_prompts * k] = np.repeat(temps, k)
     return (prefix, prefix_mask, tokens, mask, valid, np.int32(n_prompts), np.int32(max_new_tokens),
-            np.uint32(seed), temperature_R), static
+            np.uint32(seed), np.int32(row_offset), temperature_R), static
 
 
 def sample(
@@ -249,6 +249,7 @@ def sample(
     slots: int | None = None,
     prefill_group: int | None = None,
     share_prefix: bool = True,
+    row_offset: int = 0,
 ) -> SampleOutput:
     """Samples ``num_samples`` continuations of each prompt; see the module docstring.
 
@@ -287,6 +288,9 @@ def sample(
       share_prefix: prefill the prompts' longest common prefix (a chat template's system turn)
         once and copy its cache into every row, when it is at least ``MIN_SHARED_PREFIX`` tokens
         (each prompt keeps one token of its own). The tokens do not depend on it.
+      row_offset: the index of these prompts' first output row in a larger batch: sampling
+        prompts ``[a, b)`` with ``row_offset = a * num_samples`` gives the tokens one call on
+        all the prompts gives them (the host loop samples a round in waves this way).
       *_buckets: allowed sizes. Defaults: batch and new-token buffer powers of two, prompt length
         ``2^k`` or ``3 * 2^(k-1)`` (prefill cost is linear in it); under a mesh the batch bucket
         may grow by filler slots (see ``_prefill_layout``).
@@ -296,7 +300,8 @@ def sample(
         prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, eos_id=eos_id,
         seed=seed, num_samples=num_samples, pad_id=pad_id, mesh=mesh, batch_buckets=batch_buckets,
         length_buckets=length_buckets, new_token_buckets=new_token_buckets, cache_dtype=cache_dtype,
-        max_compactions=max_compactions, slots=slots, prefill_group=prefill_group, share_prefix=share_prefix)
+        max_compactions=max_compactions, slots=slots, prefill_group=prefill_group, share_prefix=share_prefix,
+        row_offset=row_offset)
     n_prompts, k = len(prompts), int(num_samples)
     model = decoding_model(model, unstack)
     graphdef, state = nnx.split(model)

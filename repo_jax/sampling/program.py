@@ -86,7 +86,7 @@ def _row_keys(seed, rows_B, index_B):
 
 
 def _generate_program(state, prefix_MxC, prefix_mask_MxC, tokens_QxT, mask_QxT, valid_Q, num_prompts, max_new_tokens,
-                      seed, temperature_R, *, graphdef, static: Static):
+                      seed, row_offset, temperature_R, *, graphdef, static: Static):
     """Prefill the queued prompt slots a group at a time into free decode slots (each prefill row
     repeated ``K / f`` times), decode between refills, then drain the last rows in ``while_loop``s,
     one per stage size (finished rows compacted away between stages).
@@ -96,7 +96,9 @@ def _generate_program(state, prefix_MxC, prefix_mask_MxC, tokens_QxT, mask_QxT, 
     rest of the bucket is filler and never prefilled). ``prefix_MxC``: the prompts' common prefix
     (left-padded to ``C``, ``M`` equal rows: the mesh's batch devices), prefilled once into slots
     ``[0, C)`` of every row's cache; the queue's rows are the suffixes, at slots ``[C, C + T)``.
-    ``C = 0``: no common prefix."""
+    ``C = 0``: no common prefix. ``row_offset`` (dynamic) is added to the output rows' indices
+    in their random keys: a call on prompts ``[a, b)`` with ``row_offset = a * K`` draws the
+    tokens those rows get in one call on every prompt."""
     model = nnx.merge(graphdef, state)
     k, n = static.samples_per_row, static.buffer_len
     qf, t = tokens_QxT.shape
@@ -119,7 +121,7 @@ def _generate_program(state, prefix_MxC, prefix_mask_MxC, tokens_QxT, mask_QxT, 
     def choose(logits_BxV, row_B, index_B, live_B):
         """Token, model and sample log-probs, stopped flag of each row (padding where not live)."""
         temp_B = jnp.take(temperature_R, row_B, mode="clip") if static.per_row else None
-        token_B, logp_B, sample_logp_B = choose_tokens(logits_BxV, _row_keys(seed, row_B, index_B), static.policy, live_B,
+        token_B, logp_B, sample_logp_B = choose_tokens(logits_BxV, _row_keys(seed, row_B + row_offset, index_B), static.policy, live_B,
                                                        temp_B)
         token_B = jnp.where(live_B, token_B, static.pad_id)
         stopped_B = jnp.isin(token_B, stop_ids) if static.stop_ids else jnp.zeros_like(live_B)
