@@ -13,6 +13,7 @@ import sys
 BENCHES = {
     "annotate": "repo_jax.benchmarks.annotate",
     "logprobs": "repo_jax.benchmarks.logprobs",
+    "overlap": "repo_jax.benchmarks.overlap",
     "round": "repo_jax.benchmarks.round",
     "sample": "repo_jax.benchmarks.sample",
     "train": "repo_jax.benchmarks.train",

@@ -423,7 +423,8 @@ def test_asking_while_sampling_gives_the_round_files_of_sampling_first(tmp_path)
     f = Asymmetric()
     panel = (f"annotate.panel=[{{kind: rule, name: digits, temperature: 0.1}}, {{kind: served_judge, "
              f"name: judge/a, model: m, base_url: '{f.url}'}}]")
-    short = ("loop.rounds=1", "loop.prompts_per_round=16", "eval.num_prompts=8", "loop.progress=false", panel)
+    short = ("loop.rounds=1", "loop.prompts_per_round=16", "loop.sample_batch=16", "eval.num_prompts=8",
+             "loop.progress=false", panel)
     try:
         for waves in (1, 4):
             run_loop(tmp_path / f"w{waves}", *short, f"loop.sample_waves={waves}")

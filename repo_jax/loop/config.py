@@ -54,6 +54,7 @@ class LoopConfig:
       so a round costs about max(sample, annotate) + train instead of their sum. The tokens,
       judgements and round files are those of one call (each wave's random keys continue the
       row numbering). 1: sample everything, then annotate. Without served members: one call.
+      Fewer waves when a wave would not fill the ``sample_batch`` decode slots.
     progress: progress bars on stderr.
     reference: how the round's reference log-probs (``pi_ref = pi_{t-1}``, the policy that
       sampled the round) are obtained: ``forward`` (a forward pass over the round's train rows

@@ -132,7 +132,9 @@ def sample_and_annotate(run: Run, t: int, batch: dict) -> tuple[list[dict], dict
     run.panel.reset()
     ahead = Prefetch(run.panel if run.main else None, run.log)
     responses, logps, texts = [], [], []
-    waves = rounds.waves(len(prompt_ids), cfg.loop.sample_waves if run.panel.offloaded else 1)  # same on every host
+    # same on every host; a wave fills the decode slots at least once (smaller ones decode half-empty)
+    count = min(cfg.loop.sample_waves, len(prompt_ids) * k // cfg.loop.sample_batch) if run.panel.offloaded else 1
+    waves = rounds.waves(len(prompt_ids), count)
     for a, b in waves:  # each wave's responses go to the served judges while the next one decodes
         got, lp = rounds.sample_with_logps(
             run.policy, prompt_ids[a:b], num_samples=k, max_new_tokens=s.max_new_tokens,
