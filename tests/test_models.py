@@ -316,3 +316,56 @@ def test_matmul_gradients_and_backward_precision(spec, sa, sb):
         assert [v.aval.dtype for v in e.invars] == [jnp.bfloat16, jnp.bfloat16] and e.outvars[0].aval.dtype == jnp.float32
     da, db = jax.grad(loss, argnums=(0, 1))(a, b)
     assert da.dtype == db.dtype == jnp.float32
+
+
+def _tiny(**kw):
+    return dict(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, max_position_embeddings=64, **kw)
+
+
+@pytest.mark.parametrize("left_pad", [0, 5])
+@pytest.mark.parametrize("rope", [{"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                   "original_max_position_embeddings": 16},
+                                  {"rope_type": "linear", "factor": 2.0}], ids=["llama3", "linear"])
+def test_scaled_rope_llama_matches_transformers(rope, left_pad, tmp_path):
+    """Llama-3.1's rope scaling (low / high frequency bands around an original context of 16 here,
+    so all three bands occur at head_dim 16) and linear scaling, tied embeddings as Llama-3.2."""
+    cfg = transformers.LlamaConfig(**_tiny(head_dim=16, tie_word_embeddings=True), rope_theta=500000.0,
+                                   rope_scaling=rope)
+    hf = _save_random(cfg, transformers.LlamaForCausalLM, tmp_path)
+    model = _assert_parity(tmp_path, hf, left_pad)
+    assert model.config.rope_type == rope["rope_type"]
+    plain = models.from_pretrained(tmp_path, rope_type="default")
+    ids = _inputs(0)[0]
+    assert np.abs(np.asarray(plain(ids)) - np.asarray(model(ids))).max() > 1e-3  # the scaling matters here
+
+
+@pytest.mark.parametrize("left_pad", [0, 5])
+@pytest.mark.parametrize("family", ["qwen2", "qwen3"])
+def test_qwen_matches_transformers(family, left_pad, tmp_path):
+    """Qwen2 / Qwen2.5 (biases on q, k, v) and Qwen3 (RMSNorm of each head's q and k before the
+    rotary embedding, head_dim other than hidden / heads)."""
+    if family == "qwen2":
+        cfg, cls = transformers.Qwen2Config(**_tiny(), rope_theta=1000000.0), transformers.Qwen2ForCausalLM
+    else:
+        cfg, cls = transformers.Qwen3Config(**_tiny(head_dim=12), rope_theta=1000000.0), transformers.Qwen3ForCausalLM
+    hf = _save_random(cfg, cls, tmp_path)
+    model = _assert_parity(tmp_path, hf, left_pad)
+    layer = model.layers
+    assert ("bq" in layer) == (family == "qwen2") and ("q_norm" in layer) == (family == "qwen3")
+    models.save_pretrained(model, tmp_path / "again")  # and back: transformers reads our folder to its logits
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "again", dtype=torch.float32).eval()
+    ids, mask, positions = _inputs(0)
+    np.testing.assert_allclose(_hf_logits(back, ids, mask, positions), _hf_logits(hf, ids, mask, positions), atol=TOL)
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("rope_scaling", {"rope_type": "yarn", "factor": 4.0}, "rope_type 'yarn' is not supported"),
+    ("mlp_bias", True, "mlp_bias is not supported"),
+    ("use_sliding_window", True, "use_sliding_window=true is not supported"),
+])
+def test_unsupported_fields_fail_naming_them(field, value, message, tmp_path):
+    hf = {"model_type": "qwen2", **_tiny(), field: value}
+    (tmp_path / "config.json").write_text(json.dumps(hf))
+    with pytest.raises(ValueError, match=message):
+        convert.load_config(tmp_path)

@@ -5,9 +5,13 @@ size arithmetic sits beside the parameter specs (``model.param_count``): this mo
 nothing from the package.
 
 ``arch`` picks the block: ``mistral`` (pre-norm RMSNorm, SwiGLU, grouped-query attention,
-optional sliding window; also Llama checkpoints) or ``phi`` (Phi-2: one LayerNorm feeding a
-parallel attention + MLP, partial rotary, biases, ``gelu_new``). ``hf_model_type`` remembers the
-HF family (``llama``, ``mistral``, ``phi``) so ``save_pretrained`` writes what was read.
+optional sliding window; also Llama-2/3.x, Qwen2/2.5 with ``qkv_bias`` and Qwen3 with
+``qk_norm``) or ``phi`` (Phi-2: one LayerNorm feeding a parallel attention + MLP, partial
+rotary, biases, ``gelu_new``). ``hf_model_type`` remembers the HF family (``llama``,
+``mistral``, ``phi``, ``qwen2``, ``qwen3``) so ``save_pretrained`` writes what was read. Rotary
+frequencies: ``rope_type`` ``default``, ``linear`` (divided by ``rope_factor``) or ``llama3``
+(Llama-3.1's band-wise scaling by ``rope_factor`` with ``rope_low_freq_factor``,
+``rope_high_freq_factor`` and ``rope_original_max_position``).
 """
 
 from __future__ import annotations
@@ -17,8 +21,10 @@ from typing import Any, Literal
 
 import jax.numpy as jnp
 
-_HF_TYPES = {"llama": "mistral", "mistral": "mistral", "phi": "phi"}
-_ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "phi": "PhiForCausalLM"}
+_HF_TYPES = {"llama": "mistral", "mistral": "mistral", "phi": "phi", "qwen2": "mistral", "qwen3": "mistral"}
+_ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "phi": "PhiForCausalLM",
+                  "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+ROPE_TYPES = ("default", "linear", "llama3")  # HF's rope_type values the ports compute
 _ACTIVATIONS = ("silu", "gelu_new", "gelu_pytorch_tanh", "gelu")
 
 
@@ -82,6 +88,13 @@ class ModelConfig:
     sliding_window: int | None = None
     tie_word_embeddings: bool = False
     qk_layernorm: bool = False
+    qkv_bias: bool = False
+    qk_norm: bool = False
+    rope_type: str = "default"
+    rope_factor: float = 1.0
+    rope_low_freq_factor: float = 1.0
+    rope_high_freq_factor: float = 4.0
+    rope_original_max_position: int = 8192
     max_position_embeddings: int = 32768
     bos_token_id: int | None = 1
     eos_token_id: int | None = 2
@@ -100,6 +113,8 @@ class ModelConfig:
             )
         if self.hidden_act not in _ACTIVATIONS:
             raise ValueError(f"model config: hidden_act {self.hidden_act!r} is not one of {_ACTIVATIONS}")
+        if self.rope_type not in ROPE_TYPES:
+            raise ValueError(f"model config: rope_type {self.rope_type!r} is not one of {ROPE_TYPES}")
         if self.remat not in ("none", "full", "dots"):
             raise ValueError(f"model config: remat must be none, full or dots, got {self.remat!r}")
 
@@ -107,6 +122,14 @@ class ModelConfig:
     def rotary_dim(self) -> int:
         """Leading head dimensions that are rotated (Phi-2 rotates 32 of 80)."""
         return int(self.head_dim * self.partial_rotary_factor)
+
+    @property
+    def rope_scaling(self) -> tuple:
+        """What ``layers.rope_inv_freq`` needs beyond theta and the rotary dims (hashable)."""
+        if self.rope_type == "default":
+            return ()
+        return (self.rope_type, self.rope_factor, self.rope_low_freq_factor, self.rope_high_freq_factor,
+                self.rope_original_max_position)
 
     @property
     def jnp_param_dtype(self):
@@ -128,12 +151,19 @@ def from_hf_dict(hf: dict[str, Any], *, where: str = "config.json", **overrides)
     for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
         if key not in hf:
             raise ValueError(f"{where}: missing key {key!r}")
-    rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
+    rope = dict(hf.get("rope_scaling") or {}) | dict(hf.get("rope_parameters") or {})
     rope_type = rope.get("rope_type", rope.get("type", "default"))
-    if rope_type != "default":
-        raise ValueError(f"{where}: rope_type {rope_type!r} is not supported (only 'default')")
-    if hf.get("attention_bias") or hf.get("mlp_bias"):
-        raise ValueError(f"{where}: attention_bias / mlp_bias are not supported for {model_type}")
+    if rope_type not in ROPE_TYPES:
+        raise ValueError(f"{where}: rope_type {rope_type!r} is not supported (one of {list(ROPE_TYPES)}; 'dynamic', "
+                         "'yarn' and 'longrope' come with some Llama, Qwen and Phi-3 checkpoints)")
+    if hf.get("mlp_bias"):
+        raise ValueError(f"{where}: mlp_bias is not supported (Llama-architecture checkpoints with MLP biases)")
+    if hf.get("attention_bias") and model_type in ("llama", "mistral", "qwen3"):
+        raise ValueError(f"{where}: attention_bias is not supported for {model_type} (the q, k, v biases of "
+                         "qwen2 are; an o_proj bias is not)")
+    if hf.get("use_sliding_window"):
+        raise ValueError(f"{where}: use_sliding_window=true is not supported for {model_type} (a window on the "
+                         f"layers from max_window_layers={hf.get('max_window_layers')} on)")
     arch = _HF_TYPES[model_type]
     heads = hf["num_attention_heads"]
     eps_key = "layer_norm_eps" if arch == "phi" else "rms_norm_eps"
@@ -151,9 +181,16 @@ def from_hf_dict(hf: dict[str, Any], *, where: str = "config.json", **overrides)
         partial_rotary_factor=float(rope.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))),
         norm_eps=float(hf.get(eps_key, 1e-5)),
         hidden_act=hf.get("hidden_act", "gelu_new" if arch == "phi" else "silu"),
-        sliding_window=hf.get("sliding_window") if arch == "mistral" else None,
+        sliding_window=hf.get("sliding_window") if model_type == "mistral" else None,
         tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
         qk_layernorm=bool(hf.get("qk_layernorm", False)),
+        qkv_bias=model_type == "qwen2",
+        qk_norm=model_type == "qwen3",
+        rope_type=rope_type,
+        rope_factor=float(rope.get("factor", 1.0)),
+        rope_low_freq_factor=float(rope.get("low_freq_factor", 1.0)),
+        rope_high_freq_factor=float(rope.get("high_freq_factor", 4.0)),
+        rope_original_max_position=int(rope.get("original_max_position_embeddings", 8192)),
         max_position_embeddings=hf.get("max_position_embeddings", 2048),
         bos_token_id=hf.get("bos_token_id"),
         eos_token_id=hf.get("eos_token_id") if not isinstance(hf.get("eos_token_id"), list) else hf["eos_token_id"][0],
@@ -180,7 +217,7 @@ def to_hf_dict(cfg: ModelConfig) -> dict[str, Any]:
         "bos_token_id": cfg.bos_token_id,
         "eos_token_id": cfg.eos_token_id,
         "rope_theta": cfg.rope_theta,
-        "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
+        "rope_parameters": {"rope_type": cfg.rope_type, "rope_theta": cfg.rope_theta},
         "torch_dtype": cfg.param_dtype,
         "dtype": cfg.param_dtype,
     }
@@ -192,4 +229,13 @@ def to_hf_dict(cfg: ModelConfig) -> dict[str, Any]:
         out.update(rms_norm_eps=cfg.norm_eps, attention_bias=False, mlp_bias=False)
         if cfg.hf_model_type == "mistral":
             out["sliding_window"] = cfg.sliding_window
+        if cfg.hf_model_type in ("qwen2", "qwen3"):
+            out.update(use_sliding_window=False, sliding_window=None, max_window_layers=cfg.num_layers)
+    if cfg.rope_type != "default":
+        scaling = {"rope_type": cfg.rope_type, "factor": cfg.rope_factor}
+        if cfg.rope_type == "llama3":
+            scaling.update(low_freq_factor=cfg.rope_low_freq_factor, high_freq_factor=cfg.rope_high_freq_factor,
+                           original_max_position_embeddings=cfg.rope_original_max_position)
+        out["rope_parameters"].update(scaling)
+        out["rope_scaling"] = scaling  # the transformers-4 key
     return out

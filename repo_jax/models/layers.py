@@ -21,6 +21,7 @@ import zlib
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from repo_jax import sharding as shd
 
@@ -165,9 +166,27 @@ def activation(name: str):
 # --------------------------------------------------------------------------------------------
 
 
-def rope_angles(positions_BxT, rotary_dim: int, theta: float):
-    """``(sin, cos)``, each float32 ``[B, T, rotary_dim // 2]``."""
-    inv_freq = 1.0 / (theta ** (jnp.arange(0, rotary_dim, 2, dtype=F32) / rotary_dim))
+def rope_inv_freq(rotary_dim: int, theta: float, scaling: tuple = ()) -> np.ndarray:
+    """The rotary frequencies ``theta^(-2i / rotary_dim)``, float32 ``[rotary_dim // 2]``, scaled
+    as HF's ``rope_type`` says (``ModelConfig.rope_scaling``): ``linear`` divides every frequency by
+    ``factor``; ``llama3`` (Llama-3.1) divides the low frequencies (wavelength above
+    ``original / low_freq_factor``) by ``factor``, keeps the high ones (below ``original /
+    high_freq_factor``) and blends the band between linearly in ``original / wavelength``."""
+    inv = 1.0 / (np.float32(theta) ** (np.arange(0, rotary_dim, 2, dtype=np.float32) / np.float32(rotary_dim)))
+    if scaling:
+        kind, factor, low, high, original = scaling
+        if kind == "linear":
+            inv = inv / np.float32(factor)
+        elif kind == "llama3":
+            ratio = np.float32(original) * inv / np.float32(2 * np.pi)  # original context / wavelength
+            blend = np.clip((ratio - np.float32(low)) / np.float32(high - low), 0.0, 1.0)  # 0: low band, 1: high
+            inv = (1.0 - blend) * inv / np.float32(factor) + blend * inv
+    return inv.astype(np.float32)
+
+
+def rope_angles(positions_BxT, rotary_dim: int, theta: float, scaling: tuple = ()):
+    """``(sin, cos)``, each float32 ``[B, T, rotary_dim // 2]`` (``scaling``: see :func:`rope_inv_freq`)."""
+    inv_freq = jnp.asarray(rope_inv_freq(rotary_dim, theta, scaling))
     ang_BxTxH2 = positions_BxT.astype(F32)[..., None] * inv_freq
     return jnp.sin(ang_BxTxH2), jnp.cos(ang_BxTxH2)
 
@@ -274,7 +293,8 @@ class AttentionContext:
     allowed_BxTxS: jax.Array
 
 
-def make_context(positions_BxT, key_pos_BxS, index, *, rotary_dim, theta, window, segment_ids_BxT=None):
+def make_context(positions_BxT, key_pos_BxS, index, *, rotary_dim, theta, window, segment_ids_BxT=None,
+                 rope_scaling: tuple = ()):
     """Context for queries at slots ``index .. index + T - 1`` over keys with positions ``key_pos_BxS``
     (padding keys carry position -1, see :func:`key_positions`).
 
@@ -293,10 +313,10 @@ def make_context(positions_BxT, key_pos_BxS, index, *, rotary_dim, theta, window
         allowed = (key_pos_BxS[:, None, :] >= 0) & (jnp.arange(s, dtype=jnp.int32)[None, None, :] <= q_slot_T[None, :, None])
     if window is not None:
         allowed &= positions_BxT[:, :, None] - key_pos_BxS[:, None, :] < window
-    return AttentionContext(rope_angles(positions_BxT, rotary_dim, theta), allowed)
+    return AttentionContext(rope_angles(positions_BxT, rotary_dim, theta, rope_scaling), allowed)
 
 
-def make_cache_context(positions_BxT, key_pos_BxS, *, rotary_dim, theta, window):
+def make_cache_context(positions_BxT, key_pos_BxS, *, rotary_dim, theta, window, rope_scaling: tuple = ()):
     """Context for queries over a sampler's cache, causal by *position*: a query may attend to every
     key slot holding a real token at a position up to its own, wherever the slot lies. The sampler
     writes decode tokens into a ring of slots (a refilled row starts anywhere in the ring), so a
@@ -304,7 +324,7 @@ def make_cache_context(positions_BxT, key_pos_BxS, *, rotary_dim, theta, window)
     allowed = (key_pos_BxS[:, None, :] >= 0) & (key_pos_BxS[:, None, :] <= positions_BxT[:, :, None])
     if window is not None:
         allowed &= positions_BxT[:, :, None] - key_pos_BxS[:, None, :] < window
-    return AttentionContext(rope_angles(positions_BxT, rotary_dim, theta), allowed)
+    return AttentionContext(rope_angles(positions_BxT, rotary_dim, theta, rope_scaling), allowed)
 
 
 def key_positions(positions_BxT, attention_mask_BxT):

@@ -1,5 +1,6 @@
-"""Mistral / Llama decoder block: pre-norm RMSNorm, grouped-query attention with rotary
-embeddings (and Mistral's sliding window when ``sliding_window`` is set), SwiGLU MLP.
+"""Mistral / Llama / Qwen decoder block: pre-norm RMSNorm, grouped-query attention with rotary
+embeddings (and Mistral's sliding window when ``sliding_window`` is set), SwiGLU MLP; Qwen2's
+q, k, v biases (``qkv_bias``) and Qwen3's per-head RMSNorm of q and k (``qk_norm``).
 
 Parameter layout (one layer; stacked with a leading ``layers`` axis) and the HF tensors they
 come from are listed in ``layer_specs`` / ``top_specs`` (see ``spec.ParamSpec``).
@@ -15,7 +16,7 @@ from repo_jax.models.spec import ParamSpec
 
 def layer_specs(cfg: ModelConfig) -> dict[str, ParamSpec]:
     d, n, g, h, f = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.intermediate_size
-    return {
+    out = {
         "attn_norm": ParamSpec((d,), ("norm",), "ones", "input_layernorm.weight"),
         "wq": ParamSpec((d, n, h), ("embed", "q_heads", "head_dim"), "normal", "self_attn.q_proj.weight", 1),
         "wk": ParamSpec((d, g, h), ("embed", "kv_heads", "head_dim"), "normal", "self_attn.k_proj.weight", 1),
@@ -26,6 +27,14 @@ def layer_specs(cfg: ModelConfig) -> dict[str, ParamSpec]:
         "w_up": ParamSpec((d, f), ("embed", "mlp"), "normal", "mlp.up_proj.weight", 1),
         "w_down": ParamSpec((f, d), ("mlp", "embed"), "normal", "mlp.down_proj.weight", 1),
     }
+    if cfg.qkv_bias:  # Qwen2 / Qwen2.5
+        out["bq"] = ParamSpec((n, h), ("q_heads", "head_dim"), "zeros", "self_attn.q_proj.bias", 0)
+        out["bk"] = ParamSpec((g, h), ("kv_heads", "head_dim"), "zeros", "self_attn.k_proj.bias", 0)
+        out["bv"] = ParamSpec((g, h), ("kv_heads", "head_dim"), "zeros", "self_attn.v_proj.bias", 0)
+    if cfg.qk_norm:  # Qwen3: RMSNorm over each head's features, before the rotary embedding
+        out["q_norm"] = ParamSpec((h,), ("norm",), "ones", "self_attn.q_norm.weight")
+        out["k_norm"] = ParamSpec((h,), ("norm",), "ones", "self_attn.k_norm.weight")
+    return out
 
 
 def top_specs(cfg: ModelConfig) -> dict[str, ParamSpec]:
@@ -47,6 +56,10 @@ def block(cfg: ModelConfig, p, x_BxTxD, attend):
     h_BxTxD = layers.rms_norm(x_BxTxD, p["attn_norm"], cfg.norm_eps, dt)
     q, k, v = layers.project_shared(h_BxTxD, [proj("wq", "BTD,DNH->BTNH"), proj("wk", "BTD,DGH->BTGH"),
                                               proj("wv", "BTD,DGH->BTGH")], dt)
+    if cfg.qkv_bias:
+        q, k, v = q + p["bq"].astype(dt), k + p["bk"].astype(dt), v + p["bv"].astype(dt)
+    if cfg.qk_norm:
+        q, k = layers.rms_norm(q, p["q_norm"], cfg.norm_eps, dt), layers.rms_norm(k, p["k_norm"], cfg.norm_eps, dt)
     o_BxTxNxH, cache_kv = attend(q, k, v)
     x_BxTxD = x_BxTxD + layers.out_proj(o_BxTxNxH, p["wo"], dt, layers.adapter_of(p, "wo", cfg.lora))
     x_BxTxD = shd.constrain(x_BxTxD, ("batch", "length", "act_embed"))

@@ -122,12 +122,14 @@ class _LanguageModel(nnx.Module):
         return layers.make_context(
             positions_BxT, key_pos_BxS, index,
             rotary_dim=cfg.rotary_dim, theta=cfg.rope_theta, window=cfg.sliding_window, segment_ids_BxT=segment_ids_BxT,
+            rope_scaling=cfg.rope_scaling,
         )
 
     def _cache_context(self, positions_BxT, key_pos_BxS):
         cfg = self.config
         return layers.make_cache_context(positions_BxT, key_pos_BxS, rotary_dim=cfg.rotary_dim,
-                                         theta=cfg.rope_theta, window=cfg.sliding_window)
+                                         theta=cfg.rope_theta, window=cfg.sliding_window,
+                                         rope_scaling=cfg.rope_scaling)
 
     def logits(self, h_BxTxD):
         """Float32 logits of hidden states (the full ``[B, T, V]``: use ``logprobs`` for training)."""
