@@ -39,12 +39,13 @@ PROMPT_LEN, NEW_TOKENS, HELDOUT = 32, 16, 24
 def _model_overrides(section) -> dict:
     from repo_jax.training.state import model_config
 
-    arch = model_config(section).arch
+    cfg = model_config(section)
     dims = {"vocab_size": 256, "intermediate_size": 128, "num_layers": 2}
-    if arch == "phi":  # no GQA; partial rotary 0.4 of 20 = 8 dims
+    if cfg.arch == "phi":  # no GQA; partial rotary 0.4 of 20 = 8 dims
         return {**dims, "hidden_size": 80, "num_heads": 4, "num_kv_heads": 4, "head_dim": 20}
+    # the family's own features stay (Llama-3's rope scaling, Qwen's biases and q/k norms)
     return {**dims, "hidden_size": 64, "num_heads": 8, "num_kv_heads": 4, "head_dim": 8,
-            **({"sliding_window": 24} if arch == "mistral" else {})}
+            **({"sliding_window": 24} if cfg.hf_model_type == "mistral" else {})}
 
 
 def heldout_file(run_dir: str) -> str:

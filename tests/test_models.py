@@ -156,7 +156,9 @@ def test_cached_decoding_equals_full_forward(arch, unstacked):
         np.testing.assert_allclose(step[:, 0], full[:, t], atol=1e-5, err_msg=f"token {t}")
 
 
-@pytest.mark.parametrize("name,count", [("phi-2", 2_779_683_840), ("mistral-7b-v0.1", 7_241_732_096)])
+@pytest.mark.parametrize("name,count", [("phi-2", 2_779_683_840), ("mistral-7b-v0.1", 7_241_732_096),
+                                        ("llama-3.1-8b", 8_030_261_248), ("qwen2.5-7b", 7_615_616_512),
+                                        ("qwen3-8b", 8_190_735_360)])
 def test_real_sizes_by_eval_shape(name, count):
     cfg = models.load_config(f"configs/models/{name}.json")
     abstract = nnx.eval_shape(lambda: models.build(cfg))

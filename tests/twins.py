@@ -17,7 +17,8 @@ import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-LOOP_RECIPES = ("mistral7b_irepo.yaml", "mistral7b_irepo_lora.yaml", "phi2_irepo.yaml", "phi2_irepo_lora.yaml")
+LOOP_RECIPES = ("mistral7b_irepo.yaml", "mistral7b_irepo_lora.yaml", "phi2_irepo.yaml", "phi2_irepo_lora.yaml",
+                "llama3_8b_irepo_lora.yaml")
 OFFLINE_RECIPES = ("mistral7b_lpo.yaml",)
 
 
