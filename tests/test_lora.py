@@ -268,6 +268,14 @@ def _hf_base(arch, folder):
                                      num_attention_heads=4, max_position_embeddings=64, partial_rotary_factor=0.5,
                                      resid_pdrop=0.0)
         hf = transformers.PhiForCausalLM(cfg)
+    elif arch == "qwen2":  # biases on q, k, v beside the adapters
+        hf = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(
+            vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=64))
+    elif arch == "qwen3":  # q / k norms after the adapted projections
+        hf = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(
+            vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, head_dim=12, max_position_embeddings=64))
     else:
         cfg = transformers.LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
                                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
@@ -279,7 +287,7 @@ def _hf_base(arch, folder):
     return hf
 
 
-@pytest.mark.parametrize("arch", ["llama", "phi"])
+@pytest.mark.parametrize("arch", ["llama", "phi", "qwen2", "qwen3"])
 def test_exported_adapter_loads_in_peft_to_our_logits(arch, tmp_path):
     """Our adapter folder through ``peft.PeftModel.from_pretrained`` on the HF base gives our
     adapted logits within 1e-4, with every tensor of the file loaded (PEFT only warns about a
@@ -313,7 +321,7 @@ def test_exported_adapter_loads_in_peft_to_our_logits(arch, tmp_path):
     np.testing.assert_allclose(np.asarray(models.from_pretrained(str(tmp_path / "merged"))(ids)), peft_merged, atol=1e-4)
 
 
-@pytest.mark.parametrize("arch", ["llama", "phi"])
+@pytest.mark.parametrize("arch", ["llama", "phi", "qwen2", "qwen3"])
 def test_a_peft_saved_adapter_loads_into_our_model(arch, tmp_path):
     """The other direction: an adapter trained and saved by ``peft`` itself (random ``B``, all
     linear layers) loads through ``models.from_pretrained(adapter folder)`` (its base from

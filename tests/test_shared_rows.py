@@ -66,6 +66,12 @@ ARCHS = {
     "mistral_mha": dict(arch="mistral", hf_model_type="mistral", num_heads=4, num_kv_heads=4, sliding_window=None),
     "phi": dict(arch="phi", hf_model_type="phi", num_heads=4, num_kv_heads=4, partial_rotary_factor=0.5,
                 qk_layernorm=True, hidden_act="gelu_new"),
+    "llama3": dict(arch="mistral", hf_model_type="llama", num_heads=4, num_kv_heads=2, sliding_window=None,
+                   rope_type="llama3", rope_factor=8.0, rope_original_max_position=16, tie_word_embeddings=True),
+    "qwen2": dict(arch="mistral", hf_model_type="qwen2", num_heads=4, num_kv_heads=2, sliding_window=None,
+                  qkv_bias=True),
+    "qwen3": dict(arch="mistral", hf_model_type="qwen3", num_heads=4, num_kv_heads=2, sliding_window=None,
+                  qk_norm=True),
 }
 
 
@@ -75,6 +81,10 @@ def test_logps_match_rows(arch, left_pad):
     cfg = models.ModelConfig(vocab_size=V, hidden_size=32, intermediate_size=48, num_layers=2, head_dim=8,
                              **ARCHS[arch])
     model = models.build(cfg, seed=3)
+    for name in ("bq", "bk", "bv", "q_norm", "k_norm"):  # Qwen's biases and norms off their init values
+        if name in model.layers:
+            p = model.layers[name]
+            p.set_value(p.get_value() + 0.3 * jax.random.normal(jax.random.key(7), p.get_value().shape))
     k = 3
     rows, shared = _both(_items(0, 5, k), 6, k)
     if left_pad:
