@@ -371,3 +371,63 @@ def test_unsupported_fields_fail_naming_them(field, value, message, tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(hf))
     with pytest.raises(ValueError, match=message):
         convert.load_config(tmp_path)
+
+
+@pytest.mark.parametrize("family", ["qwen2", "qwen3"])
+def test_qwen_gguf_written_by_the_gguf_package_matches_transformers(family, tmp_path):
+    """A tiny Qwen2 / Qwen3 written to GGUF with the ``gguf`` package under llama.cpp's names
+    (``attn_q.bias``, ``attn_q_norm.weight``, no rotary permutation: Qwen's layout is HF's) loads
+    to transformers' logits; a Llama-3.1 GGUF's ``rope_freqs`` tensor is refused by name."""
+    gguf = pytest.importorskip("gguf")
+    if family == "qwen2":
+        cfg, cls = transformers.Qwen2Config(**_tiny(), rope_theta=1000000.0), transformers.Qwen2ForCausalLM
+    else:
+        cfg, cls = transformers.Qwen3Config(**_tiny(head_dim=12), rope_theta=1000000.0), transformers.Qwen3ForCausalLM
+    hf = _save_random(cfg, cls, tmp_path / "hf")
+    names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+             "lm_head.weight": "output.weight"}
+    layer = {"input_layernorm.weight": "attn_norm.weight", "post_attention_layernorm.weight": "ffn_norm.weight",
+             "self_attn.q_proj.weight": "attn_q.weight", "self_attn.k_proj.weight": "attn_k.weight",
+             "self_attn.v_proj.weight": "attn_v.weight", "self_attn.o_proj.weight": "attn_output.weight",
+             "self_attn.q_proj.bias": "attn_q.bias", "self_attn.k_proj.bias": "attn_k.bias",
+             "self_attn.v_proj.bias": "attn_v.bias", "self_attn.q_norm.weight": "attn_q_norm.weight",
+             "self_attn.k_norm.weight": "attn_k_norm.weight", "mlp.gate_proj.weight": "ffn_gate.weight",
+             "mlp.up_proj.weight": "ffn_up.weight", "mlp.down_proj.weight": "ffn_down.weight"}
+
+    def write(path, extra=()):
+        w = gguf.GGUFWriter(str(path), family)
+        w.add_block_count(cfg.num_hidden_layers)
+        w.add_context_length(cfg.max_position_embeddings)
+        w.add_embedding_length(cfg.hidden_size)
+        w.add_feed_forward_length(cfg.intermediate_size)
+        w.add_head_count(cfg.num_attention_heads)
+        w.add_head_count_kv(cfg.num_key_value_heads)
+        w.add_rope_freq_base(1000000.0)
+        w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+        w.add_vocab_size(cfg.vocab_size)
+        if family == "qwen3":
+            w.add_key_length(12)
+            w.add_value_length(12)
+        for name, p in hf.state_dict().items():
+            if name in names:
+                target = names[name]
+            else:
+                i, rest = name.removeprefix("model.layers.").split(".", 1)
+                target = f"blk.{i}.{layer[rest]}"
+            w.add_tensor(target, p.detach().numpy().astype(np.float32))
+        for name, arr in extra:
+            w.add_tensor(name, arr)
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+
+    write(tmp_path / "m.gguf")
+    model = models.from_pretrained(str(tmp_path / "m.gguf"))
+    assert model.config.hf_model_type == family and model.config.head_dim == (12 if family == "qwen3" else 8)
+    ids, mask, positions = _inputs(3)
+    diff = np.abs(np.asarray(model(ids, positions, mask)) - _hf_logits(hf, ids, mask, positions))[mask.astype(bool)]
+    assert diff.max() <= TOL, diff.max()
+    write(tmp_path / "scaled.gguf", [("rope_freqs.weight", np.ones(4, np.float32))])
+    with pytest.raises(ValueError, match="rope_freqs"):
+        models.from_pretrained(str(tmp_path / "scaled.gguf"))

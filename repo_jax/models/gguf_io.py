@@ -1,8 +1,10 @@
-"""GGUF files (llama.cpp) with the Llama architecture: config from the metadata, tensors
-dequantised to float32 numpy with the ``gguf`` package, under their HF names.
+"""GGUF files (llama.cpp) of the ``llama``, ``qwen2`` and ``qwen3`` architectures: config from
+the metadata, tensors dequantised to float32 numpy with the ``gguf`` package, under their HF names.
 
-llama.cpp stores ``attn_q`` / ``attn_k`` rows permuted for its interleaved rotary layout; they
-are permuted back to the HF "rotate half" layout here (as transformers' own GGUF loader does).
+llama.cpp stores a Llama's ``attn_q`` / ``attn_k`` rows permuted for its interleaved rotary
+layout; they are permuted back to the HF "rotate half" layout here (as transformers' own GGUF
+loader does). Qwen's use the "neox" layout, HF's own: no permutation. A Llama-3.1 GGUF carries
+its rope scaling as a ``rope_freqs`` tensor, not as fields: refused (load the HF folder).
 """
 
 from __future__ import annotations
@@ -23,7 +25,11 @@ _LAYER = {
     "attn_v.weight": "self_attn.v_proj.weight", "attn_output.weight": "self_attn.o_proj.weight",
     "ffn_gate.weight": "mlp.gate_proj.weight", "ffn_up.weight": "mlp.up_proj.weight",
     "ffn_down.weight": "mlp.down_proj.weight",
+    "attn_q.bias": "self_attn.q_proj.bias", "attn_k.bias": "self_attn.k_proj.bias",  # qwen2
+    "attn_v.bias": "self_attn.v_proj.bias",
+    "attn_q_norm.weight": "self_attn.q_norm.weight", "attn_k_norm.weight": "self_attn.k_norm.weight",  # qwen3
 }
+ARCHS = ("llama", "qwen2", "qwen3")
 _SKIP_FIELDS = ("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.token_type", "tokenizer.ggml.scores")
 
 
@@ -55,39 +61,42 @@ def _hf_name(gguf_name: str, where: Path) -> str:
 
 
 def _vocab_size(reader, fields) -> int:
-    if "llama.vocab_size" in fields:
-        return int(fields["llama.vocab_size"])
+    arch = fields.get("general.architecture")
+    if f"{arch}.vocab_size" in fields:
+        return int(fields[f"{arch}.vocab_size"])
     return len(reader.fields["tokenizer.ggml.tokens"].data)
 
 
 def from_gguf_fields(fields: dict[str, Any], *, n_vocab: int, tied: bool, where: str) -> ModelConfig:
-    """A ``ModelConfig`` from GGUF metadata (``general.architecture == 'llama'`` only)."""
+    """A ``ModelConfig`` from GGUF metadata (``general.architecture`` one of ``ARCHS``)."""
     arch = fields.get("general.architecture")
-    if arch != "llama":
-        raise ValueError(f"{where}: GGUF architecture {arch!r} is not supported (only 'llama')")
+    if arch not in ARCHS:
+        raise ValueError(f"{where}: GGUF architecture {arch!r} is not supported (one of {list(ARCHS)})")
 
     def get(key, default=None):
-        if f"llama.{key}" in fields:
-            return fields[f"llama.{key}"]
+        if f"{arch}.{key}" in fields:
+            return fields[f"{arch}.{key}"]
         if default is None:
-            raise ValueError(f"{where}: GGUF metadata key 'llama.{key}' is missing")
+            raise ValueError(f"{where}: GGUF metadata key '{arch}.{key}' is missing")
         return default
 
     heads = int(get("attention.head_count"))
     d = int(get("embedding_length"))
     return ModelConfig(
         arch="mistral",
-        hf_model_type="llama",
+        hf_model_type=arch,
         vocab_size=n_vocab,
         hidden_size=d,
         intermediate_size=int(get("feed_forward_length")),
         num_layers=int(get("block_count")),
         num_heads=heads,
         num_kv_heads=int(get("attention.head_count_kv", heads)),
-        head_dim=int(get("rope.dimension_count", d // heads)),
+        head_dim=int(get("attention.key_length", get("rope.dimension_count", d // heads))),
         rope_theta=float(get("rope.freq_base", 10000.0)),
         norm_eps=float(f'{float(get("attention.layer_norm_rms_epsilon")):.7g}'),  # stored as float32
         tie_word_embeddings=tied,
+        qkv_bias=arch == "qwen2",
+        qk_norm=arch == "qwen3",
         max_position_embeddings=int(get("context_length", 2048)),
         bos_token_id=fields.get("tokenizer.ggml.bos_token_id"),
         eos_token_id=fields.get("tokenizer.ggml.eos_token_id"),
@@ -99,6 +108,9 @@ def read_config(path: str | Path) -> ModelConfig:
     reader = _reader(path)
     fields = _fields(reader)
     tied = not any(t.name == "output.weight" for t in reader.tensors)
+    if any(t.name == "rope_freqs.weight" for t in reader.tensors):
+        raise ValueError(f"{path}: the GGUF carries rope scaling as a rope_freqs tensor (llama.cpp's form of "
+                         "Llama-3.1's rope_type llama3), which is not supported: load the HF folder instead")
     return from_gguf_fields(fields, n_vocab=_vocab_size(reader, fields), tied=tied, where=str(path))
 
 
@@ -123,9 +135,9 @@ class GGUFTensors:
         t = self._by_name[name]
         w = gguf.dequantize(t.data, t.tensor_type).astype(np.float32, copy=False)
         w = w.reshape(self.shape(name))
-        if name.endswith("self_attn.q_proj.weight"):
+        if self.cfg.hf_model_type == "llama" and name.endswith("self_attn.q_proj.weight"):
             w = _unpermute(w, self.cfg.num_heads)
-        elif name.endswith("self_attn.k_proj.weight"):
+        elif self.cfg.hf_model_type == "llama" and name.endswith("self_attn.k_proj.weight"):
             w = _unpermute(w, self.cfg.num_kv_heads)
         return w
 
