@@ -217,7 +217,7 @@ def plan(cfg, *, fast_compile: bool = False, name: str = "", sampler: bool = Tru
     return {
         "config": name,
         "slice": cfg.slice,
-        "model": f"{mcfg.arch} {mcfg.num_layers}x{mcfg.hidden_size}",
+        "model": f"{mcfg.hf_model_type} {mcfg.num_layers}x{mcfg.hidden_size}",
         "params": models.param_count(mcfg),
         "devices": mesh.size,
         "mesh": tuple(mesh.shape[a] for a in shd.MESH_AXES),

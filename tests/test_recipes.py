@@ -46,6 +46,19 @@ def test_every_shipped_config_plans_and_fits_the_slice_it_names(name):
     assert f"whole round fits: {s}: yes" in text, text
 
 
+@pytest.mark.parametrize("model", ["qwen2.5-7b", "qwen3-8b"])
+def test_the_8b_lora_recipe_plans_for_qwen_at_full_size(model):
+    """The Llama-3.1-8B LoRA recipe with a Qwen model's official config swapped in: the real-size
+    Qwen2.5-7B (28 heads over 4-way tensor parallelism, q/k/v biases) and Qwen3-8B (36 layers,
+    q/k norms) fit a v5e-8 in every phase."""
+    out = subprocess.run([sys.executable, "-m", "repo_jax.plan", "--config", "configs/llama3_8b_irepo_lora.yaml",
+                          f"model.config=configs/models/{model}.json", "--fast-compile"],
+                         cwd=ROOT, env=_env(8), capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    family = "qwen2" if model.startswith("qwen2") else "qwen3"
+    assert f"{family} " in out.stdout and "whole round fits: v5litepod-8: yes" in out.stdout, out.stdout
+
+
 def test_the_scale_recipes_name_real_slices_and_served_judges():
     for name in LOOP_RECIPES:
         cfg = config_lib.load(IrepoConfig, ROOT / "configs" / name)
