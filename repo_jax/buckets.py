@@ -90,8 +90,7 @@ class Mirror:
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self.error: BaseException | None = None
-        self.uploaded = self.downloaded = 0
+        self.uploaded = 0  # files uploaded by this process (the end-of-run log line)
         self._manifest = self._read_manifest()
 
     # ------------------------------------------------------------------ manifest
@@ -160,7 +159,6 @@ class Mirror:
                 fetched += 1
             self.local.mkdir(parents=True, exist_ok=True)
             self._write_manifest()
-            self.downloaded += fetched
             return fetched
 
     def push(self) -> int:
@@ -201,8 +199,7 @@ class Mirror:
                 self._wake.clear()
                 try:
                     self.push()
-                except Exception as e:  # noqa: BLE001 - kept, raised by close(); the next push retries
-                    self.error = e
+                except Exception:  # noqa: BLE001 - the next push retries; close()'s final push raises
                     time.sleep(1.0)
 
         self._thread = threading.Thread(target=loop, name=f"mirror {self.url}", daemon=True)
