@@ -3,6 +3,8 @@
 * :mod:`~repo_jax.annotators.base`          the ``Annotator`` protocol, score- and pair-based
   bases with per-round caches, Bradley-Terry probabilities from scores
 * :mod:`~repo_jax.annotators.rules`         verifiable scorers (numeric answer, regex, length)
+* :mod:`~repo_jax.annotators.custom`        your own scorers: ``module:attribute`` rule names,
+  ``@register_scorer``
 * :mod:`~repo_jax.annotators.reward_model`  JAX model + score head; transformers reward models
 * :mod:`~repo_jax.annotators.judge`         LLM judge read from the logits of "A" vs "B"
 * :mod:`~repo_jax.annotators.panel`         panels -> count matrices; simulated noisy raters
@@ -15,6 +17,7 @@ Typical round (the iREPO host loop)::
 """
 
 from repo_jax.annotators.base import Annotator, PairwiseAnnotator, ScoreAnnotator, bt_probs
+from repo_jax.annotators.custom import ScorerLoadError, register_scorer
 from repo_jax.annotators.judge import DEFAULT_TEMPLATE, LLMJudge
 from repo_jax.annotators.panel import AnnotatorError, Panel, SimulatedAnnotator, simulated_panel
 from repo_jax.annotators.reward_model import HFRewardModel, JaxRewardModel, ScoreHead
@@ -22,6 +25,6 @@ from repo_jax.annotators.rules import ExactNumber, LengthBudget, RegexMatch, Rul
 
 __all__ = [
     "DEFAULT_TEMPLATE", "Annotator", "AnnotatorError", "ExactNumber", "HFRewardModel", "JaxRewardModel", "LLMJudge", "LengthBudget",
-    "PairwiseAnnotator", "Panel", "RegexMatch", "RuleAnnotator", "ScoreAnnotator", "ScoreHead", "SimulatedAnnotator",
-    "Weighted", "bt_probs", "extract_number", "simulated_panel",
+    "PairwiseAnnotator", "Panel", "RegexMatch", "RuleAnnotator", "ScoreAnnotator", "ScoreHead", "ScorerLoadError",
+    "SimulatedAnnotator", "Weighted", "bt_probs", "extract_number", "register_scorer", "simulated_panel",
 ]

@@ -16,6 +16,7 @@ import re
 from collections.abc import Callable, Mapping, Sequence
 
 from repo_jax.annotators.base import ScoreAnnotator
+from repo_jax.annotators.custom import describe
 
 Scorer = Callable[[str, str], float]
 
@@ -83,14 +84,45 @@ class Weighted:
         return float(sum(w * s(prompt, response) for w, s in self.terms))
 
 
+class _BadScore(ValueError):
+    """A scorer returned something other than a finite number (the prompt and response it scored)."""
+
+    def __init__(self, prompt: str, response: str, value: object):
+        super().__init__(f"returned {value!r:.80} ({type(value).__name__})")
+        self.prompt, self.response, self.value = prompt, response, value
+
+
 class RuleAnnotator(ScoreAnnotator):
-    """An annotator from a scorer: ``p_ij = sigmoid((s_i - s_j) / temperature)``."""
+    """An annotator from a scorer: ``p_ij = sigmoid((s_i - s_j) / temperature)``.
+
+    A score that is not a finite number (a string, None, NaN, inf) is a ``ValueError`` naming
+    ``where`` (default: the annotator's name) and the index of the prompt (and response) in the
+    call that scored it."""
 
     name = "rule"
 
-    def __init__(self, scorer: Scorer, *, temperature: float = 0.25, name: str | None = None):
+    def __init__(self, scorer: Scorer, *, temperature: float = 0.25, name: str | None = None, where: str = ""):
         super().__init__(temperature=temperature, name=name)
-        self.scorer = scorer
+        self.scorer, self.where = scorer, where
 
     def score_batch(self, prompts: Sequence[str], responses: Sequence[str]) -> list[float]:
-        return [float(self.scorer(p, r)) for p, r in zip(prompts, responses)]
+        return [self._score(p, r) for p, r in zip(prompts, responses)]
+
+    def _score(self, prompt: str, response: str) -> float:
+        value = self.scorer(prompt, response)
+        try:
+            x = float(value) if not isinstance(value, (str, bytes)) else math.nan
+        except (TypeError, ValueError):
+            x = math.nan
+        if not math.isfinite(x):
+            raise _BadScore(prompt, response, value)
+        return x
+
+    def scores(self, prompts: Sequence[str], responses: Sequence[Sequence[str]]):
+        try:
+            return super().scores(prompts, responses)
+        except _BadScore as e:
+            p, k = next((p, list(rs).index(e.response)) for p, (q, rs) in enumerate(zip(prompts, responses))
+                        if q == e.prompt and e.response in rs)
+            raise ValueError(f"{self.where or self.name}: the scorer {describe(self.scorer)} {e} for prompt {p} "
+                             f"(response {k}); a scorer returns a finite number") from None

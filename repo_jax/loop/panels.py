@@ -10,16 +10,35 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from repo_jax.annotators import LLMJudge, Panel, RuleAnnotator, simulated_panel
+from repo_jax.annotators.custom import ScorerLoadError, as_scorer, load_object, registered_scorers
 from repo_jax.config import ConfigError
 from repo_jax.loop.config import AnnotatorSpec
 
 
 def _rule(spec: AnnotatorSpec, task, where: str):
+    """A scorer of the task, a registered one, or ``module:attribute`` (:mod:`repo_jax.annotators.custom`)."""
     scorers = task.scorers() if task is not None else {}
-    if spec.name not in scorers:
-        what = f"the task {task.name!r}" if task is not None else "a run without a task"
-        raise ConfigError(f"{where}: rule {spec.name!r} is not a scorer of {what}; choose one of {sorted(scorers)}")
-    return [RuleAnnotator(scorers[spec.name], temperature=spec.temperature, name=f"rule/{spec.name}")]
+    registered = registered_scorers()
+    label = f"{where} (rule {spec.name!r})"
+    try:
+        if ":" in spec.name:
+            scorer = as_scorer(*load_object(spec.name))
+        elif spec.name in scorers and spec.name in registered:
+            raise ConfigError(f"{label}: the name is both a scorer of the task {task.name!r} and a registered "
+                              "scorer; register it under another name")
+        elif spec.name in scorers:
+            scorer = scorers[spec.name]
+        elif spec.name in registered:
+            scorer = as_scorer(registered[spec.name], spec.name)
+        else:
+            what = f"the task {task.name!r}" if task is not None else "a run without a task"
+            known = sorted({*scorers, *registered})
+            raise ConfigError(f"{where}: rule {spec.name!r} is not a scorer of {what}; "
+                              + (f"choose one of {known}, or " if known else "")
+                              + "name a Python scorer as 'module:attribute'")
+    except ScorerLoadError as e:
+        raise ConfigError(f"{label}: {e}") from e.__cause__
+    return [RuleAnnotator(scorer, temperature=spec.temperature, name=f"rule/{spec.name}", where=label)]
 
 
 def _simulated(spec: AnnotatorSpec, task, where: str):
