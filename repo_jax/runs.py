@@ -8,7 +8,8 @@
   iterator's position included);
 * ``run_until_preempted``: SIGTERM sets a flag the run polls; the run checkpoints and raises
   ``Preempted``, which the command line turns into exit status 143;
-* ``program_main``: the command line (``--config PATH`` and ``key.sub=value`` overrides), the
+* ``program_main``: the command line (``--config PATH`` and ``key.sub=value`` overrides;
+  ``--help [KEY]`` lists the config keys or documents one: ``repo_jax.config_help``), the
   persistent XLA compilation cache, and the exit statuses (0 done, 1 an annotator failed, 2 bad
   config or input, 143 preempted).
 """
@@ -320,14 +321,21 @@ def program_main(cls: type, run: Callable, argv: list[str] | None, *, prog: str,
     from repo_jax.data import DataError
     from repo_jax.training.state import resolve_path
 
-    ap = argparse.ArgumentParser(prog=prog, description=doc, epilog=EXIT_STATUS,
+    ap = argparse.ArgumentParser(prog=prog, description=doc, epilog=EXIT_STATUS, add_help=False,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("-h", "--help", nargs="?", const="", default=None, metavar="KEY",
+                    help=f"show this help and every config key with its default; with a KEY ({example.split('=')[0]}) "
+                    f"or a section ({example.split('.')[0]}): its type, default and documentation")
     ap.add_argument("--config", default=None, help=f"a YAML config (default: {default_config})")
     ap.add_argument("overrides", nargs="*", help=f"key.sub=value overrides, e.g. {example}")
     ap.add_argument("--twin", action="store_true", help="run the config's scaled twin: the same recipe on a tiny "
                     "model and data (repo_jax.twin), e.g. on a CPU with fake devices before renting a slice")
     ap.add_argument("--twin-judge", default="", metavar="URL", help="with --twin: the endpoint served annotators use")
     args = ap.parse_args(argv)
+    if args.help is not None:
+        from repo_jax.config_help import print_help
+
+        return print_help(ap, cls, args.help)
 
     if not jax.config.jax_compilation_cache_dir:  # a rerun or resume skips most compiles
         jax.config.update("jax_compilation_cache_dir", str(cache_dir() / "xla"))

@@ -134,12 +134,14 @@ def _only_axes_in(mesh, entry):
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
     """Sizes of the ``data``, ``fsdp`` and ``tensor`` mesh axes; one of them may be -1 (the rest).
+    Their product is the device count. The default puts every device on ``fsdp``.
 
-    ``data`` replicates parameters (pure data parallelism, gradients all-reduced), ``fsdp``
-    shards parameters and optimiser state along ``embed`` and the batch along rows, ``tensor``
-    shards heads, mlp and vocab (Megatron style). The default puts every device on ``fsdp``.
-    ``sharding_tolerance``: the largest share of the train state a mesh may leave wholly
-    unsharded because it does not divide the parameters' dimensions (:func:`state_shardings`).
+    data: devices that replicate the parameters (pure data parallelism, gradients all-reduced).
+    fsdp: devices that shard the parameters and optimiser state along ``embed`` and the batch
+      along rows.
+    tensor: devices that shard heads, mlp and vocab (Megatron style).
+    sharding_tolerance: the largest share of the train state a mesh may leave wholly
+      unsharded because it does not divide the parameters' dimensions (:func:`state_shardings`).
     """
 
     data: int = 1

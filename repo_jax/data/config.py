@@ -17,12 +17,13 @@ Schema = Literal["auto", "prompt", "sft", "pairwise", "listwise", "ultrafeedback
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
-    """Fields:
+    """Where the data comes from, how a row is read, and how rows become batches.
 
     path: a local file (``.jsonl``, ``.json``, ``.parquet``, ``.arrow``), a folder of such files or
       a ``datasets.save_to_disk`` folder, a glob (``data/*.jsonl``), or a hub name
       (``HuggingFaceH4/ultrafeedback_binarized``) when no such local path exists.
-    split / subset: the hub split (``train_prefs``) and configuration name; ignored for files.
+    split: the hub split (``train_prefs``); ignored for files.
+    subset: the hub configuration name; ignored for files.
     format: how to read ``path``; ``auto`` goes by the file suffix.
     schema: how to read one row; ``auto`` detects it from the keys of the first row of each
       source (``instruction`` + ``completions`` -> ultrafeedback, ``chosen``/``rejected`` with
@@ -33,12 +34,17 @@ class DataConfig:
       ending with the assistant's turn); ``python -m repo_jax.sft`` reads ``auto`` as ``sft``.
     max_prompt_len / max_response_len: token budgets; prompts keep their last tokens, responses
       their first (``prompt_overflow=reject`` rejects over-long prompts instead).
+    prompt_overflow: a prompt over ``max_prompt_len`` tokens is cut to its last tokens
+      (``truncate``) or rejected (``reject``: the row is counted and written to
+      ``run_dir/rejects.jsonl`` with its reason, like every bad row).
     length_buckets: allowed padded lengths ``T``; empty = 16, 24, 32, 48, 64, ... capped at
       ``max_prompt_len + max_response_len`` (a handful of shapes, so a handful of compiles).
     num_responses: ``K`` of listwise batches; 0 = the largest count in the data (shorter lists
       are padded and masked).
     batch_size: rows per batch on this host; the last batch of a run is filled with masked rows.
-    shuffle / seed: deterministic global shuffle, different in every epoch.
+    shuffle: a deterministic global shuffle of the rows, different in every epoch.
+    seed: seeds the shuffle (and, in the offline programs, which examples ``eval.holdout`` sets
+      aside).
     num_epochs: passes over the data; 0 = forever.
     strict: the first bad row is an error naming its file and line, instead of a reject.
     chat_template: render prompts and responses with the tokenizer's chat template when it has

@@ -33,8 +33,14 @@ from repo_jax.training.objectives import LOSSES
 class LoopConfig:
     """``rounds`` iREPO rounds of ``prompts_per_round`` prompts x ``num_responses`` responses.
 
-    pairs: ``best_vs_worst`` (the paper: strongest vs weakest response by Zermelo strength) or
-      ``all_pairs`` (every ``i < j``); pairwise losses only (listwise losses take all responses).
+    rounds: iREPO rounds to run (each samples, annotates, trains and evaluates); a finished or
+      interrupted run resumed with a larger ``rounds`` goes on to it.
+    prompts_per_round: prompts drawn from the prompt data each round (the loop's pipeline batch;
+      ``data.batch_size`` is not read).
+    num_responses: responses sampled per prompt (at least 2); the panel judges every pair of them.
+    pairs: which pairs of a prompt's responses a round trains on: ``best_vs_worst`` (the paper:
+      strongest vs weakest response by Zermelo strength) or ``all_pairs`` (every ``i < j``);
+      pairwise losses only (listwise losses take all responses).
     list_scores: the scores of an online LPO / InfoNCA list: ``win_rate`` (10 x each response's
       mean ``p_hat`` against the others, on UltraFeedback's 0-10 scale) or ``strength`` (the
       Zermelo strength ``w``, geometric mean 1).
@@ -42,8 +48,9 @@ class LoopConfig:
     group_by_length: each epoch's batches hold examples of similar length (the shuffled pairs
       sorted by their row's length, cut into batches, the batches shuffled; seeded), so a batch
       pads less to its length bucket; ``false``: plain shuffled batches.
-    optimizer: ``reset`` (fresh AdamW moments and schedule every round: ``optim.total_steps``
-      counts one round's steps) or ``carry`` (one optimiser over the whole run).
+    optimizer: the optimiser between rounds: ``reset`` (fresh AdamW moments and schedule every
+      round: ``optim.total_steps`` counts one round's steps) or ``carry`` (one optimiser over the
+      whole run).
     sample_batch: decode slots of the sampler: rows (prompt x response) decoded together. A
       round's prompts (and the eval's) go to one sampler call; rows that finish are refilled
       with the prompts still queued (``sampling.sample``'s ``slots``). Rounded up to a multiple
@@ -93,7 +100,16 @@ class LoopConfig:
 
 @dataclasses.dataclass(frozen=True)
 class SampleConfig:
-    """The round's sampling policy (``temperature > 0``; top-k / top-p optional)."""
+    """The round's sampling policy (``temperature > 0``; top-k / top-p optional).
+
+    temperature: the sampling temperature of the round's responses (> 0: they are sampled, not
+      greedy).
+    top_p: nucleus sampling: only the most likely tokens whose probabilities add up to ``top_p``
+      are kept (``null`` = off).
+    top_k: only the ``top_k`` most likely tokens are kept (``null`` = off).
+    max_new_tokens: the longest response, in tokens (also the greedy evaluation answers' when
+      ``eval.max_new_tokens`` is 0).
+    """
 
     temperature: float = 0.8
     top_p: float | None = None
@@ -103,25 +119,53 @@ class SampleConfig:
 
 @dataclasses.dataclass(frozen=True)
 class AnnotatorSpec:
-    """One member (or, for ``simulated``, ``count`` members) of the panel.
+    """One member (or, for ``simulated``, ``count`` members) of the panel. Each kind reads only
+    its own keys (named in parentheses below).
 
-    kind: ``rule`` (the task's scorer ``name``: e.g. ``correct``, ``format``, ``length``,
-      ``reward``; ``p_ij = sigmoid((s_i - s_j) / temperature)``), ``simulated`` (``count`` noisy
-      raters judging by the task reward: Bradley-Terry with ``scale`` and position biases drawn
-      from ``N(0, bias_std^2)``), ``judge`` (our port of the causal LM at ``model`` -- an HF
-      folder, a ``.gguf`` or ``smollm2`` -- read from the logits of " A" vs " B", both orders),
-      ``hf_reward_model`` (a transformers sequence-classification folder at ``model``; needs torch),
-      ``served_judge`` / ``served_score`` (``repo_jax.annotators.served``: the model ``model`` served
-      at ``base_url`` over the OpenAI API, ``api_key_env`` the name of the environment variable
-      holding the key; ``endpoint`` ``chat`` or ``completions`` (with ``tokenizer``: the in-process
-      judge's exact prompt); ``template`` ("" = the shipped default); ``max_concurrency``,
-      ``timeout`` seconds; a failed request (429, 5xx, a dropped connection) is retried after the
-      server's ``Retry-After`` or an exponential backoff with jitter, up to ``max_retries`` times
-      and ``retry_budget_s`` seconds of waiting; ``max_requests_per_minute`` and
-      ``max_tokens_per_minute`` (prompt + completion, estimated) are client-side rate limits (0 =
-      none); ``max_requests`` per round (0 = no budget); ``score_range`` ``[low, high]`` of
-      ``served_score``, whose ``temperature`` is the Bradley-Terry temperature of its scores).
+    kind: ``rule`` (a scorer of the task, named by ``name``), ``simulated`` (``count`` noisy
+      raters judging by the task reward), ``judge`` (our port of the causal LM at ``model``, read
+      from the logits of " A" vs " B", both orders), ``hf_reward_model`` (a transformers
+      sequence-classification folder at ``model``; needs torch), ``served_judge`` /
+      ``served_score`` (``repo_jax.annotators.served``: the model ``model`` served at
+      ``base_url`` over the OpenAI API, judging pairs or scoring each response).
+    name: for ``rule`` the task's scorer (e.g. ``correct``, ``format``, ``length``, ``reward``);
+      for the other kinds the member's name in the round files and messages (``""`` = from the
+      kind and ``model``; ``simulated`` members get it with their number appended).
     weight: multiplies the member's judgements in the counts (``n_ij + n_ji`` = the total weight).
+    temperature (``rule``, ``hf_reward_model``, ``served_score``): the Bradley-Terry temperature
+      that turns two scores into a preference, ``p_ij = sigmoid((s_i - s_j) / temperature)``.
+    count (``simulated``): how many simulated raters this entry adds.
+    bias_std (``simulated``): each rater's position bias is drawn from ``N(0, bias_std^2)``.
+    scale (``simulated``): the raters' Bradley-Terry scale on the task reward,
+      ``p = sigmoid(scale * (r_a - r_b) + bias)``.
+    seed (``simulated``): draws the raters' biases and votes.
+    model (``judge``, ``hf_reward_model``, ``served_judge``, ``served_score``): for ``judge`` an
+      HF folder, a ``.gguf`` or ``smollm2``; for ``hf_reward_model`` a transformers
+      sequence-classification folder; for the served kinds the model name the server serves.
+    dtype (``judge``): the judge model's dtype.
+    max_response_tokens (``judge``, ``served_judge``): each response is cut to this many tokens
+      inside the judge prompt.
+    batch_size (``judge``, ``hf_reward_model``): rows per forward pass of the judge or reward
+      model.
+    base_url (served kinds): the OpenAI-compatible server's URL.
+    api_key_env (served kinds): the name of the environment variable holding the API key (the
+      key itself is never written anywhere).
+    endpoint (served kinds): ``chat`` (the template as a user message) or ``completions`` (with
+      ``tokenizer``: exactly the prompt text the in-process judge feeds its model).
+    tokenizer (``served_judge``): with ``endpoint: completions``, the tokenizer (an HF folder, a
+      ``.gguf`` or ``smollm2``) whose chat template renders the in-process judge's prompt.
+    template (served kinds): the prompt template; ``""`` = the shipped default.
+    max_concurrency (served kinds): requests in flight at once.
+    timeout (served kinds): seconds one request may take.
+    max_retries / retry_budget_s (served kinds): a failed request (429, 5xx, a dropped
+      connection) is retried after the server's ``Retry-After`` or an exponential backoff with
+      jitter, up to ``max_retries`` times and ``retry_budget_s`` seconds of waiting.
+    max_requests_per_minute / max_tokens_per_minute (served kinds): client-side rate limits
+      (tokens: prompt + completion, estimated; 0 = none).
+    max_requests (served kinds): the most requests per round (0 = no budget); a round that would
+      pass it is an error.
+    score_range (``served_score``): ``[low, high]``, the range of the scores the model is asked to
+      give.
     """
 
     kind: Literal["rule", "simulated", "judge", "hf_reward_model", "served_judge", "served_score"] = "rule"
@@ -161,7 +205,14 @@ DEFAULT_PANEL = (
 
 @dataclasses.dataclass(frozen=True)
 class AnnotateConfig:
-    """The panel and the Zermelo fit: ``pseudo_count`` is added to every count (ALGORITHMS.md)."""
+    """The panel and the Zermelo fit.
+
+    panel: the annotators, a list of members with the keys of ``annotate.panel[]``; every
+      member judges every pair of a prompt's responses, weighted by its ``weight``.
+    pseudo_count: added to every pairwise count before the Zermelo (Bradley-Terry) fit
+      (ALGORITHMS.md): a response that never wins keeps a strength above 0 and no ``p_hat`` is
+      exactly 0 or 1.
+    """
 
     panel: tuple[AnnotatorSpec, ...] = DEFAULT_PANEL
     pseudo_count: float = 0.5
@@ -171,13 +222,14 @@ class AnnotateConfig:
 class EvalConfig:
     """Held-out evaluation every iteration (iteration 0 = the starting policy).
 
-    num_prompts: the first ``num_prompts`` of the task's eval split (or of ``data_path``).
-    max_new_tokens: of the greedy answers (0 = ``sample.max_new_tokens``).
+    num_prompts: held-out prompts answered greedily at each evaluation: the first ``num_prompts``
+      of the task's eval split (or of ``data_path``).
+    max_new_tokens: the longest greedy answer, in tokens (0 = ``sample.max_new_tokens``).
     kl_samples: responses per prompt sampled at temperature 1 from ``pi_t`` for
       ``eval/kl = mean log pi_t(y) - log pi_0(y)`` (0 disables; it keeps a copy of ``pi_0``).
     kl_prompts: the first ``kl_prompts`` held-out prompts get KL samples (0 = all of them).
-    data_path / data_split: held-out prompts when there is no task (a file or hub name, like
-      ``data.path``; the split defaults to ``data.split``).
+    data_path: the held-out prompts when there is no task (a file or hub name, like ``data.path``).
+    data_split: the hub split of ``data_path``; ``""`` = ``data.split``.
     """
 
     num_prompts: int = 64
@@ -190,7 +242,12 @@ class EvalConfig:
 
 @dataclasses.dataclass(frozen=True)
 class IrepoConfig(RunConfig):
-    """The iREPO loop's config (see the module docstring)."""
+    """The iREPO loop's config (see the module docstring).
+
+    task: the embedded task whose prompts, reward and rules the loop uses (``arithmetic``,
+      ``toy_digits``), or ``""`` for a prompt dataset in ``data.path`` without a task (then
+      ``eval.data_path`` holds the held-out prompts).
+    """
 
     task: str = "arithmetic"
     loop: LoopConfig = LoopConfig()

@@ -31,15 +31,19 @@ _ACTIVATIONS = ("silu", "gelu_new", "gelu_pytorch_tanh", "gelu")
 @dataclasses.dataclass(frozen=True)
 class LoraConfig:
     """LoRA adapters on the layers' projections (``repo_jax.models.lora``); ``rank`` 0 = off.
+    An adapted projection computes ``x W + (alpha / rank) * dropout(x) A B``.
 
-    ``targets``: regular expressions, each matched whole against a layer parameter's name
+    rank: the adapters' rank ``J``; 0 = no adapters (every weight trains).
+    alpha: the adapters' scale is ``alpha / rank``.
+    dropout: the dropout rate on the adapters' input ``x`` in training steps (0 = none).
+    targets: regular expressions, each matched whole against a layer parameter's name
     (``wq``, ``w_down``, ...) or its HF module name (``self_attn.q_proj``, ``mlp.down_proj``,
     ``mlp.fc1``); ``attention`` (the default) is the four attention projections q, k, v, o,
     ``all-linear`` (PEFT's term) every projection of a layer, the MLP's too. On SmolLM2 at rank
     16, ``attention`` trains 1.4% of the parameters and an update takes 0.66x the full one's
     time, ``all-linear`` 3.6% and 0.80x (``bench train --lora``); the LoRA recipes use
     ``attention`` (docs/results.md section 6: at 30x the full fine-tuning rate it matched full
-    fine-tuning at equal KL on the default task; ``all-linear`` at that rate overshot). An adapted projection computes ``x W + (alpha / rank) * dropout(x) A B``.
+    fine-tuning at equal KL on the default task; ``all-linear`` at that rate overshot).
     """
 
     rank: int = 0

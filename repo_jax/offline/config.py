@@ -35,8 +35,14 @@ from repo_jax.training.objectives import LOSSES
 
 @dataclasses.dataclass(frozen=True)
 class PairsConfig:
-    """``mode``: ``list`` (the whole list, listwise losses) or a pair mode of
-    :mod:`repo_jax.offline.pairs` (pairwise losses); ``seed`` draws ``best_vs_random``'s rejected."""
+    """How the scored lists become training examples.
+
+    mode: ``list`` (the whole list, listwise losses) or a pair mode of
+      :mod:`repo_jax.offline.pairs` (pairwise losses): ``best_vs_random`` (the best response vs
+      one drawn from those scoring lower), ``1vsO`` (the best vs each lower one), ``pw`` (every
+      pair of different scores); tied pairs are dropped and counted.
+    seed: draws ``best_vs_random``'s rejected response.
+    """
 
     mode: Literal["list", "best_vs_random", "1vsO", "pw"] = "list"
     seed: int = 0
@@ -44,14 +50,21 @@ class PairsConfig:
 
 @dataclasses.dataclass(frozen=True)
 class OfflineEvalConfig:
-    """The held-out split: ``data_path`` (a file or hub name in ``data``'s schemas; ``split``
-    defaults to ``data.split``) or, when it is empty, ``holdout`` examples of ``data.path`` set
-    aside before training (chosen by ``data.seed``). Measured before the first step (iteration 0),
-    every ``every_steps`` steps (0: only then and at the end) and after the last step.
+    """The held-out split and how often it is measured: before the first step (iteration 0),
+    every ``every_steps`` steps and after the last step.
 
-    num_prompts / max_new_tokens: greedy answers to the task's held-out prompts (with ``task``;
-    0 prompts disables them). batch_size: lists per reference / evaluation pass (0 =
-    ``train.batch_size``)."""
+    data_path: the held-out data, a file or hub name in ``data``'s schemas; ``""`` = ``holdout``
+      examples of ``data.path``.
+    split: the hub split of ``data_path``; ``""`` = ``data.split``.
+    holdout: with no ``data_path``, this many examples of ``data.path`` are set aside before
+      training (chosen by ``data.seed``).
+    every_steps: evaluate every that many optimiser steps (0: only before the first step and at
+      the end).
+    num_prompts: how many of the task's held-out prompts get greedy answers at each evaluation
+      (with ``task``; 0 disables them).
+    max_new_tokens: the longest greedy answer, in tokens.
+    batch_size: lists per reference / evaluation pass (0 = ``train.batch_size``).
+    """
 
     data_path: str = ""
     split: str = ""
@@ -64,6 +77,16 @@ class OfflineEvalConfig:
 
 @dataclasses.dataclass(frozen=True)
 class OfflineConfig(RunConfig):
+    """What ``python -m repo_jax.lpo`` and ``python -m repo_jax.sft`` share (see the module docstring).
+
+    task: the embedded task the prompts belong to (``arithmetic``), or ``""``: with a task, every
+      evaluation also answers ``eval.num_prompts`` of its held-out prompts greedily and reports
+      its reward and metrics (``eval/reward``, ``eval/accuracy``).
+    progress: progress bars on stderr.
+    export: at the end, write the final policy to ``run_dir/policy`` as an HF folder (with
+      LoRA, the adapters merged in, and ``run_dir/adapter`` holds them as a PEFT folder).
+    """
+
     task: str = ""
     eval: OfflineEvalConfig = OfflineEvalConfig()
     progress: bool = True
