@@ -177,8 +177,8 @@ def test_both_config_json_forms():
     assert from_hf_dict(new_form) == old
     assert old.rotary_dim == 32 and old.head_dim == 80
     assert from_hf_dict(to_hf_dict(old)) == old
-    with pytest.raises(ValueError, match="rope_type 'yarn'"):
-        from_hf_dict({**base, "rope_scaling": {"rope_type": "yarn", "factor": 2.0}})
+    with pytest.raises(ValueError, match="rope_type 'longrope'"):
+        from_hf_dict({**base, "rope_scaling": {"rope_type": "longrope", "factor": 2.0}})
 
 
 def test_gradient_is_causal():
@@ -325,15 +325,30 @@ def _tiny(**kw):
                 num_key_value_heads=2, max_position_embeddings=64, **kw)
 
 
+_ROPES = {
+    "llama3": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 16},
+    "linear": {"rope_type": "linear", "factor": 2.0},
+    # past max_position_embeddings (8 here, T tokens fed) the base grows with the longest sequence
+    "dynamic": {"rope_type": "dynamic", "factor": 3.0},
+    # Qwen2.5 / Qwen3's long-context form; the ramp's band falls inside head_dim 16 at this theta
+    "yarn": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16},
+    "yarn-mscale": {"rope_type": "yarn", "factor": 8.0, "original_max_position_embeddings": 32, "beta_fast": 16,
+                    "beta_slow": 2, "mscale": 0.9, "mscale_all_dim": 0.5, "truncate": False},
+}
+
+
 @pytest.mark.parametrize("left_pad", [0, 5])
-@pytest.mark.parametrize("rope", [{"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                                   "original_max_position_embeddings": 16},
-                                  {"rope_type": "linear", "factor": 2.0}], ids=["llama3", "linear"])
+@pytest.mark.parametrize("rope", list(_ROPES))
 def test_scaled_rope_llama_matches_transformers(rope, left_pad, tmp_path):
     """Llama-3.1's rope scaling (low / high frequency bands around an original context of 16 here,
-    so all three bands occur at head_dim 16) and linear scaling, tied embeddings as Llama-3.2."""
-    cfg = transformers.LlamaConfig(**_tiny(head_dim=16, tie_word_embeddings=True), rope_theta=500000.0,
-                                   rope_scaling=rope)
+    so all three bands occur at head_dim 16), linear, dynamic NTK and YaRN scaling, tied
+    embeddings as Llama-3.2."""
+    rope = _ROPES[rope]
+    tiny = _tiny(head_dim=16, tie_word_embeddings=True) | ({"max_position_embeddings": 8}
+                                                           if rope["rope_type"] == "dynamic" else {})
+    cfg = transformers.LlamaConfig(**tiny, rope_theta=10000.0 if "yarn" in rope["rope_type"] else 500000.0,
+                                   rope_scaling=dict(rope))
     hf = _save_random(cfg, transformers.LlamaForCausalLM, tmp_path)
     model = _assert_parity(tmp_path, hf, left_pad)
     assert model.config.rope_type == rope["rope_type"]
@@ -362,7 +377,7 @@ def test_qwen_matches_transformers(family, left_pad, tmp_path):
 
 
 @pytest.mark.parametrize("field, value, message", [
-    ("rope_scaling", {"rope_type": "yarn", "factor": 4.0}, "rope_type 'yarn' is not supported"),
+    ("rope_scaling", {"rope_type": "longrope", "factor": 4.0}, "rope_type 'longrope' is not supported"),
     ("mlp_bias", True, "mlp_bias is not supported"),
     ("use_sliding_window", True, "use_sliding_window=true is not supported"),
 ])
@@ -371,63 +386,3 @@ def test_unsupported_fields_fail_naming_them(field, value, message, tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(hf))
     with pytest.raises(ValueError, match=message):
         convert.load_config(tmp_path)
-
-
-@pytest.mark.parametrize("family", ["qwen2", "qwen3"])
-def test_qwen_gguf_written_by_the_gguf_package_matches_transformers(family, tmp_path):
-    """A tiny Qwen2 / Qwen3 written to GGUF with the ``gguf`` package under llama.cpp's names
-    (``attn_q.bias``, ``attn_q_norm.weight``, no rotary permutation: Qwen's layout is HF's) loads
-    to transformers' logits; a Llama-3.1 GGUF's ``rope_freqs`` tensor is refused by name."""
-    gguf = pytest.importorskip("gguf")
-    if family == "qwen2":
-        cfg, cls = transformers.Qwen2Config(**_tiny(), rope_theta=1000000.0), transformers.Qwen2ForCausalLM
-    else:
-        cfg, cls = transformers.Qwen3Config(**_tiny(head_dim=12), rope_theta=1000000.0), transformers.Qwen3ForCausalLM
-    hf = _save_random(cfg, cls, tmp_path / "hf")
-    names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
-             "lm_head.weight": "output.weight"}
-    layer = {"input_layernorm.weight": "attn_norm.weight", "post_attention_layernorm.weight": "ffn_norm.weight",
-             "self_attn.q_proj.weight": "attn_q.weight", "self_attn.k_proj.weight": "attn_k.weight",
-             "self_attn.v_proj.weight": "attn_v.weight", "self_attn.o_proj.weight": "attn_output.weight",
-             "self_attn.q_proj.bias": "attn_q.bias", "self_attn.k_proj.bias": "attn_k.bias",
-             "self_attn.v_proj.bias": "attn_v.bias", "self_attn.q_norm.weight": "attn_q_norm.weight",
-             "self_attn.k_norm.weight": "attn_k_norm.weight", "mlp.gate_proj.weight": "ffn_gate.weight",
-             "mlp.up_proj.weight": "ffn_up.weight", "mlp.down_proj.weight": "ffn_down.weight"}
-
-    def write(path, extra=()):
-        w = gguf.GGUFWriter(str(path), family)
-        w.add_block_count(cfg.num_hidden_layers)
-        w.add_context_length(cfg.max_position_embeddings)
-        w.add_embedding_length(cfg.hidden_size)
-        w.add_feed_forward_length(cfg.intermediate_size)
-        w.add_head_count(cfg.num_attention_heads)
-        w.add_head_count_kv(cfg.num_key_value_heads)
-        w.add_rope_freq_base(1000000.0)
-        w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
-        w.add_vocab_size(cfg.vocab_size)
-        if family == "qwen3":
-            w.add_key_length(12)
-            w.add_value_length(12)
-        for name, p in hf.state_dict().items():
-            if name in names:
-                target = names[name]
-            else:
-                i, rest = name.removeprefix("model.layers.").split(".", 1)
-                target = f"blk.{i}.{layer[rest]}"
-            w.add_tensor(target, p.detach().numpy().astype(np.float32))
-        for name, arr in extra:
-            w.add_tensor(name, arr)
-        w.write_header_to_file()
-        w.write_kv_data_to_file()
-        w.write_tensors_to_file()
-        w.close()
-
-    write(tmp_path / "m.gguf")
-    model = models.from_pretrained(str(tmp_path / "m.gguf"))
-    assert model.config.hf_model_type == family and model.config.head_dim == (12 if family == "qwen3" else 8)
-    ids, mask, positions = _inputs(3)
-    diff = np.abs(np.asarray(model(ids, positions, mask)) - _hf_logits(hf, ids, mask, positions))[mask.astype(bool)]
-    assert diff.max() <= TOL, diff.max()
-    write(tmp_path / "scaled.gguf", [("rope_freqs.weight", np.ones(4, np.float32))])
-    with pytest.raises(ValueError, match="rope_freqs"):
-        models.from_pretrained(str(tmp_path / "scaled.gguf"))

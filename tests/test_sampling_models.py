@@ -27,10 +27,17 @@ def _tiny_hf(kind: str):
             num_key_value_heads=2, max_position_embeddings=256, sliding_window=None, tie_word_embeddings=False,
         )
         model = transformers.MistralForCausalLM(cfg)
-    elif kind in ("llama3", "qwen2", "qwen3"):
+    elif kind in ("llama3", "qwen2", "qwen3", "yarn", "dynamic"):
         common = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                       num_key_value_heads=2, max_position_embeddings=256)
-        if kind == "llama3":
+        if kind == "yarn":  # Qwen2.5's long-context form on Qwen2
+            model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**common, rope_scaling={
+                "rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64}))
+        elif kind == "dynamic":  # the base grows once a sequence passes 10 positions, during decoding too
+            model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**(common | {"max_position_embeddings": 10}),
+                                                                           rope_scaling={"rope_type": "dynamic",
+                                                                                         "factor": 4.0}))
+        elif kind == "llama3":
             cfg = transformers.LlamaConfig(**common, tie_word_embeddings=True, rope_theta=500000.0, rope_scaling={
                 "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                 "original_max_position_embeddings": 16})
@@ -63,7 +70,7 @@ def _hf_greedy(hf, prompt, n):
 
 
 @pytest.mark.parametrize("unstack", [True, False], ids=["unstacked", "stacked"])
-@pytest.mark.parametrize("kind", ["mistral", "phi", "llama3", "qwen2", "qwen3"])
+@pytest.mark.parametrize("kind", ["mistral", "phi", "llama3", "qwen2", "qwen3", "yarn"])
 def test_greedy_matches_transformers_tiny(kind, unstack, tmp_path):
     hf = _tiny_hf(kind)
     hf.save_pretrained(tmp_path)
@@ -80,6 +87,17 @@ def test_greedy_matches_transformers_tiny(kind, unstack, tmp_path):
     logp = jax.nn.log_softmax(model(seq)[0], -1)
     ref = [logp[len(prompts[0]) - 1 + i, t] for i, t in enumerate(out.tokens_BxS[0])]
     np.testing.assert_allclose(out.logps_BxS[0], ref, atol=1e-4)
+
+
+def test_greedy_dynamic_rope_matches_transformers(tmp_path):
+    """Dynamic NTK scaling across the original context while decoding. Its frequencies follow the
+    batch's longest sequence (HF's rule), so each prompt is its own batch, as ``generate`` sees it."""
+    hf = _tiny_hf("dynamic")
+    hf.save_pretrained(tmp_path)
+    model = models.from_pretrained(str(tmp_path))
+    for prompt in ([5, 9, 2, 33, 17, 100], [1, 2, 3]):
+        out = sampling.sample(model, [prompt], max_new_tokens=12)
+        assert out.tokens_BxS[0, : out.lengths_B[0]].tolist() == _hf_greedy(hf, prompt, 12)
 
 
 @pytest.fixture(scope="module")

@@ -128,8 +128,11 @@ class AnnotatorSpec:
       sequence-classification folder at ``model``; needs torch), ``served_judge`` /
       ``served_score`` (``repo_jax.annotators.served``: the model ``model`` served at
       ``base_url`` over the OpenAI API, judging pairs or scoring each response).
-    name: for ``rule`` the task's scorer (e.g. ``correct``, ``format``, ``length``, ``reward``);
-      for the other kinds the member's name in the round files and messages (``""`` = from the
+    name: for ``rule`` the task's scorer (e.g. ``correct``, ``format``, ``length``, ``reward``),
+      or your own Python scorer as ``module:attribute`` (a function ``(prompt, response) ->
+      float``, a callable object, a class built with no arguments, or a name the module
+      registered with ``repo_jax.annotators.register_scorer``; the module is imported from the
+      working directory or ``PYTHONPATH``); for the other kinds the member's name in the round files and messages (``""`` = from the
       kind and ``model``; ``simulated`` members get it with their number appended).
     weight: multiplies the member's judgements in the counts (``n_ij + n_ji`` = the total weight).
     temperature (``rule``, ``hf_reward_model``, ``served_score``): the Bradley-Terry temperature
@@ -245,8 +248,9 @@ class IrepoConfig(RunConfig):
     """The iREPO loop's config (see the module docstring).
 
     task: the embedded task whose prompts, reward and rules the loop uses (``arithmetic``,
-      ``toy_digits``), or ``""`` for a prompt dataset in ``data.path`` without a task (then
-      ``eval.data_path`` holds the held-out prompts).
+      ``toy_digits``), your own as ``module:Class`` (``prompts_file``, ``prompts``, ``reward``,
+      ``scorers``, ``metrics``, as the embedded tasks have them), or ``""`` for a prompt dataset
+      in ``data.path`` without a task (then ``eval.data_path`` holds the held-out prompts).
     """
 
     task: str = "arithmetic"

@@ -9,23 +9,44 @@ optional sliding window; also Llama-2/3.x, Qwen2/2.5 with ``qkv_bias`` and Qwen3
 ``qk_norm``) or ``phi`` (Phi-2: one LayerNorm feeding a parallel attention + MLP, partial
 rotary, biases, ``gelu_new``). ``hf_model_type`` remembers the HF family (``llama``,
 ``mistral``, ``phi``, ``qwen2``, ``qwen3``) so ``save_pretrained`` writes what was read. Rotary
-frequencies: ``rope_type`` ``default``, ``linear`` (divided by ``rope_factor``) or ``llama3``
+frequencies: ``rope_type`` ``default``, ``linear`` (divided by ``rope_factor``), ``dynamic`` (NTK:
+the base grows with the batch's longest sequence past ``max_position_embeddings``), ``llama3``
 (Llama-3.1's band-wise scaling by ``rope_factor`` with ``rope_low_freq_factor``,
-``rope_high_freq_factor`` and ``rope_original_max_position``).
+``rope_high_freq_factor`` and ``rope_original_max_position``) or ``yarn`` (Qwen2.5 / Qwen3's long
+context: ``rope_beta_fast``, ``rope_beta_slow``, ``rope_truncate``, and ``rope_attention_factor``
+resolved from HF's ``attention_factor`` / ``mscale`` / ``mscale_all_dim`` at load).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Literal
+import math
+from typing import Any, Literal, NamedTuple
 
 import jax.numpy as jnp
 
 _HF_TYPES = {"llama": "mistral", "mistral": "mistral", "phi": "phi", "qwen2": "mistral", "qwen3": "mistral"}
 _ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "phi": "PhiForCausalLM",
                   "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
-ROPE_TYPES = ("default", "linear", "llama3")  # HF's rope_type values the ports compute
+ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn")  # HF's rope_type values the ports compute
 _ACTIVATIONS = ("silu", "gelu_new", "gelu_pytorch_tanh", "gelu")
+
+
+class RopeScaling(NamedTuple):
+    """HF's ``rope_parameters`` beyond theta (``ModelConfig.rope_scaling``; hashable, a static
+    argument of the jitted programs). ``kind``: ``linear``, ``dynamic``, ``llama3`` or ``yarn``;
+    ``original``: the pretraining context (``original_max_position_embeddings``; for ``dynamic``
+    HF's ``max_position_embeddings``)."""
+
+    kind: str
+    factor: float
+    original: int
+    low_freq: float = 1.0  # llama3
+    high_freq: float = 4.0
+    beta_fast: float = 32.0  # yarn
+    beta_slow: float = 1.0
+    truncate: bool = True
+    attention_factor: float = 1.0  # yarn: multiplies sin and cos
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,6 +120,10 @@ class ModelConfig:
     rope_low_freq_factor: float = 1.0
     rope_high_freq_factor: float = 4.0
     rope_original_max_position: int = 8192
+    rope_beta_fast: float = 32.0
+    rope_beta_slow: float = 1.0
+    rope_truncate: bool = True
+    rope_attention_factor: float = 1.0
     max_position_embeddings: int = 32768
     bos_token_id: int | None = 1
     eos_token_id: int | None = 2
@@ -128,12 +153,15 @@ class ModelConfig:
         return int(self.head_dim * self.partial_rotary_factor)
 
     @property
-    def rope_scaling(self) -> tuple:
-        """What ``layers.rope_inv_freq`` needs beyond theta and the rotary dims (hashable)."""
+    def rope_scaling(self):
+        """What ``layers.rope_angles`` needs beyond theta and the rotary dims: a hashable
+        :class:`RopeScaling`, or None for ``default``."""
         if self.rope_type == "default":
-            return ()
-        return (self.rope_type, self.rope_factor, self.rope_low_freq_factor, self.rope_high_freq_factor,
-                self.rope_original_max_position)
+            return None
+        original = self.max_position_embeddings if self.rope_type == "dynamic" else self.rope_original_max_position
+        return RopeScaling(self.rope_type, self.rope_factor, original, self.rope_low_freq_factor,
+                           self.rope_high_freq_factor, self.rope_beta_fast, self.rope_beta_slow, self.rope_truncate,
+                           self.rope_attention_factor if self.rope_type == "yarn" else 1.0)
 
     @property
     def jnp_param_dtype(self):
@@ -158,8 +186,8 @@ def from_hf_dict(hf: dict[str, Any], *, where: str = "config.json", **overrides)
     rope = dict(hf.get("rope_scaling") or {}) | dict(hf.get("rope_parameters") or {})
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     if rope_type not in ROPE_TYPES:
-        raise ValueError(f"{where}: rope_type {rope_type!r} is not supported (one of {list(ROPE_TYPES)}; 'dynamic', "
-                         "'yarn' and 'longrope' come with some Llama, Qwen and Phi-3 checkpoints)")
+        raise ValueError(f"{where}: rope_type {rope_type!r} is not supported (one of {list(ROPE_TYPES)}; "
+                         "'longrope' comes with Phi-3 checkpoints)")
     if hf.get("mlp_bias"):
         raise ValueError(f"{where}: mlp_bias is not supported (Llama-architecture checkpoints with MLP biases)")
     if hf.get("attention_bias") and model_type in ("llama", "mistral", "qwen3"):
@@ -170,6 +198,7 @@ def from_hf_dict(hf: dict[str, Any], *, where: str = "config.json", **overrides)
                          f"layers from max_window_layers={hf.get('max_window_layers')} on)")
     arch = _HF_TYPES[model_type]
     heads = hf["num_attention_heads"]
+    max_position = hf.get("max_position_embeddings", 2048)
     eps_key = "layer_norm_eps" if arch == "phi" else "rms_norm_eps"
     kw = dict(
         arch=arch,
@@ -190,17 +219,39 @@ def from_hf_dict(hf: dict[str, Any], *, where: str = "config.json", **overrides)
         qk_layernorm=bool(hf.get("qk_layernorm", False)),
         qkv_bias=model_type == "qwen2",
         qk_norm=model_type == "qwen3",
-        rope_type=rope_type,
-        rope_factor=float(rope.get("factor", 1.0)),
-        rope_low_freq_factor=float(rope.get("low_freq_factor", 1.0)),
-        rope_high_freq_factor=float(rope.get("high_freq_factor", 4.0)),
-        rope_original_max_position=int(rope.get("original_max_position_embeddings", 8192)),
-        max_position_embeddings=hf.get("max_position_embeddings", 2048),
+        max_position_embeddings=max_position,
+        **_rope_fields(rope_type, rope, hf, max_position),
         bos_token_id=hf.get("bos_token_id"),
         eos_token_id=hf.get("eos_token_id") if not isinstance(hf.get("eos_token_id"), list) else hf["eos_token_id"][0],
     )
     kw.update(overrides)
     return ModelConfig(**kw)
+
+
+def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
+    return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
+
+
+def _rope_fields(rope_type: str, rope: dict[str, Any], hf: dict[str, Any], max_position: int) -> dict[str, Any]:
+    """The ``rope_*`` fields from HF's rope parameters, defaults filled in as transformers does
+    (the original context defaults to ``max_position_embeddings``; YaRN's factor to
+    ``max_position_embeddings / original``, its attention factor to YaRN's ``mscale``)."""
+    original = int(hf.get("original_max_position_embeddings") or rope.get("original_max_position_embeddings")
+                   or max_position)
+    factor = rope.get("factor")
+    factor = float(max_position / original if factor is None and rope_type == "yarn" else factor or 1.0)
+    out = dict(rope_type=rope_type, rope_factor=factor, rope_original_max_position=original,
+               rope_low_freq_factor=float(rope.get("low_freq_factor", 1.0)),
+               rope_high_freq_factor=float(rope.get("high_freq_factor", 4.0)))
+    if rope_type == "yarn":
+        attention = rope.get("attention_factor")
+        if attention is None:
+            mscale, mscale_all = rope.get("mscale"), rope.get("mscale_all_dim")
+            attention = (yarn_mscale(factor, mscale) / yarn_mscale(factor, mscale_all) if mscale and mscale_all
+                         else yarn_mscale(factor))
+        out.update(rope_beta_fast=float(rope.get("beta_fast") or 32.0), rope_beta_slow=float(rope.get("beta_slow") or 1.0),
+                   rope_truncate=bool(rope.get("truncate", True)), rope_attention_factor=float(attention))
+    return out
 
 
 def to_hf_dict(cfg: ModelConfig) -> dict[str, Any]:
@@ -240,6 +291,10 @@ def to_hf_dict(cfg: ModelConfig) -> dict[str, Any]:
         if cfg.rope_type == "llama3":
             scaling.update(low_freq_factor=cfg.rope_low_freq_factor, high_freq_factor=cfg.rope_high_freq_factor,
                            original_max_position_embeddings=cfg.rope_original_max_position)
+        if cfg.rope_type == "yarn":
+            scaling.update(original_max_position_embeddings=cfg.rope_original_max_position,
+                           beta_fast=cfg.rope_beta_fast, beta_slow=cfg.rope_beta_slow, truncate=cfg.rope_truncate,
+                           attention_factor=cfg.rope_attention_factor)
         out["rope_parameters"].update(scaling)
         out["rope_scaling"] = scaling  # the transformers-4 key
     return out

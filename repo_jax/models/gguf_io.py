@@ -3,19 +3,26 @@ the metadata, tensors dequantised to float32 numpy with the ``gguf`` package, un
 
 llama.cpp stores a Llama's ``attn_q`` / ``attn_k`` rows permuted for its interleaved rotary
 layout; they are permuted back to the HF "rotate half" layout here (as transformers' own GGUF
-loader does). Qwen's use the "neox" layout, HF's own: no permutation. A Llama-3.1 GGUF carries
-its rope scaling as a ``rope_freqs`` tensor, not as fields: refused (load the HF folder).
+loader does). Qwen's use the "neox" layout, HF's own: no permutation.
+
+Rope scaling: ``rope.scaling.type`` ``linear`` and ``yarn`` (factor, original context, YaRN's
+betas) come as metadata; a Llama-3.x GGUF carries its ``llama3`` scaling as a ``rope_freqs``
+tensor (one divisor per frequency), from which the band parameters are recovered
+(:func:`llama3_from_freq_factors`) and checked to reproduce every divisor.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import re
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from repo_jax.models.config import ModelConfig
+from repo_jax.models.config import ModelConfig, yarn_mscale
+from repo_jax.models.layers import rope_inv_freq
 
 _TOP = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
         "output.weight": "lm_head.weight"}
@@ -30,6 +37,7 @@ _LAYER = {
     "attn_q_norm.weight": "self_attn.q_norm.weight", "attn_k_norm.weight": "self_attn.k_norm.weight",  # qwen3
 }
 ARCHS = ("llama", "qwen2", "qwen3")
+_ROPE_FREQS = "rope_freqs.weight"  # llama3 rope scaling, read into the config (not a parameter)
 _SKIP_FIELDS = ("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.token_type", "tokenizer.ggml.scores")
 
 
@@ -82,6 +90,22 @@ def from_gguf_fields(fields: dict[str, Any], *, n_vocab: int, tied: bool, where:
 
     heads = int(get("attention.head_count"))
     d = int(get("embedding_length"))
+    kind = str(get("rope.scaling.type", "none"))
+    if kind not in ("none", "linear", "yarn"):
+        raise ValueError(f"{where}: GGUF rope scaling type {kind!r} is not supported (none, linear, yarn)")
+    rope: dict[str, Any] = {}
+    if kind != "none":
+        for key in ("attn_factor", "yarn_ext_factor", "yarn_attn_factor", "yarn_log_multiplier"):
+            if f"{arch}.rope.scaling.{key}" in fields:
+                raise ValueError(f"{where}: GGUF key '{arch}.rope.scaling.{key}' is not supported (its attention "
+                                 "scaling has no transformers equivalent here): load the HF folder instead")
+        factor = float(get("rope.scaling.factor"))
+        rope = dict(rope_type=kind, rope_factor=factor)
+        if kind == "yarn":
+            rope.update(rope_original_max_position=int(get("rope.scaling.original_context_length")),
+                        rope_beta_fast=float(get("rope.scaling.yarn_beta_fast", 32.0)),
+                        rope_beta_slow=float(get("rope.scaling.yarn_beta_slow", 1.0)),
+                        rope_attention_factor=yarn_mscale(factor))
     return ModelConfig(
         arch="mistral",
         hf_model_type=arch,
@@ -100,7 +124,44 @@ def from_gguf_fields(fields: dict[str, Any], *, n_vocab: int, tied: bool, where:
         max_position_embeddings=int(get("context_length", 2048)),
         bos_token_id=fields.get("tokenizer.ggml.bos_token_id"),
         eos_token_id=fields.get("tokenizer.ggml.eos_token_id"),
+        **rope,
     )
+
+
+def llama3_from_freq_factors(cfg: ModelConfig, factors: np.ndarray, where: str) -> ModelConfig:
+    """``cfg`` with the ``llama3`` rope scaling whose per-frequency divisors are ``factors``
+    (llama.cpp's ``rope_freqs``: 1 in the high band, ``factor`` in the low band, ``1 / ((1 - s) /
+    factor + s)`` between, ``s`` linear in ``1 / wavelength``). Only where the band's edges fall
+    is fixed by the divisors, so ``low_freq_factor`` is taken as 1 and the rest solved for; the
+    result must reproduce every divisor (rtol 1e-4), else the tensor is refused."""
+    factors = np.asarray(factors, np.float64).reshape(-1)
+    inv = rope_inv_freq(cfg.rotary_dim, cfg.rope_theta).astype(np.float64)
+    if factors.shape != inv.shape:
+        raise ValueError(f"{where}: rope_freqs has {factors.size} values, the rotary dims need {inv.size}")
+    factor = float(factors.max())
+    if factor <= 1.0 + 1e-6:
+        return cfg
+    x = inv / (2 * math.pi)  # 1 / wavelength
+    s = (1.0 / factors - 1.0 / factor) / (1.0 - 1.0 / factor)  # 0: low band, 1: high band
+    mid = (s > 1e-4) & (s < 1 - 1e-4)
+    if mid.sum() >= 2:  # s = a x + b; low = 1 gives original = -a / b, high = 1 - 1 / b
+        a, b = np.polyfit(x[mid], s[mid], 1)
+        original, high = -a / b, 1.0 - 1.0 / b
+    elif mid.sum() == 1:  # one point in the band: Llama-3.1's high = 4 x low places its edges
+        original, high = float((3.0 * s[mid][0] + 1.0) / x[mid][0]), 4.0
+    else:  # no point in the band: any edges between the scaled and the kept frequencies do
+        kept, scaled = x[s >= 1 - 1e-4], x[s <= 1e-4]
+        original, high = 1.0 / scaled.max(), 4.0
+        if kept.size:  # the band's edges 1 / original and 4 / original between the two groups
+            original = math.sqrt(original * 4.0 / kept.min())
+    out = dataclasses.replace(cfg, rope_type="llama3", rope_factor=round(factor, 6), rope_low_freq_factor=1.0,
+                              rope_high_freq_factor=float(round(high, 6)),
+                              rope_original_max_position=int(round(original)))
+    got = rope_inv_freq(out.rotary_dim, out.rope_theta, out.rope_scaling)
+    if not np.allclose(got, inv / factors, rtol=1e-4, atol=0):
+        raise ValueError(f"{where}: the rope_freqs tensor is not a llama3 rope scaling (largest relative "
+                         f"difference {np.abs(got / (inv / factors) - 1).max():.2g}): load the HF folder instead")
+    return out
 
 
 def read_config(path: str | Path) -> ModelConfig:
@@ -108,10 +169,13 @@ def read_config(path: str | Path) -> ModelConfig:
     reader = _reader(path)
     fields = _fields(reader)
     tied = not any(t.name == "output.weight" for t in reader.tensors)
-    if any(t.name == "rope_freqs.weight" for t in reader.tensors):
-        raise ValueError(f"{path}: the GGUF carries rope scaling as a rope_freqs tensor (llama.cpp's form of "
-                         "Llama-3.1's rope_type llama3), which is not supported: load the HF folder instead")
-    return from_gguf_fields(fields, n_vocab=_vocab_size(reader, fields), tied=tied, where=str(path))
+    cfg = from_gguf_fields(fields, n_vocab=_vocab_size(reader, fields), tied=tied, where=str(path))
+    freqs = [t for t in reader.tensors if t.name == _ROPE_FREQS]
+    if freqs:
+        if cfg.rope_type != "default":
+            raise ValueError(f"{path}: both a rope_freqs tensor and rope.scaling.type {cfg.rope_type!r}")
+        cfg = llama3_from_freq_factors(cfg, np.asarray(freqs[0].data, np.float32), str(path))
+    return cfg
 
 
 class GGUFTensors:
@@ -121,7 +185,7 @@ class GGUFTensors:
         self.path = Path(path)
         self.cfg = cfg
         self._reader = _reader(self.path)
-        self._by_name = {_hf_name(t.name, self.path): t for t in self._reader.tensors}
+        self._by_name = {_hf_name(t.name, self.path): t for t in self._reader.tensors if t.name != _ROPE_FREQS}
 
     def names(self) -> list[str]:
         return list(self._by_name)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import math
 import zlib
 
 import flax.struct
@@ -24,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from repo_jax import sharding as shd
+from repo_jax.models.config import RopeScaling
 
 F32 = jnp.float32
 
@@ -166,29 +168,71 @@ def activation(name: str):
 # --------------------------------------------------------------------------------------------
 
 
-def rope_inv_freq(rotary_dim: int, theta: float, scaling: tuple = ()) -> np.ndarray:
+def rope_inv_freq(rotary_dim: int, theta: float, scaling: RopeScaling | None = None) -> np.ndarray:
     """The rotary frequencies ``theta^(-2i / rotary_dim)``, float32 ``[rotary_dim // 2]``, scaled
-    as HF's ``rope_type`` says (``ModelConfig.rope_scaling``): ``linear`` divides every frequency by
-    ``factor``; ``llama3`` (Llama-3.1) divides the low frequencies (wavelength above
-    ``original / low_freq_factor``) by ``factor``, keeps the high ones (below ``original /
-    high_freq_factor``) and blends the band between linearly in ``original / wavelength``."""
+    as HF's ``rope_type`` says: ``linear`` divides every frequency by ``factor``; ``llama3``
+    (Llama-3.1) divides the low frequencies (wavelength above ``original / low_freq``) by
+    ``factor``, keeps the high ones (below ``original / high_freq``) and blends the band between
+    linearly in ``original / wavelength``; ``yarn`` blends interpolated (``/ factor``) and
+    original frequencies along a ramp over the dimensions that turn between ``beta_fast`` and
+    ``beta_slow`` times in the original context. ``dynamic`` depends on the positions of the
+    forward: :func:`rope_angles`."""
     inv = 1.0 / (np.float32(theta) ** (np.arange(0, rotary_dim, 2, dtype=np.float32) / np.float32(rotary_dim)))
-    if scaling:
-        kind, factor, low, high, original = scaling
-        if kind == "linear":
-            inv = inv / np.float32(factor)
-        elif kind == "llama3":
-            ratio = np.float32(original) * inv / np.float32(2 * np.pi)  # original context / wavelength
-            blend = np.clip((ratio - np.float32(low)) / np.float32(high - low), 0.0, 1.0)  # 0: low band, 1: high
-            inv = (1.0 - blend) * inv / np.float32(factor) + blend * inv
+    if scaling is None or scaling.kind == "dynamic":
+        return inv.astype(np.float32)
+    factor = np.float32(scaling.factor)
+    if scaling.kind == "linear":
+        inv = inv / factor
+    elif scaling.kind == "llama3":
+        ratio = np.float32(scaling.original) * inv / np.float32(2 * np.pi)  # original context / wavelength
+        blend = np.clip((ratio - np.float32(scaling.low_freq)) / np.float32(scaling.high_freq - scaling.low_freq),
+                        0.0, 1.0)  # 0: low band (scaled), 1: high band (kept)
+        inv = (1.0 - blend) * inv / factor + blend * inv
+    elif scaling.kind == "yarn":
+        keep = 1.0 - _yarn_ramp(rotary_dim, theta, scaling)  # 1: extrapolate (keep), 0: interpolate
+        inv = inv / factor * (1.0 - keep) + inv * keep
+    else:
+        raise ValueError(f"rope scaling kind {scaling.kind!r} is not one of linear, dynamic, llama3, yarn")
     return inv.astype(np.float32)
 
 
-def rope_angles(positions_BxT, rotary_dim: int, theta: float, scaling: tuple = ()):
-    """``(sin, cos)``, each float32 ``[B, T, rotary_dim // 2]`` (``scaling``: see :func:`rope_inv_freq`)."""
-    inv_freq = jnp.asarray(rope_inv_freq(rotary_dim, theta, scaling))
+def _yarn_ramp(rotary_dim: int, theta: float, s: RopeScaling) -> np.ndarray:
+    """YaRN's ramp over the ``rotary_dim // 2`` frequencies: 0 up to the dimension that turns
+    ``beta_fast`` times in the original context, 1 from the one that turns ``beta_slow`` times."""
+
+    def dim_of(turns: float) -> float:
+        return rotary_dim * math.log(s.original / (turns * 2 * math.pi)) / (2 * math.log(theta))
+
+    low, high = dim_of(s.beta_fast), dim_of(s.beta_slow)
+    if s.truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, rotary_dim - 1)
+    if low == high:
+        high += 0.001
+    return np.clip((np.arange(rotary_dim // 2, dtype=np.float32) - low) / np.float32(high - low), 0.0, 1.0)
+
+
+def _dynamic_inv_freq(positions_BxT, rotary_dim: int, theta: float, s: RopeScaling):
+    """Dynamic NTK: past the original context the base grows with the longest sequence of the
+    forward, ``theta * (factor * L / original - (factor - 1)) ^ (d / (d - 2))`` with ``L`` = the
+    largest position + 1 over the whole batch (HF's rule); below it, the default frequencies."""
+    seq_len = jnp.maximum(jnp.max(positions_BxT) + 1, s.original).astype(F32)
+    base = theta * (s.factor * seq_len / s.original - (s.factor - 1.0)) ** (rotary_dim / (rotary_dim - 2))
+    return 1.0 / base ** (jnp.arange(0, rotary_dim, 2, dtype=F32) / rotary_dim)
+
+
+def rope_angles(positions_BxT, rotary_dim: int, theta: float, scaling: RopeScaling | None = None):
+    """``(sin, cos)``, each float32 ``[B, T, rotary_dim // 2]`` (``scaling``: see :func:`rope_inv_freq`;
+    YaRN's ``attention_factor`` multiplies both)."""
+    if scaling is not None and scaling.kind == "dynamic":
+        inv_freq = _dynamic_inv_freq(positions_BxT, rotary_dim, theta, scaling)
+    else:
+        inv_freq = jnp.asarray(rope_inv_freq(rotary_dim, theta, scaling))
     ang_BxTxH2 = positions_BxT.astype(F32)[..., None] * inv_freq
-    return jnp.sin(ang_BxTxH2), jnp.cos(ang_BxTxH2)
+    sin, cos = jnp.sin(ang_BxTxH2), jnp.cos(ang_BxTxH2)
+    if scaling is not None and scaling.attention_factor != 1.0:
+        sin, cos = sin * scaling.attention_factor, cos * scaling.attention_factor
+    return sin, cos
 
 
 def apply_rope(x_BxTxNxH, sin_cos):
@@ -294,7 +338,7 @@ class AttentionContext:
 
 
 def make_context(positions_BxT, key_pos_BxS, index, *, rotary_dim, theta, window, segment_ids_BxT=None,
-                 rope_scaling: tuple = ()):
+                 rope_scaling: RopeScaling | None = None):
     """Context for queries at slots ``index .. index + T - 1`` over keys with positions ``key_pos_BxS``
     (padding keys carry position -1, see :func:`key_positions`).
 
@@ -316,7 +360,8 @@ def make_context(positions_BxT, key_pos_BxS, index, *, rotary_dim, theta, window
     return AttentionContext(rope_angles(positions_BxT, rotary_dim, theta, rope_scaling), allowed)
 
 
-def make_cache_context(positions_BxT, key_pos_BxS, *, rotary_dim, theta, window, rope_scaling: tuple = ()):
+def make_cache_context(positions_BxT, key_pos_BxS, *, rotary_dim, theta, window,
+                       rope_scaling: RopeScaling | None = None):
     """Context for queries over a sampler's cache, causal by *position*: a query may attend to every
     key slot holding a real token at a position up to its own, wherever the slot lies. The sampler
     writes decode tokens into a ring of slots (a refilled row starts anywhere in the ring), so a
