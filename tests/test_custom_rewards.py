@@ -27,7 +27,7 @@ from repo_jax.loop.panels import build_panel
 from repo_jax.tasks import get_task
 
 ROOT = Path(__file__).resolve().parents[1]
-SNIPPET = ROOT / "docs" / "custom_rewards_snippet.md"
+README = ROOT / "README.md"
 
 SCORERS = '''
 import math
@@ -253,8 +253,9 @@ def test_task_module_class_supplies_scorers_and_the_simulated_reward(workdir, tm
 
 
 def snippet() -> tuple[str, dict]:
-    """The scorer file and the YAML lines of ``docs/custom_rewards_snippet.md``."""
-    text = SNIPPET.read_text()
+    """The scorer file and the YAML lines of the README's custom-reward example."""
+    (text,) = re.findall(r"<!-- example: custom-reward -->\n(.*?)<!-- /example: custom-reward -->",
+                         README.read_text(), re.S)
     (code,) = re.findall(r"```python\n(.*?)```", text, re.S)
     (lines,) = re.findall(r"```yaml\n(.*?)```", text, re.S)
     return code, yaml.safe_load(lines)
