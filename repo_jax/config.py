@@ -96,11 +96,22 @@ def _build(cls: type[C], raw: dict[str, Any], where: str = "") -> C:
         raise ConfigError(f"{where or cls.__name__}: {e}") from None
 
 
-def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+def _merge(base: dict[str, Any], update: dict[str, Any], where: str = "") -> dict[str, Any]:
+    """``update`` over ``base``; a list item is addressed by its index (``panel.0.base_url``)."""
     out = dict(base)
     for k, v in update.items():
+        sub = f"{where}.{k}" if where else str(k)
         if isinstance(v, dict) and isinstance(out.get(k), dict):
-            out[k] = _merge(out[k], v)
+            out[k] = _merge(out[k], v, sub)
+        elif isinstance(v, dict) and isinstance(out.get(k), (list, tuple)) and v and all(
+                str(i).isdigit() for i in v):
+            items = list(out[k])
+            for i, item in v.items():
+                if int(i) >= len(items):
+                    raise ConfigError(f"{sub}.{i}: {sub} has {len(items)} item(s), numbered from 0")
+                both = isinstance(item, dict) and isinstance(items[int(i)], dict)
+                items[int(i)] = _merge(items[int(i)], item, f"{sub}.{i}") if both else item
+            out[k] = items
         else:
             out[k] = v
     return out

@@ -1,6 +1,7 @@
 """Frozen-dataclass configs: YAML, overrides, and one clear error for an unknown key."""
 
 import dataclasses
+from pathlib import Path
 
 import pytest
 
@@ -52,3 +53,20 @@ def test_bad_values_are_errors(tmp_path):
         config.load(Run, None, ["beta"])
     with pytest.raises(config.ConfigError, match="does not exist"):
         config.load(Run, tmp_path / "missing.yaml")
+
+
+def test_a_list_item_is_overridden_by_its_index():
+    """``annotate.panel.0.base_url=URL`` (the recipes' launch commands) sets one key of the first
+    panel member and keeps the others; an index past the list is one error naming it."""
+    from repo_jax.loop.config import IrepoConfig
+
+    recipe = Path(__file__).resolve().parents[1] / "configs" / "mistral7b_irepo.yaml"
+    cfg = config.load(IrepoConfig, recipe, ["annotate.panel.0.base_url=http://judge:8000/v1"])
+    member = cfg.annotate.panel[0]
+    saved = config.load(IrepoConfig, recipe).annotate.panel[0]
+    assert member.base_url == "http://judge:8000/v1" and member.kind == saved.kind and member.model == saved.model
+    assert dataclasses.replace(member, base_url=saved.base_url) == saved
+    with pytest.raises(config.ConfigError, match=r"annotate.panel.3: annotate.panel has 1 item"):
+        config.load(IrepoConfig, recipe, ["annotate.panel.3.weight=2"])
+    with pytest.raises(config.ConfigError, match="bogus"):
+        config.load(IrepoConfig, recipe, ["annotate.panel.0.bogus=2"])
