@@ -11,7 +11,7 @@ fresh prompts.
 
 Prints each timed round's phases, and ``bound`` = max(sample, annotate) + reference + train of
 the sequential round (what overlapping at best gives); ``ratio`` = sequential / overlapped round
-time (above 1: the overlap pays), ``vs_bound`` = overlapped / bound (the issue's target: at most
+time (above 1: the overlap pays), ``vs_bound`` = overlapped / bound (the target: at most
 1.15).
 """
 

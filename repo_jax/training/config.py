@@ -156,9 +156,11 @@ class TrainConfig:
       and refuses a config that sets it.
     seed: seeds the random init and the LoRA adapters; in the iREPO loop also the sampling, the
       epochs' shuffles and the KL samples of every round.
-    reference: ``batch`` reads ``ref_logps_BxK`` from the batch (iREPO computes them once per
-      round with :func:`repo_jax.training.step.make_reference_logprobs`); ``params`` runs a frozen
-      copy of the reference parameters held in the train state.
+    reference: ``batch`` reads ``ref_logps_BxK`` from the batch (the programs compute them once:
+      the loop each round, the offline programs before training, with
+      :func:`repo_jax.training.step.make_reference_logprobs`); ``params`` runs a frozen copy of
+      the reference parameters held in the train state, for the library's train step alone
+      (``bench train`` uses it): the programs refuse it.
     logprob_chunk: positions per chunk of the log-prob kernel, which never holds more than a
       chunk's logits (``[rows, logprob_chunk, vocab]``): smaller saves memory on large vocabularies.
     max_nonfinite_in_a_row: a non-finite loss or gradient skips the update; this many in a row
