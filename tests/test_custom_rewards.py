@@ -242,7 +242,7 @@ def test_task_module_class_supplies_scorers_and_the_simulated_reward(workdir, tm
                      task=f"{mod}:Polite")
     assert panel.names == ["rule/please", "simulated0", "simulated1"]
     assert panel.probs(["q"], [["please", "no"]])[0, 0, 0, 1] == pytest.approx(sigmoid(1.0))
-    with pytest.raises(ConfigError, match=re.escape(f"task '{mod}:NoMetrics': {mod}.NoMetrics has no method "
+    with pytest.raises(ConfigError, match=re.escape(f"task '{mod}:NoMetrics': {mod}.NoMetrics() has no method "
                                                     "prompts_file, prompts, scorers, metrics")):
         get_task(f"{mod}:NoMetrics")
     with pytest.raises(ConfigError, match=f"task '{mod}:Nope': module '{mod}' .* has no attribute 'Nope'; it defines"):

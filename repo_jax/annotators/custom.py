@@ -106,16 +106,21 @@ def load_object(ref: str, *, registered: bool = True) -> tuple[Any, str]:
     return obj, f"{module_name}.{attr}"
 
 
+def built(obj: Any, what: str, kind: str) -> tuple[Any, str]:
+    """``obj`` itself, or a class built with no arguments (its instance is the ``kind``)."""
+    if not inspect.isclass(obj):
+        return obj, what
+    try:
+        return obj(), what + "()"
+    except Exception as e:
+        raise ScorerLoadError(f"{what}() failed: {type(e).__name__}: {e} (a {kind} class is built with no "
+                              f"arguments, its instance is the {kind})") from e
+
+
 def as_scorer(obj: Any, what: str) -> Scorer:
     """The scorer ``obj`` stands for (a class is built with no arguments), checked to be callable
     as ``scorer(prompt, response)``; ``what`` names it in errors."""
-    if inspect.isclass(obj):
-        try:
-            obj = obj()
-        except Exception as e:
-            raise ScorerLoadError(f"{what}() failed: {type(e).__name__}: {e} (a scorer class is built with no "
-                                  "arguments, its instance is the scorer)") from e
-        what += "()"
+    obj, what = built(obj, what, "scorer")
     if not callable(obj):
         raise ScorerLoadError(f"{what} is {describe(obj)}, not a scorer: a function (prompt, response) -> float, "
                               "a callable object, or a class built with no arguments")

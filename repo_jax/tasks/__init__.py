@@ -19,7 +19,6 @@ arguments (or an object) with the five methods above; ``name`` defaults to the r
 
 from __future__ import annotations
 
-import inspect
 from importlib import resources
 
 from repo_jax.tasks.arithmetic import ArithmeticTask, Problem
@@ -41,19 +40,13 @@ def get_task(name: str = "arithmetic"):
 def load_task(ref: str):
     """The task ``module:attribute`` names (a class is built with no arguments); ``ConfigError``
     naming ``task`` when it does not import or lacks one of :data:`TASK_METHODS`."""
-    from repo_jax.annotators.custom import ScorerLoadError, load_object
+    from repo_jax.annotators.custom import ScorerLoadError, built, load_object
     from repo_jax.config import ConfigError
 
     try:
-        task, what = load_object(ref, registered=False)
+        task, what = built(*load_object(ref, registered=False), "task")
     except ScorerLoadError as e:
         raise ConfigError(f"task {ref!r}: {e}") from e.__cause__
-    if inspect.isclass(task):
-        try:
-            task = task()
-        except Exception as e:
-            raise ConfigError(f"task {ref!r}: {what}() failed: {type(e).__name__}: {e} (a task class is built "
-                              "with no arguments)") from e
     missing = [m for m in TASK_METHODS if not callable(getattr(task, m, None))]
     if missing:
         raise ConfigError(f"task {ref!r}: {what} has no method {', '.join(missing)}; a task has "
