@@ -221,10 +221,7 @@ class RunBase:
     def record_base(self, weights: str) -> None:
         """With LoRA: remembers the base's source and exact checksum (``lora.checksum``); every
         save stores them, and :meth:`restore` refuses a checkpoint made on another base."""
-        if self.state.frozen is not None:
-            from repo_jax.models import lora
-
-            self.base_record = {"weights": weights or "random init", "checksum": lora.checksum(self.state.frozen)}
+        self.base_record = base_record(weights, self.state.frozen)
 
     def bar(self, iterable=None, *, desc: str, total=None, unit="it"):
         return reporting.progress(iterable, total=total, desc=desc, unit=unit,
@@ -258,20 +255,35 @@ class RunBase:
         if self.checkpointer.latest_step() is None:
             return False
         state, loop = self.checkpointer.restore(self.abstract, self.shardings)
-        saved_base = loop.get("lora_base")
-        if state.frozen is None and saved_base and self.base_record:
-            if saved_base["checksum"] != self.base_record["checksum"]:
-                raise config_lib.ConfigError(
-                    f"{self.checkpointer.directory}: the LoRA adapters were trained on the base "
-                    f"{saved_base['weights']} with checksum {saved_base['checksum']}, but "
-                    f"{self.base_record['weights']} now has checksum {self.base_record['checksum']}: "
-                    "resume with the same base weights")
+        if state.frozen is None:
+            check_lora_base(self.checkpointer.directory, loop, self.base_record)
         self.state = state if state.frozen is not None else state.replace(frozen=self.state.frozen)
         known = {f.name for f in dataclasses.fields(self.progress_cls)}
         self.progress = self.progress_cls(**{k: v for k, v in loop.items() if k in known})
         if self.progress.data_state:
             self.iterator.set_state(self.progress.data_state)
         return True
+
+
+def base_record(weights: str, frozen) -> dict | None:
+    """With LoRA (``frozen``: the base's parameters): the base's source and exact checksum
+    (``lora.checksum``), which every checkpoint records; else None."""
+    if frozen is None:
+        return None
+    from repo_jax.models import lora
+
+    return {"weights": weights or "random init", "checksum": lora.checksum(frozen)}
+
+
+def check_lora_base(where, loop: dict, current: dict | None, action: str = "resume") -> None:
+    """Refuses (``ConfigError`` naming ``where``) LoRA adapters of a checkpoint whose ``loop`` item
+    records a base (``RunBase.record_base``) other than ``current``, the base loaded now."""
+    saved = loop.get("lora_base")
+    if saved and current and saved["checksum"] != current["checksum"]:
+        raise config_lib.ConfigError(
+            f"{where}: the LoRA adapters were trained on the base {saved['weights']} with checksum "
+            f"{saved['checksum']}, but {current['weights']} now has checksum {current['checksum']}: "
+            f"{action} with the same base weights")
 
 
 def run_until_preempted(r: RunBase, body: Callable[[RunBase, Callable[[], bool]], list[dict]], log=print):

@@ -124,7 +124,7 @@ def export_policy(r: Run) -> None:
         r.log(f"policy: {out} (python -m repo_jax.evaluate ... --model {out})"
               + (f"; PEFT adapter on {r.cfg.model.weights or 'the base'}: {adapter}" if adapter else ""))
     else:
-        r.log("loop.export: skipped (several processes; restore the checkpoint on one host to export)")
+        r.log(f"loop.export: skipped (several processes; on one host: python -m repo_jax.export {r.cfg.run_dir})")
 
 
 def _round(r: Run, t: int, stop, tb) -> None:

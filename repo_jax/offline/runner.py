@@ -395,7 +395,7 @@ def _finish(r: OfflineRun, tb_done: bool = False) -> None:
             r.log(f"policy: {out} (python -m repo_jax.evaluate ... --model {out})"
                   + (f"; PEFT adapter: {adapter}" if adapter else ""))
         else:
-            r.log("export: skipped (several processes; restore the checkpoint on one host to export)")
+            r.log(f"export: skipped (several processes; on one host: python -m repo_jax.export {r.cfg.run_dir})")
     r.log(f"{r.cfg.run_dir}: finished ({r.total_steps} steps)\n" + reporting.summary_table(r.progress.records, r.columns))
     if tb_done:
         r.log(f"report: {r.run_dir / 'report.png'}   metrics: {r.run_dir / 'metrics.jsonl'}")

@@ -76,6 +76,11 @@ class Checkpointer:
         folder = self.directory / str(step)
         return {p.name for p in folder.iterdir() if p.is_dir()} if folder.is_dir() else set()
 
+    def loop_item(self, step: int) -> dict[str, Any]:
+        """The JSON ``loop`` item of ``step``'s save alone (no array is read)."""
+        out = self.manager.restore(step, args=ocp.args.Composite(loop=ocp.args.JsonRestore()))
+        return dict(out["loop"] or {})
+
     def save(self, step: int, state: TrainState, *, loop: dict[str, Any] | None = None, data_iterator=None,
              force: bool = False) -> bool:
         """Saves if ``step`` is a multiple of ``every_steps`` (0: never on its own) or ``force``;

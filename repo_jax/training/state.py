@@ -227,20 +227,21 @@ def pretrained_model(section, mesh=None, rules=shd.TRAIN_RULES, *, seed: int = 0
     return lora.add_adapters(model, section.lora, seed=seed, mesh=mesh, rules=rules)
 
 
-def export_policy(graphdef, state: TrainState, tokenizer, out, *, adapter_out=None, base_model: str = "") -> bool:
+def export_policy(graphdef, state: TrainState, tokenizer, out, *, adapter_out=None, base_model: str = "",
+                  dtype=None) -> bool:
     """Writes ``state``'s parameters to the folder ``out`` as an HF checkpoint (``config.json``,
-    safetensors, the tokenizer when it has ``save_pretrained``), which ``transformers`` and every
-    ``--model`` of this project load; with LoRA the adapters are merged into it, and
-    ``adapter_out`` (when given) also receives them as a PEFT folder (``base_model``: its
-    ``base_model_name_or_path``). One process only: returns False (writing nothing) when there
-    are several."""
+    safetensors in ``dtype``, default the parameters' own, the tokenizer when it has
+    ``save_pretrained``), which ``transformers`` and every ``--model`` of this project load; with
+    LoRA the adapters are merged into it, and ``adapter_out`` (when given) also receives them as a
+    PEFT folder (``base_model``: its ``base_model_name_or_path``). One process only: returns False
+    (writing nothing) when there are several."""
     from repo_jax import models
     from repo_jax.models import lora
 
     if jax.process_count() > 1:
         return False
     model = model_of(graphdef, state)
-    models.save_pretrained(lora.merge(model), out)
+    models.save_pretrained(lora.merge(model), out, dtype=dtype)
     if hasattr(tokenizer, "save_pretrained"):
         tokenizer.save_pretrained(out)
     if adapter_out is not None and has_adapters(model):
